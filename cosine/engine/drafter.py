@@ -1,0 +1,126 @@
+"""Drafter: a small model that proposes draft trees for many sequences at once.
+
+The drafter keeps its own KV rows, keyed by sequence id, and the tokens each row holds. A request brings
+the sequence's committed tokens; the drafter keeps the longest common prefix of what it has cached,
+rolls back the rest (its rejected drafts) and feeds the missing tokens, so an accepted draft costs
+nothing to re-feed and a drafter without a row rebuilds it from the tokens it is sent.
+
+Drafting is batched: every step is one forward over all requested rows (rows that finished earlier get
+no token). At each depth the drafter's most likely token extends the spine and the next ``width - 1``
+candidates become alternative leaves; in ``sampled`` mode the spine token is sampled from the drafter's
+processed distribution, which is sent along for rejection sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from cosine.engine.runner import ModelRunner, Segment
+from cosine.engine.sampling import DRAFT, keyed_uniform, probabilities, sample_with
+from cosine.engine.tree import DraftTree
+from cosine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+PROPOSALS = ("onehot", "sampled")
+
+
+@dataclass
+class DraftRequest:
+    seq_id: str
+    tokens: list[int]  # all committed tokens of the sequence
+    k: int  # draft positions wanted
+    width: int = 1  # candidates per position: 1 = chain, >1 = spine plus alternatives
+    params: SamplingParams | None = None
+    seed: int = 0
+    position: int = 0  # output index of the first drafted token (for keyed sampling)
+    proposal: str = "onehot"
+
+
+class Drafter:
+    def __init__(self, runner: ModelRunner, name: str, domain: str | None = None) -> None:
+        self.runner = runner
+        self.name = name
+        self.domain = domain or name
+        self.cached: dict[str, list[int]] = {}
+        self.steps = 0
+
+    def release(self, seq_ids: list[str]) -> None:
+        present = [s for s in seq_ids if s in self.cached]
+        self.runner.remove_rows(present)
+        for sid in present:
+            self.cached.pop(sid, None)
+
+    def _catch_up(self, requests: list[DraftRequest]) -> dict[str, list[int]]:
+        """Align each row with its sequence's tokens; returns the tokens each row still has to be fed."""
+        new = [r for r in requests if r.seq_id not in self.cached]
+        if new:
+            self.runner.add_rows([r.seq_id for r in new], [r.tokens[:-1] for r in new])
+            for r in new:
+                self.cached[r.seq_id] = list(r.tokens[:-1])
+        feed: dict[str, list[int]] = {}
+        for r in requests:
+            have = self.cached[r.seq_id]
+            common = 0
+            limit = min(len(have), len(r.tokens) - 1)
+            while common < limit and have[common] == r.tokens[common]:
+                common += 1
+            if common < len(have):
+                self.runner.truncate(r.seq_id, common)
+                del have[common:]
+            feed[r.seq_id] = list(r.tokens[common:])
+        return feed
+
+    def draft(self, requests: list[DraftRequest]) -> dict[str, DraftTree]:
+        """Draft for every request in one forward per step; returns a tree per sequence id."""
+        requests = [r for r in requests if r.k > 0]
+        if not requests:
+            return {}
+        by_id = {r.seq_id: r for r in requests}
+        feed = self._catch_up(requests)
+        trees = {r.seq_id: DraftTree(q=[] if r.proposal == "sampled" else None) for r in requests}
+        spine_parent = {r.seq_id: -1 for r in requests}
+        depth = 0
+        while feed:
+            segments = [Segment.chain(feed[sid]) if sid in feed else None for sid in self.runner.row_ids]
+            logits = self.runner.forward(segments)
+            assert logits is not None
+            self.runner.commit_segments(segments)
+            self.steps += 1
+            depth += 1
+            next_feed: dict[str, list[int]] = {}
+            for row, sid in enumerate(self.runner.row_ids):
+                if sid not in feed:
+                    continue
+                self.cached[sid].extend(feed[sid])
+                req = by_id[sid]
+                last = logits[row, len(feed[sid]) - 1]
+                token, spine_parent[sid] = self._extend(trees[sid], req, last, spine_parent[sid], depth)
+                if depth < req.k:
+                    next_feed[sid] = [token]
+            feed = next_feed
+        return trees
+
+    def _extend(
+        self, tree: DraftTree, req: DraftRequest, logits: torch.Tensor, parent: int, depth: int
+    ) -> tuple[int, int]:
+        """Add this depth's spine node (and alternatives) under ``parent``; returns the spine token and node."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        if req.proposal == "sampled":
+            params = req.params or SamplingParams()
+            q = probabilities(logits, params)
+            token = sample_with(q, keyed_uniform(req.seed, req.position + depth - 1, DRAFT))
+            node = tree.add(token, parent, float(probs[token]), self.name)
+            assert tree.q is not None
+            tree.q.append(q.cpu())
+            return token, node
+        top = torch.topk(probs, min(req.width, probs.shape[-1]))
+        tokens, confs = top.indices.tolist(), top.values.tolist()
+        # The spine node is the first of this depth's nodes; alternatives follow it.
+        spine = tree.add(tokens[0], parent, confs[0], self.name)
+        for tok, conf in zip(tokens[1:], confs[1:]):
+            tree.add(tok, parent, conf, self.name)
+        return tokens[0], spine

@@ -1,0 +1,226 @@
+"""A batched KV cache where every row has its own length, with rollback that recomputes nothing.
+
+Layout: per layer, keys and values of shape ``[rows, heads, physical, head_dim]`` live in a growable
+buffer (:class:`SlotLayer`, a Hugging Face cache layer that writes in place instead of concatenating).
+``valid[row, t]`` says whether physical slot ``t`` of a row holds a committed token. A row's committed
+tokens are its valid slots in physical order, so logical position ``i`` is the ``i``-th valid slot.
+
+* A forward appends ``Q`` slots to every row (shorter rows pad with masked slots).
+* Commit marks which of the new slots stay (the accepted path of a draft tree); the others become holes.
+* Rollback (``truncate``) turns the last committed slots of a row back into holes.
+* Holes are masked out of attention, so nothing is recomputed; ``compact`` squeezes them out when they
+  waste too much memory. RoPE is applied before keys are cached, so moving a slot does not change it.
+
+Every use of transformers' cache classes is in this module, so a change of their API is fixed here.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's KV buffer with capacity doubling; ``keys``/``values`` are views of the used part."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        b, h, _, d = key_states.shape
+        self.kbuf = key_states.new_empty((b, h, 64, d))
+        self.vbuf = value_states.new_empty((b, value_states.shape[1], 64, value_states.shape[-1]))
+        self.length = 0
+        self._sync()
+        self.is_initialized = True
+
+    def _sync(self) -> None:
+        self.keys = self.kbuf[:, :, : self.length]
+        self.values = self.vbuf[:, :, : self.length]
+
+    def _reserve(self, need: int) -> None:
+        cap = self.kbuf.shape[2]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap)
+        for name in ("kbuf", "vbuf"):
+            old = getattr(self, name)
+            new = old.new_empty((old.shape[0], old.shape[1], new_cap, old.shape[3]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        need = self.length + key_states.shape[-2]
+        self._reserve(need)
+        self.kbuf[:, :, self.length : need] = key_states
+        self.vbuf[:, :, self.length : need] = value_states
+        self.length = need
+        self._sync()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    # -- row and slot surgery used by BatchKV ---------------------------------------------------------
+    def gather_slots(self, index: torch.Tensor) -> None:
+        """Keep, per row, the slots listed in ``index`` (``[rows, new_len]``), in that order."""
+        b, h, _, d = self.kbuf.shape
+        idx = index[:, None, :, None].to(self.kbuf.device)
+        self.kbuf = self.kbuf.gather(2, idx.expand(b, h, index.shape[1], d)).contiguous()
+        self.vbuf = self.vbuf.gather(2, idx.expand(b, self.vbuf.shape[1], index.shape[1], self.vbuf.shape[3]))
+        self.vbuf = self.vbuf.contiguous()
+        self.length = index.shape[1]
+        self._sync()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.kbuf.device)
+        self.kbuf = self.kbuf.index_select(0, rows)
+        self.vbuf = self.vbuf.index_select(0, rows)
+        self._sync()
+
+    def append_rows(self, other: SlotLayer) -> None:
+        """Stack ``other``'s rows under this layer's rows (slots padded to the longer of the two)."""
+        length = max(self.length, other.length)
+        mine = _padded(self.kbuf[:, :, : self.length], length), _padded(self.vbuf[:, :, : self.length], length)
+        theirs = _padded(other.kbuf[:, :, : other.length], length), _padded(other.vbuf[:, :, : other.length], length)
+        self.kbuf = torch.cat([mine[0], theirs[0]], dim=0)
+        self.vbuf = torch.cat([mine[1], theirs[1]], dim=0)
+        self.length = length
+        self._sync()
+
+
+def _padded(x: torch.Tensor, length: int) -> torch.Tensor:
+    if x.shape[2] == length:
+        return x
+    pad = x.new_zeros((x.shape[0], x.shape[1], length - x.shape[2], x.shape[3]))
+    return torch.cat([x, pad], dim=2)
+
+
+def _pad_cols(mask: torch.Tensor, physical: int) -> torch.Tensor:
+    if mask.shape[1] == physical:
+        return mask
+    pad = torch.zeros((mask.shape[0], physical - mask.shape[1]), dtype=mask.dtype, device=mask.device)
+    return torch.cat([mask, pad], dim=1)
+
+
+def _empty_like(layer: SlotLayer, rows: int) -> SlotLayer:
+    """A layer with ``rows`` rows and no slots, shaped like ``layer``."""
+    empty = SlotLayer()
+    empty.device = layer.device
+    empty.kbuf = layer.kbuf.new_zeros((rows, layer.kbuf.shape[1], 0, layer.kbuf.shape[3]))
+    empty.vbuf = layer.vbuf.new_zeros((rows, layer.vbuf.shape[1], 0, layer.vbuf.shape[3]))
+    empty.length = 0
+    empty.is_initialized = True
+    empty._sync()
+    return empty
+
+
+def new_cache() -> Cache:
+    return Cache(layer_class_to_replicate=SlotLayer)
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the forward argument that takes the cache (``cache`` since transformers 5.2x)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class BatchKV:
+    """The HF cache object plus per-row slot validity."""
+
+    # Compact when at least this share of the physical slots are holes (and there are enough slots).
+    COMPACT_WASTE = 0.5
+    COMPACT_MIN_SLOTS = 64
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.cache = new_cache()
+        self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
+        self.compactions = 0
+
+    # -- shape ----------------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def physical(self) -> int:
+        return self.valid.shape[1]
+
+    def lengths(self) -> torch.Tensor:
+        return self.valid.sum(dim=1)
+
+    def _layers(self) -> list[SlotLayer]:
+        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
+
+    # -- growth and commit ----------------------------------------------------------------------------
+    def merge(self, other: BatchKV) -> None:
+        """Append ``other``'s rows (e.g. freshly prefilled requests) below this cache's rows."""
+        physical = max(self.physical, other.physical)
+        self.valid = torch.cat([_pad_cols(self.valid, physical), _pad_cols(other.valid.to(self.device), physical)])
+        mine, theirs = self._layers(), other._layers()
+        if not theirs:
+            theirs = [_empty_like(layer, other.rows) for layer in mine]
+        if not mine:
+            self.cache = other.cache
+            mine = [_empty_like(layer, self.rows - other.rows) for layer in theirs]
+            for layer, empty in zip(theirs, mine):
+                empty.append_rows(layer)
+                layer.kbuf, layer.vbuf, layer.length = empty.kbuf, empty.vbuf, empty.length
+                layer._sync()
+            return
+        for layer, extra in zip(mine, theirs):
+            layer.append_rows(extra)
+
+    def after_forward(self, new_slots: int) -> None:
+        """A forward appended ``new_slots`` slots to every row; they are holes until committed."""
+        pad = torch.zeros((self.rows, new_slots), dtype=torch.bool, device=self.device)
+        self.valid = torch.cat([self.valid, pad], dim=1)
+
+    def commit(self, keep: torch.Tensor) -> None:
+        """Mark which of the last forward's slots (``keep``: ``[rows, Q]`` bool) hold committed tokens."""
+        q = keep.shape[1]
+        self.valid[:, self.physical - q :] = keep.to(self.device)
+        self.maybe_compact()
+
+    def truncate(self, rows: torch.Tensor, new_lengths: torch.Tensor) -> None:
+        """Roll rows back to ``new_lengths`` committed tokens; the removed slots become holes."""
+        rows = rows.to(self.device)
+        sub = self.valid[rows]
+        logical = sub.cumsum(dim=1) - 1
+        sub &= logical < new_lengths.to(self.device)[:, None]
+        self.valid[rows] = sub
+
+    # -- maintenance ----------------------------------------------------------------------------------
+    def maybe_compact(self) -> None:
+        if self.physical < self.COMPACT_MIN_SLOTS or self.rows == 0:
+            return
+        used = int(self.lengths().max())
+        if (self.physical - used) / self.physical >= self.COMPACT_WASTE:
+            self.compact()
+
+    def compact(self) -> None:
+        """Squeeze out holes: each row's committed slots move to the front, in order."""
+        lengths = self.lengths()
+        new_len = int(lengths.max()) if self.rows else 0
+        order = torch.argsort((~self.valid).to(torch.int8), dim=1, stable=True)[:, :new_len]
+        for layer in self._layers():
+            layer.gather_slots(order)
+        self.valid = torch.arange(new_len, device=self.device)[None, :] < lengths[:, None]
+        self.compactions += 1
+
+    def select_rows(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.valid = self.valid.index_select(0, index)
+        for layer in self._layers():
+            layer.select_rows(index)
+
+    def slots_of(self, row: int) -> torch.Tensor:
+        """Physical slot indices of a row's committed tokens, in logical order."""
+        return torch.nonzero(self.valid[row], as_tuple=False).flatten()
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self.cache.layers[layer]
+        return entry.keys, entry.values

@@ -1,0 +1,171 @@
+"""ModelRunner: one Hugging Face causal LM, a batched KV cache, and token-tree forwards over it.
+
+A *segment* is what one row feeds in one forward: tokens with parent indices (``-1`` = attaches to the
+row's committed prefix). A chain is ``parents = [-1, 0, 1, ...]``; a token tree is any forest whose
+parents come before their children. One forward runs every row's segment at once: attention goes to the
+row's committed slots plus the node's own ancestors (a 4D mask), and positions are the row's length
+plus the node's depth. Nothing new is committed until :meth:`commit` says which nodes stay.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from cosine.engine.kv_cache import BatchKV, cache_kwarg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Segment:
+    tokens: list[int]
+    parents: list[int]
+
+    @staticmethod
+    def chain(tokens: list[int]) -> Segment:
+        return Segment(list(tokens), list(range(-1, len(tokens) - 1)))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def depths(self) -> list[int]:
+        depth: list[int] = []
+        for i, p in enumerate(self.parents):
+            if p >= i:
+                raise ValueError("a node's parent must come before it")
+            depth.append(0 if p < 0 else depth[p] + 1)
+        return depth
+
+
+class ModelRunner:
+    """Runs one model over a batch of rows, each row one sequence with its own committed length."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "model") -> None:
+        self.model = model
+        self.name = name
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        self.vocab_size = int(model.config.vocab_size)
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.kv = BatchKV(self.device)
+        self._cache_kwarg = cache_kwarg(model)
+        self.row_ids: list[str] = []
+        self.forwards = 0
+
+    # -- rows -----------------------------------------------------------------------------------------
+    def row_of(self, seq_id: str) -> int:
+        return self.row_ids.index(seq_id)
+
+    def has(self, seq_id: str) -> bool:
+        return seq_id in self.row_ids
+
+    def lengths(self) -> list[int]:
+        return self.kv.lengths().tolist()
+
+    def length_of(self, seq_id: str) -> int:
+        return int(self.kv.valid[self.row_of(seq_id)].sum())
+
+    def add_rows(self, seq_ids: list[str], prefixes: list[list[int]]) -> None:
+        """Add rows and prefill them with ``prefixes`` (which may be empty) in one batched forward."""
+        if not seq_ids:
+            return
+        for sid in seq_ids:
+            if sid in self.row_ids:
+                raise ValueError(f"{self.name}: row {sid} already exists")
+        fresh = ModelRunner.__new__(ModelRunner)
+        fresh.__dict__.update(self.__dict__)
+        fresh.kv = BatchKV(self.device)
+        fresh.kv.valid = torch.zeros((len(seq_ids), 0), dtype=torch.bool, device=self.device)
+        fresh.row_ids = list(seq_ids)
+        if any(prefixes):
+            segments = [Segment.chain(p) for p in prefixes]
+            fresh.forward(segments, logits=False)
+            fresh.commit_segments(segments)
+        self.kv.merge(fresh.kv)
+        self.row_ids.extend(seq_ids)
+        self.forwards += fresh.forwards - self.forwards
+
+    def remove_rows(self, seq_ids: list[str]) -> None:
+        gone = set(seq_ids)
+        keep = [i for i, sid in enumerate(self.row_ids) if sid not in gone]
+        if len(keep) == len(self.row_ids):
+            return
+        self.kv.select_rows(keep)
+        self.row_ids = [self.row_ids[i] for i in keep]
+
+    def truncate(self, seq_id: str, length: int) -> None:
+        """Roll a row back to its first ``length`` committed tokens."""
+        row = self.row_of(seq_id)
+        self.kv.truncate(torch.tensor([row]), torch.tensor([length]))
+
+    # -- forward --------------------------------------------------------------------------------------
+    def _real_mask(self, segments: list[Segment | None]) -> torch.Tensor:
+        q = max((len(s) for s in segments if s is not None), default=0)
+        mask = torch.zeros((len(segments), q), dtype=torch.bool)
+        for r, seg in enumerate(segments):
+            if seg is not None:
+                mask[r, : len(seg)] = True
+        return mask
+
+    @torch.no_grad()
+    def forward(self, segments: list[Segment | None], logits: bool = True) -> torch.Tensor | None:
+        """Run one forward with a segment per row (``None`` = nothing for that row).
+
+        Returns float32 logits ``[rows, Q, vocab]`` (row ``r``, node ``i``: the distribution of the token
+        that follows node ``i``), or ``None`` when ``logits`` is false. The new slots stay uncommitted.
+        """
+        if len(segments) != self.kv.rows:
+            raise ValueError(f"{self.name}: {len(segments)} segments for {self.kv.rows} rows")
+        q = max((len(s) for s in segments if s is not None), default=0)
+        if q == 0:
+            return None
+        rows = len(segments)
+        lengths = self.kv.lengths().tolist()
+        past = self.kv.physical
+        input_ids = torch.zeros((rows, q), dtype=torch.long)
+        positions = torch.zeros((rows, q), dtype=torch.long)
+        # Ancestor-or-self relation among the new nodes; padding nodes see only themselves.
+        tree = torch.eye(q, dtype=torch.bool).repeat(rows, 1, 1)
+        real = torch.zeros((rows, q), dtype=torch.bool)
+        for r, seg in enumerate(segments):
+            if seg is None or len(seg) == 0:
+                continue
+            n = len(seg)
+            depths = seg.depths()
+            input_ids[r, :n] = torch.tensor(seg.tokens, dtype=torch.long)
+            positions[r, :n] = lengths[r] + torch.tensor(depths, dtype=torch.long)
+            real[r, :n] = True
+            for i, p in enumerate(seg.parents):
+                if p >= 0:
+                    tree[r, i] |= tree[r, p]
+            if lengths[r] + max(depths) >= self.max_positions:
+                raise ValueError(f"{self.name}: position {lengths[r] + max(depths)} exceeds the context")
+        allowed = torch.cat([self.kv.valid.cpu()[:, None, :].expand(rows, q, past), tree], dim=2)
+        # Padding queries attend to nothing but themselves; real queries ignore padding keys.
+        allowed[:, :, past:] &= real[:, None, :] | torch.eye(q, dtype=torch.bool)[None]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=mask[:, None].to(self.device),
+            use_cache=True,
+            **{self._cache_kwarg: self.kv.cache},
+        )
+        self.kv.after_forward(q)
+        self.forwards += 1
+        if not logits:
+            return None
+        return out.logits.float()
+
+    def commit(self, keep: torch.Tensor) -> None:
+        """Commit the nodes marked in ``keep`` (``[rows, Q]``) of the last forward."""
+        self.kv.commit(keep)
+
+    def commit_segments(self, segments: list[Segment | None]) -> None:
+        """Commit every node of the last forward's segments (they must be chains)."""
+        self.kv.commit(self._real_mask(segments))

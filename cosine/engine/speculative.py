@@ -1,0 +1,244 @@
+"""The single-process engine: target-only decoding and coupled speculative decoding on one runtime.
+
+``SpeculativeEngine.generate`` runs a batch of requests to completion. Each round drafts for every
+active sequence (one forward per draft step per drafter model), verifies all drafts in one target
+forward, commits the accepted tokens and rolls back the rest. With ``speculative=False`` the same loop
+makes plain target steps: that is the target-only autoregressive path.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from cosine.engine.drafter import PROPOSALS, Drafter, DraftRequest
+from cosine.engine.models import check_same_vocabulary, load_model, load_tokenizer
+from cosine.engine.runner import ModelRunner
+from cosine.engine.sequence import Sequence
+from cosine.engine.stopping import apply_stop_strings, visible_text
+from cosine.engine.tree import DraftTree
+from cosine.engine.verifier import TargetVerifier
+from cosine.errors import InvalidParameterError
+from cosine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """How the coupled path speculates: ``k`` draft positions per round, ``tree_width`` candidates per
+    position (1 = chain), and the proposal kind (``onehot``: deterministic drafts; ``sampled``: drafts
+    sampled from the drafter with their probabilities, chains only)."""
+
+    k: int = 4
+    tree_width: int = 1
+    proposal: str = "onehot"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise InvalidParameterError("k", f"must be an integer >= 0, got {self.k!r}")
+        if isinstance(self.tree_width, bool) or not isinstance(self.tree_width, int) or self.tree_width < 1:
+            raise InvalidParameterError("tree_width", f"must be an integer >= 1, got {self.tree_width!r}")
+        if self.proposal not in PROPOSALS:
+            raise InvalidParameterError("proposal", f"must be one of {PROPOSALS}, got {self.proposal!r}")
+        if self.proposal == "sampled" and self.tree_width != 1:
+            raise InvalidParameterError("tree_width", "sampled proposals are chains: tree_width must be 1")
+
+
+@dataclass
+class RunTimings:
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    rounds: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class SpeculativeEngine:
+    def __init__(
+        self,
+        target: torch.nn.Module,
+        drafters: dict[str, torch.nn.Module] | None = None,
+        eos_id: int | None = None,
+        config: SpecConfig | None = None,
+        tokenizer=None,
+    ) -> None:
+        self.config = config or SpecConfig()
+        self.tokenizer = tokenizer
+        if eos_id is None and tokenizer is not None:
+            eos_id = tokenizer.eos_token_id
+        self.eos_id = eos_id
+        self.verifier = TargetVerifier(ModelRunner(target, "target"), eos_id)
+        self.drafters = {name: Drafter(ModelRunner(m, name), name) for name, m in (drafters or {}).items()}
+        self.timings = RunTimings()
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_paths(
+        cls,
+        target_path: str | pathlib.Path,
+        drafter_paths: dict[str, str | pathlib.Path] | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        config: SpecConfig | None = None,
+    ) -> SpeculativeEngine:
+        target = load_model(target_path, device, dtype)
+        drafters = {}
+        for name, path in (drafter_paths or {}).items():
+            drafters[name] = load_model(path, device, dtype)
+            check_same_vocabulary(target_path, target, path, drafters[name])
+        tokenizer = load_tokenizer(target_path)
+        return cls(target, drafters, tokenizer.eos_token_id, config, tokenizer)
+
+    @classmethod
+    def from_zoo(
+        cls,
+        zoo: str | pathlib.Path | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        config: SpecConfig | None = None,
+        drafters: list[str] | None = None,
+    ) -> SpeculativeEngine:
+        from cosine.zoo import paths
+
+        root = paths.zoo_dir(zoo)
+        names = drafters if drafters is not None else paths.drafter_domains(root)
+        return cls.from_paths(
+            paths.target_dir(root), {n: paths.drafter_dir(n, root) for n in names}, device, dtype, config
+        )
+
+    # -- drafter choice -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prompt_losses(self, prompt_ids: list[list[int]]) -> dict[str, list[float]]:
+        """Each drafter's mean next-token loss on each prompt (a cheap prior for which drafter fits)."""
+        out: dict[str, list[float]] = {}
+        for name, drafter in self.drafters.items():
+            model = drafter.runner.model
+            losses = []
+            for ids in prompt_ids:
+                tail = ids[-drafter.runner.max_positions + 1 :]
+                if len(tail) < 2:
+                    losses.append(0.0)
+                    continue
+                x = torch.tensor([tail], device=drafter.runner.device)
+                logits = model(input_ids=x).logits[0, :-1].float()
+                losses.append(float(F.cross_entropy(logits, x[0, 1:])))
+            out[name] = losses
+        return out
+
+    def choose_drafters(self, prompt_ids: list[list[int]]) -> list[str]:
+        losses = self.prompt_losses(prompt_ids)
+        return [min(losses, key=lambda n: losses[n][i]) for i in range(len(prompt_ids))]
+
+    # -- generation -----------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Seq[list[int] | str],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        drafter: str | Seq[str | None] | None = AUTO,
+        speculative: bool = True,
+    ) -> list[Sequence]:
+        """Run every prompt to completion in one batch; returns the finished sequences in order."""
+        prompt_ids = [self._encode(p) for p in prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompt_ids)
+        if len(params) != len(prompt_ids):
+            raise InvalidParameterError("params", "one SamplingParams per prompt, or a single one for all")
+        seqs = [Sequence(ids, p) for ids, p in zip(prompt_ids, params)]
+        for seq in seqs:
+            self.verifier.validate(seq)
+        if speculative and self.config.k > 0 and self.drafters:
+            names = self._assign(prompt_ids, drafter)
+            for seq, name in zip(seqs, names):
+                seq.drafter = name
+        self.verifier.admit(seqs)
+        active = list(seqs)
+        try:
+            while active:
+                self.run_round(active)
+                done = [s for s in active if s.finished]
+                if done:
+                    self._release([s.seq_id for s in done])
+                active = [s for s in active if not s.finished]
+        finally:
+            if active:
+                self._release([s.seq_id for s in active])
+        return seqs
+
+    def _assign(self, prompt_ids: list[list[int]], drafter) -> list[str | None]:
+        if drafter is None or isinstance(drafter, str):
+            if drafter == AUTO:
+                return list(self.choose_drafters(prompt_ids))
+            if drafter is not None and drafter not in self.drafters:
+                raise InvalidParameterError("drafter", f"unknown drafter {drafter!r}; have {sorted(self.drafters)}")
+            return [drafter] * len(prompt_ids)
+        names = list(drafter)
+        auto = [i for i, n in enumerate(names) if n == AUTO]
+        if auto:
+            chosen = self.choose_drafters([prompt_ids[i] for i in auto])
+            for i, n in zip(auto, chosen):
+                names[i] = n
+        for n in names:
+            if n is not None and n not in self.drafters:
+                raise InvalidParameterError("drafter", f"unknown drafter {n!r}; have {sorted(self.drafters)}")
+        return names
+
+    def run_round(self, active: list[Sequence]) -> None:
+        """Draft for ``active`` (grouped by drafter), verify everything in one target forward, commit."""
+        cfg = self.config
+        drafts: dict[str, DraftTree | None] = {s.seq_id: None for s in active}
+        t0 = time.perf_counter()
+        groups: dict[str, list[DraftRequest]] = {}
+        for seq in active:
+            k = min(cfg.k, self.verifier.room(seq))
+            if seq.drafter is None or k <= 0:
+                continue
+            groups.setdefault(seq.drafter, []).append(
+                DraftRequest(
+                    seq.seq_id,
+                    seq.tokens,
+                    k,
+                    cfg.tree_width,
+                    seq.params,
+                    seq.seed,
+                    len(seq.output_ids),
+                    cfg.proposal if not seq.params.greedy else "onehot",
+                )
+            )
+        for name, reqs in groups.items():
+            drafts.update(self.drafters[name].draft(reqs))
+        t1 = time.perf_counter()
+        results = self.verifier.step(drafts)
+        for res in results:
+            apply_stop_strings(res.seq, self.tokenizer, len(res.new_tokens))
+        t2 = time.perf_counter()
+        self.timings.draft_s += t1 - t0
+        self.timings.verify_s += t2 - t1
+        self.timings.rounds += 1
+
+    def _release(self, seq_ids: list[str]) -> None:
+        self.verifier.release(seq_ids)
+        for d in self.drafters.values():
+            d.release(seq_ids)
+
+    # -- text helpers ---------------------------------------------------------------------------------
+    def _encode(self, prompt: list[int] | str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidParameterError("prompt", "text prompts need a tokenizer; pass token ids")
+            if not prompt:
+                raise InvalidParameterError("prompt", "must not be empty")
+            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return list(prompt)
+
+    def text(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            raise InvalidParameterError("tokenizer", "this engine has no tokenizer")
+        return visible_text(seq, self.tokenizer)
