@@ -1,0 +1,60 @@
+"""Small helpers shared by tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TEST_DEVICE = os.environ.get("COSINE_TEST_DEVICE", "cpu")
+TEST_DTYPE = os.environ.get("COSINE_TEST_DTYPE", "float32")
+
+
+def tiny_llama(vocab: int = 97, seed: int = 0, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+# A greedy divergence is a numerical near-tie when the target's top-2 logit gap is below this. In float32
+# that is 1e-4; in 16-bit types the logits themselves are rounded to a few hundredths, so the gap allowed
+# is a few units of their last place (documented, and printed for every case).
+NEAR_TIE_GAP = {"float32": 1e-4, "bfloat16": 0.125, "float16": 0.02}.get(TEST_DTYPE, 1e-4)
+# Sampling: a keyed sample is a near-tie when its uniform lies this close to a boundary of the target's CDF.
+NEAR_TIE_CDF = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 4e-3}.get(TEST_DTYPE, 1e-5)
+
+
+def first_divergence(out: list[int], ref: list[int]) -> int | None:
+    """Index of the first differing token (or the shorter length when one is a prefix); None if equal."""
+    if out == ref:
+        return None
+    return next((n for n, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
+
+
+def top2_gap(model, tokens: list[int]) -> float:
+    """The target's top-2 logit gap after ``tokens``: how close greedy decoding was to a tie there."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens], device=model.device)).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
+
+
+def greedy_divergences(model, prompts, outputs, refs):
+    """Split mismatches into (near_ties, failures), each a list of (index, position, gap)."""
+    ties, failures = [], []
+    for i, (out, ref) in enumerate(zip(outputs, refs)):
+        j = first_divergence(out, ref)
+        if j is None:
+            continue
+        gap = top2_gap(model, prompts[i] + ref[:j])
+        (ties if gap < NEAR_TIE_GAP else failures).append((i, j, gap))
+    return ties, failures

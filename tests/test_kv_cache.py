@@ -1,0 +1,123 @@
+"""KV rollback: after every accept/reject the cache equals the cache of recomputing the accepted prefix."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cosine.engine.drafter import Drafter, DraftRequest
+from cosine.engine.runner import ModelRunner
+from cosine.engine.sequence import Sequence
+from cosine.engine.tree import DraftTree
+from cosine.engine.verifier import TargetVerifier
+from cosine.sampling_params import SamplingParams
+
+from .helpers import tiny_llama
+
+
+def recomputed_kv(model, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    fresh = ModelRunner(model)
+    fresh.add_rows(["x"], [tokens])
+    return [fresh.kv.layer_kv(i) for i in range(len(fresh.kv.cache.layers))]
+
+
+def assert_row_matches(runner: ModelRunner, seq_id: str, tokens: list[int]) -> None:
+    row = runner.row_of(seq_id)
+    slots = runner.kv.slots_of(row)
+    assert len(slots) == len(tokens), "committed length differs from the accepted prefix"
+    for layer, (k_ref, v_ref) in enumerate(recomputed_kv(runner.model, tokens)):
+        k, v = runner.kv.layer_kv(layer)
+        torch.testing.assert_close(k[row, :, slots], k_ref[0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(v[row, :, slots], v_ref[0], atol=2e-5, rtol=1e-4)
+
+
+def random_tree(rng: random.Random, vocab: int, truth: list[int] | None = None) -> DraftTree:
+    """A spine (sometimes following ``truth``) with alternatives, so that rounds accept some and reject some."""
+    tree = DraftTree()
+    parent = -1
+    for depth in range(rng.randint(1, 4)):
+        spine_tok = truth[depth] if truth and depth < len(truth) and rng.random() < 0.7 else rng.randrange(vocab)
+        spine = tree.add(spine_tok, parent)
+        for _ in range(rng.randint(0, 2)):
+            tree.add(rng.randrange(vocab), parent)
+        parent = spine
+    return tree
+
+
+@pytest.mark.parametrize("compact_every_step", [False, True])
+def test_target_rollback_equals_recompute(compact_every_step):
+    model = tiny_llama(vocab=53)
+    rng = random.Random(0)
+    verifier = TargetVerifier(ModelRunner(model), eos_id=None)
+    seqs = [Sequence([rng.randrange(53) for _ in range(n)], SamplingParams(max_new_tokens=40)) for n in (1, 5, 12)]
+    verifier.admit(seqs)
+    for s in seqs:
+        assert_row_matches(verifier.runner, s.seq_id, s.tokens[:-1])
+    for _ in range(8):
+        # Half the time the spine is the target's own greedy continuation, so some drafts are accepted.
+        drafts = {}
+        for s in seqs:
+            ref = model.generate(torch.tensor([s.tokens]), max_new_tokens=4, do_sample=False)[0, len(s) :].tolist()
+            drafts[s.seq_id] = random_tree(rng, 53, ref)
+        verifier.step(drafts)
+        if compact_every_step:
+            verifier.runner.kv.compact()
+        for s in seqs:
+            assert_row_matches(verifier.runner, s.seq_id, s.tokens[:-1])
+    assert sum(s.stats.accepted for s in seqs) > 0, "the scenario must exercise accepted drafts"
+    assert sum(s.stats.drafted - s.stats.accepted for s in seqs) > 0, "and rejected ones"
+
+
+def test_rows_leave_and_join_without_disturbing_others():
+    model = tiny_llama(vocab=53, seed=1)
+    verifier = TargetVerifier(ModelRunner(model), eos_id=None)
+    a, b = Sequence([1, 2, 3]), Sequence([4, 5, 6, 7, 8])
+    verifier.admit([a, b])
+    verifier.step({a.seq_id: DraftTree.chain([9, 10]), b.seq_id: None})
+    verifier.release([a.seq_id])
+    c = Sequence([11])
+    verifier.admit([c])
+    verifier.step({b.seq_id: DraftTree.chain([12]), c.seq_id: DraftTree.chain([13, 14])})
+    assert verifier.runner.row_ids == [b.seq_id, c.seq_id]
+    for s in (b, c):
+        assert_row_matches(verifier.runner, s.seq_id, s.tokens[:-1])
+
+
+def test_drafter_rollback_equals_recompute():
+    model = tiny_llama(vocab=53, seed=2)
+    drafter = Drafter(ModelRunner(model), "d")
+    rng = random.Random(3)
+    tokens = {"s1": [5, 6, 7], "s2": [8]}
+    for _ in range(6):
+        trees = drafter.draft([DraftRequest(sid, toks, k=3, width=2) for sid, toks in tokens.items()])
+        for sid in tokens:
+            # The drafter fed every committed token, then its own spine (all but the last drafted token).
+            assert drafter.cached[sid][: len(tokens[sid])] == tokens[sid]
+            assert len(drafter.cached[sid]) == len(tokens[sid]) + 2
+            assert_row_matches(drafter.runner, sid, drafter.cached[sid])
+        for sid, tree in trees.items():
+            # The verifier accepts a random prefix of the spine and adds a bonus token.
+            spine, node = [], -1
+            while (kids := tree.children(node)):
+                node = kids[0]
+                spine.append(tree.tokens[node])
+            keep = rng.randint(0, len(spine))
+            tokens[sid] = tokens[sid] + spine[:keep] + [rng.randrange(53)]
+
+
+def test_zoo_target_rollback_equals_recompute(zoo_engine, zoo_prompts):
+    engine = zoo_engine
+    tok = engine.tokenizer
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in (zoo_prompts["code"][0], zoo_prompts["prose"][1])]
+    verifier = TargetVerifier(ModelRunner(engine.verifier.runner.model), engine.eos_id)
+    seqs = [Sequence(p, SamplingParams(max_new_tokens=24)) for p in prompts]
+    verifier.admit(seqs)
+    drafter = next(iter(engine.drafters.values()))
+    for _ in range(4):
+        trees = drafter.draft([DraftRequest(s.seq_id, s.tokens, k=4, width=2) for s in seqs])
+        verifier.step(trees)
+        for s in seqs:
+            assert_row_matches(verifier.runner, s.seq_id, s.tokens[:-1])
+    drafter.release([s.seq_id for s in seqs])
