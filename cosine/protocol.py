@@ -1,0 +1,386 @@
+"""The wire protocol: msgpack messages with a schema version and a type, validated on read.
+
+Every stream entry has one field, ``d``, holding a msgpack map ``{"v": version, "t": type, ...fields}``.
+:func:`decode` checks the version, the type, every field's type and bounds, token ids against the
+vocabulary and lengths against caps, and raises :class:`ProtocolError` with a reason; the caller moves
+such an entry to the dead-letter stream and carries on. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+from cosine.errors import CosineError, InvalidParameterError
+from cosine.keys import check_name
+from cosine.sampling_params import SamplingParams
+
+SCHEMA_VERSION = 1
+FIELD = b"d"
+
+# Caps on what a message may carry.
+MAX_PROMPT_TOKENS = 32_768
+MAX_PROMPT_CHARS = 200_000
+MAX_NEW_TOKENS = 32_768
+MAX_DRAFT_NODES = 256
+MAX_CHUNK_TOKENS = 4_096
+MAX_TEXT_CHARS = 1_000_000
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_NAME_CHARS = 128
+
+
+class ProtocolError(CosineError):
+    """A message that cannot be used: malformed, unknown, out of bounds. ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+# -- field checks ---------------------------------------------------------------------------------------
+def _int(v: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProtocolError(f"{name}: expected an integer, got {type(v).__name__}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ProtocolError(f"{name}: {v} outside [{lo}, {hi}]")
+    return v
+
+
+def _float(v: Any, name: str, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ProtocolError(f"{name}: expected a finite number, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ProtocolError(f"{name}: {v} outside [{lo}, {hi}]")
+    return float(v)
+
+
+def _str(v: Any, name: str, max_len: int, allow_empty: bool = True) -> str:
+    if not isinstance(v, str):
+        raise ProtocolError(f"{name}: expected a string, got {type(v).__name__}")
+    if len(v) > max_len or (not allow_empty and not v):
+        raise ProtocolError(f"{name}: length {len(v)} outside [{0 if allow_empty else 1}, {max_len}]")
+    return v
+
+
+def _ident(v: Any, name: str) -> str:
+    _str(v, name, MAX_NAME_CHARS, allow_empty=False)
+    try:
+        return check_name(name, v)
+    except InvalidParameterError as exc:
+        raise ProtocolError(str(exc)) from exc
+
+
+def _bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise ProtocolError(f"{name}: expected a boolean, got {type(v).__name__}")
+    return v
+
+
+def _tokens(v: Any, name: str, vocab: int | None, max_len: int, allow_empty: bool = True) -> list[int]:
+    if not isinstance(v, list):
+        raise ProtocolError(f"{name}: expected a list of token ids, got {type(v).__name__}")
+    if len(v) > max_len or (not allow_empty and not v):
+        raise ProtocolError(f"{name}: {len(v)} tokens outside [{0 if allow_empty else 1}, {max_len}]")
+    hi = vocab - 1 if vocab is not None else 2**31 - 1
+    for t in v:
+        if isinstance(t, bool) or not isinstance(t, int) or not (0 <= t <= hi):
+            raise ProtocolError(f"{name}: token id {t!r} outside the vocabulary [0, {hi}]")
+    return v
+
+
+def _opt(v: Any, check, *args, **kwargs):
+    return None if v is None else check(v, *args, **kwargs)
+
+
+# -- messages -------------------------------------------------------------------------------------------
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def validate(cls, d: dict, vocab: int | None) -> Message:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class GenerationRequest(Message):
+    """Client -> ``requests``: one generation request."""
+
+    TYPE: ClassVar[str] = "request"
+    request_id: str
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    priority: int = 0
+    deadline_ms: int | None = None  # absolute, ms since the epoch
+    drafter: str | None = None  # pin a drafter model by name
+    created_ms: int = 0
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            stop_token_ids=tuple(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+        )
+
+    @classmethod
+    def validate(cls, d: dict, vocab: int | None) -> GenerationRequest:
+        prompt = _opt(d.get("prompt"), _str, "prompt", MAX_PROMPT_CHARS)
+        prompt_ids = _opt(d.get("prompt_ids"), _tokens, "prompt_ids", vocab, MAX_PROMPT_TOKENS)
+        if (prompt is None) == (prompt_ids is None):
+            raise ProtocolError("exactly one of prompt and prompt_ids is required")
+        if (prompt is not None and not prompt) or (prompt_ids is not None and not prompt_ids):
+            raise ProtocolError("prompt: must not be empty")
+        stop = d.get("stop", [])
+        if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
+            raise ProtocolError(f"stop: expected at most {MAX_STOP_STRINGS} strings")
+        msg = cls(
+            request_id=_ident(d.get("request_id"), "request_id"),
+            prompt=prompt,
+            prompt_ids=prompt_ids,
+            max_new_tokens=_int(d.get("max_new_tokens", 64), "max_new_tokens", 1, MAX_NEW_TOKENS),
+            temperature=_float(d.get("temperature", 0.0), "temperature", 0.0, 100.0),
+            top_p=_float(d.get("top_p", 1.0), "top_p", 0.0, 1.0),
+            top_k=_int(d.get("top_k", 0), "top_k", 0, 1 << 20),
+            seed=_opt(d.get("seed"), _int, "seed", 0, 2**63 - 1),
+            stop=[_str(s, "stop", MAX_STOP_CHARS, allow_empty=False) for s in stop],
+            stop_token_ids=_tokens(d.get("stop_token_ids", []), "stop_token_ids", vocab, 64),
+            ignore_eos=_bool(d.get("ignore_eos", False), "ignore_eos"),
+            priority=_int(d.get("priority", 0), "priority", -1000, 1000),
+            deadline_ms=_opt(d.get("deadline_ms"), _int, "deadline_ms", 0, 2**53),
+            drafter=_opt(d.get("drafter"), _ident, "drafter"),
+            created_ms=_int(d.get("created_ms", 0), "created_ms", 0, 2**53),
+        )
+        try:
+            msg.sampling_params()
+        except InvalidParameterError as exc:
+            raise ProtocolError(str(exc)) from exc
+        return msg
+
+
+@dataclass
+class DraftJob(Message):
+    """Verifier -> ``draft:{drafter}``: draft ``k`` positions after the request's committed tokens.
+
+    The drafter is expected to know the first ``base`` committed tokens already (from earlier jobs);
+    ``tokens`` are the ones after them, so ``epoch = base + len(tokens)`` is the committed length the
+    draft must be built on. ``base == 0`` carries the whole sequence (first job, or a resync).
+    """
+
+    TYPE: ClassVar[str] = "draft_job"
+    request_id: str
+    verifier: str
+    epoch: int
+    base: int
+    tokens: list[int]
+    k: int
+    width: int = 1
+    expert: str | None = None  # drafter model to use; None = the drafter worker's choice
+    attempt: int = 0
+    sent_ms: int = 0
+
+    @classmethod
+    def validate(cls, d: dict, vocab: int | None) -> DraftJob:
+        msg = cls(
+            request_id=_ident(d.get("request_id"), "request_id"),
+            verifier=_ident(d.get("verifier"), "verifier"),
+            epoch=_int(d.get("epoch"), "epoch", 1, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS),
+            base=_int(d.get("base"), "base", 0, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS),
+            tokens=_tokens(d.get("tokens"), "tokens", vocab, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS, allow_empty=False),
+            k=_int(d.get("k"), "k", 1, 64),
+            width=_int(d.get("width", 1), "width", 1, 16),
+            expert=_opt(d.get("expert"), _ident, "expert"),
+            attempt=_int(d.get("attempt", 0), "attempt", 0, 1 << 20),
+            sent_ms=_int(d.get("sent_ms", 0), "sent_ms", 0, 2**53),
+        )
+        if msg.base + len(msg.tokens) != msg.epoch:
+            raise ProtocolError(f"epoch {msg.epoch} != base {msg.base} + {len(msg.tokens)} tokens")
+        return msg
+
+
+@dataclass
+class DraftClose(Message):
+    """Verifier -> ``draft:{drafter}``: the request ended or moved; free its drafter state."""
+
+    TYPE: ClassVar[str] = "draft_close"
+    request_id: str
+
+    @classmethod
+    def validate(cls, d: dict, vocab: int | None) -> DraftClose:
+        return cls(request_id=_ident(d.get("request_id"), "request_id"))
+
+
+@dataclass
+class Draft(Message):
+    """Drafter -> ``verify:{verifier}``: a draft tree built on ``epoch`` committed tokens.
+
+    ``resync`` asks the verifier to resend the whole sequence (the drafter lost its state)."""
+
+    TYPE: ClassVar[str] = "draft"
+    request_id: str
+    drafter: str
+    epoch: int
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    resync: bool = False
+    job_sent_ms: int = 0
+    draft_ms: float = 0.0
+
+    @classmethod
+    def validate(cls, d: dict, vocab: int | None) -> Draft:
+        tokens = _tokens(d.get("tokens", []), "tokens", vocab, MAX_DRAFT_NODES)
+        parents = d.get("parents", [])
+        if not isinstance(parents, list) or len(parents) != len(tokens):
+            raise ProtocolError("parents: one parent per token required")
+        for i, p in enumerate(parents):
+            _int(p, "parents", -1, i - 1)
+        confidences = d.get("confidences", [])
+        if not isinstance(confidences, list) or len(confidences) != len(tokens):
+            raise ProtocolError("confidences: one per token required")
+        sources = d.get("sources", [])
+        if not isinstance(sources, list) or len(sources) != len(tokens):
+            raise ProtocolError("sources: one per token required")
+        return cls(
+            request_id=_ident(d.get("request_id"), "request_id"),
+            drafter=_ident(d.get("drafter"), "drafter"),
+            epoch=_int(d.get("epoch"), "epoch", 1, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS),
+            tokens=tokens,
+            parents=parents,
+            confidences=[_float(c, "confidences", 0.0, 1.0) for c in confidences],
+            sources=[_ident(s, "sources") for s in sources],
+            resync=_bool(d.get("resync", False), "resync"),
+            job_sent_ms=_int(d.get("job_sent_ms", 0), "job_sent_ms", 0, 2**53),
+            draft_ms=_float(d.get("draft_ms", 0.0), "draft_ms", 0.0, 1e9),
+        )
+
+
+@dataclass
+class Chunk(Message):
+    """Verifier -> ``out:{request}``: tokens as they commit; the last chunk has ``finished`` set.
+
+    ``seq`` numbers chunks from 0 and ``offset`` is the index of the chunk's first token in the output,
+    so a reader drops duplicates (a replayed round, a reclaimed request) and notices gaps."""
+
+    TYPE: ClassVar[str] = "chunk"
+    request_id: str
+    seq: int
+    offset: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    stats: dict | None = None
+    verifier: str = ""
+
+    @classmethod
+    def validate(cls, d: dict, vocab: int | None) -> Chunk:
+        stats = d.get("stats")
+        if stats is not None and not isinstance(stats, dict):
+            raise ProtocolError("stats: expected a map")
+        return cls(
+            request_id=_ident(d.get("request_id"), "request_id"),
+            seq=_int(d.get("seq"), "seq", 0, 1 << 40),
+            offset=_int(d.get("offset"), "offset", 0, 1 << 40),
+            token_ids=_tokens(d.get("token_ids", []), "token_ids", vocab, MAX_CHUNK_TOKENS),
+            text=_str(d.get("text", ""), "text", MAX_TEXT_CHARS),
+            finished=_bool(d.get("finished", False), "finished"),
+            finish_reason=_opt(d.get("finish_reason"), _str, "finish_reason", 32),
+            error=_opt(d.get("error"), _str, "error", 10_000),
+            error_type=_opt(d.get("error_type"), _str, "error_type", 64),
+            stats=stats,
+            verifier=_str(d.get("verifier", ""), "verifier", MAX_NAME_CHARS),
+        )
+
+
+@dataclass
+class Cancel(Message):
+    """Client -> ``cancel``: stop a request."""
+
+    TYPE: ClassVar[str] = "cancel"
+    request_id: str
+
+    @classmethod
+    def validate(cls, d: dict, vocab: int | None) -> Cancel:
+        return cls(request_id=_ident(d.get("request_id"), "request_id"))
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (GenerationRequest, DraftJob, DraftClose, Draft, Chunk, Cancel)
+}
+
+
+def encode(msg: Message) -> bytes:
+    body = msg.to_dict()
+    body["v"] = SCHEMA_VERSION
+    body["t"] = msg.TYPE
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def entry(msg: Message) -> dict[bytes, bytes]:
+    """The stream entry's field map for ``msg``."""
+    return {FIELD: encode(msg)}
+
+
+def decode(raw: bytes, expected: tuple[type[Message], ...] | None = None, vocab: int | None = None) -> Message:
+    """Decode and validate one message; raises :class:`ProtocolError` with the reason."""
+    if not isinstance(raw, (bytes, bytearray)):
+        raise ProtocolError(f"payload: expected bytes, got {type(raw).__name__}")
+    try:
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several types for garbage
+        raise ProtocolError(f"not msgpack: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError(f"payload: expected a map, got {type(body).__name__}")
+    version = body.get("v")
+    if version != SCHEMA_VERSION:
+        raise ProtocolError(f"schema version {version!r} is not {SCHEMA_VERSION}")
+    cls = MESSAGE_TYPES.get(body.get("t"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError(f"unknown message type {body.get('t')!r}")
+    if expected is not None and cls not in expected:
+        raise ProtocolError(f"message type {cls.TYPE!r} does not belong on this stream")
+    known = {f.name for f in fields(cls)} | {"v", "t"}
+    extra = set(body) - known
+    if extra:
+        raise ProtocolError(f"unknown fields {sorted(map(str, extra))}")
+    return cls.validate(body, vocab)
+
+
+def peek_request_id(fields_map: dict) -> str | None:
+    """Best effort: the request id inside an entry that failed validation (to tell its client why)."""
+    try:
+        body = msgpack.unpackb(fields_map[FIELD], raw=False)
+        return check_name("request_id", body["request_id"])
+    except Exception:
+        return None
+
+
+def decode_entry(fields_map: dict, expected: tuple[type[Message], ...] | None = None, vocab: int | None = None) -> Message:
+    """Decode a stream entry's field map (``{b"d": payload}``)."""
+    if not isinstance(fields_map, dict) or set(fields_map) != {FIELD}:
+        keys = sorted(str(k) for k in fields_map) if isinstance(fields_map, dict) else type(fields_map).__name__
+        raise ProtocolError(f"entry: expected exactly one field 'd', got {keys}")
+    return decode(fields_map[FIELD], expected, vocab)
