@@ -1,0 +1,53 @@
+"""Every default and timeout of the distributed pipeline, documented in one place.
+
+Workers, the client and the CLI take these as defaults; each can be overridden by a flag, a ``COSINE_*``
+environment variable or a TOML file (see ``cosine worker --help``). Times are seconds unless the name
+says ``_MS``.
+"""
+
+from __future__ import annotations
+
+# -- broker -----------------------------------------------------------------------------------------------
+REDIS_URL = "redis://127.0.0.1:6379/0"
+KEY_PREFIX = "cosine"  # all keys live under "<prefix>:"; several deployments can share one Redis
+# Client socket timeout. Must exceed the longest BLOCK we issue, or redis-py raises TimeoutError mid-read.
+SOCKET_TIMEOUT_S = 10.0
+# Safety cap on job streams (MAXLEN ~). Streams stay short by deleting entries on ack; this only bounds a
+# stream whose consumers are all gone. Trimming can drop undelivered jobs, so keep it far above any backlog.
+STREAM_MAXLEN = 200_000
+DLQ_MAXLEN = 10_000  # dead letters kept (MAXLEN ~)
+CANCEL_MAXLEN = 10_000  # cancellation notices kept
+OUTPUT_TTL_S = 600.0  # a finished request's output stream lives this long for late readers
+RECONNECT_BACKOFF_S = (0.05, 2.0)  # workers retry a lost Redis forever, backing off between these bounds
+
+# -- liveness and recovery --------------------------------------------------------------------------------
+HEARTBEAT_INTERVAL_S = 0.5  # each worker's heartbeat (a thread that never waits on model work)
+WORKER_DEAD_AFTER_S = 3.0  # no heartbeat for this long = dead (its requests and drafts move elsewhere)
+ADMISSION_REFRESH_S = 1.0  # the owning verifier re-claims its admission entries (XCLAIM JUSTID) this often
+RECLAIM_INTERVAL_S = 0.5  # how often some verifier runs the reclaim sweep (one at a time: SET NX PX)
+# Admission entries idle longer than this AND owned by a dead (or unknown) verifier are reclaimed.
+RECLAIM_MIN_IDLE_S = 2.0
+MAX_DELIVERIES = 5  # an admission entry delivered more often goes to the dead-letter stream (poison)
+
+# -- verifier ---------------------------------------------------------------------------------------------
+VERIFIER_MAX_ACTIVE = 32  # requests one verifier holds at once (its batch limit)
+VERIFIER_MAX_BATCH_TOKENS = 2048  # cap on tokens (roots + draft nodes) in one verification forward
+VERIFIER_IDLE_BLOCK_MS = 50  # blocking read when the verifier has nothing to do
+VERIFIER_DRAIN_TIMEOUT_S = 5.0  # on SIGTERM, finish active requests this long; the rest are reclaimed by others
+SPEC_K = 4  # draft positions per round
+SPEC_TREE_WIDTH = 1  # candidates per position sent by drafters (1 = chains)
+# A draft is late when it has not arrived within max(DRAFT_BUDGET_MIN_MS, factor x recent p90 round trip);
+# the verifier then advances the request with a plain target step and drops the draft when it comes.
+DRAFT_BUDGET_MIN_MS = 20.0
+DRAFT_BUDGET_FACTOR = 2.0
+DRAFT_BUDGET_MAX_MS = 2000.0
+
+# -- drafter ----------------------------------------------------------------------------------------------
+DRAFTER_BATCH_MAX = 64  # draft jobs taken into one batched drafting pass
+DRAFTER_WINDOW_MS = 1.0  # after the first job arrives, wait at most this long for more
+DRAFTER_BLOCK_MS = 100  # blocking read when idle
+DRAFTER_IDLE_EVICT_S = 120.0  # a request's drafter KV rows are dropped after this long without a job
+
+# -- client -----------------------------------------------------------------------------------------------
+CLIENT_TIMEOUT_S = 120.0  # generate()/stream() give up (and cancel) after this long
+CLIENT_READ_BLOCK_MS = 1000  # one XREAD BLOCK on the output stream
