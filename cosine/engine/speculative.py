@@ -15,10 +15,10 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from cosine.engine.drafter import PROPOSALS, Drafter, DraftRequest
 from cosine.engine.models import check_same_vocabulary, load_model, load_tokenizer
+from cosine.engine.prompt_scoring import best_by_prompt_loss
 from cosine.engine.runner import ModelRunner
 from cosine.engine.sequence import Sequence
 from cosine.engine.stopping import apply_stop_strings, visible_text
@@ -115,27 +115,9 @@ class SpeculativeEngine:
         )
 
     # -- drafter choice -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def prompt_losses(self, prompt_ids: list[list[int]]) -> dict[str, list[float]]:
-        """Each drafter's mean next-token loss on each prompt (a cheap prior for which drafter fits)."""
-        out: dict[str, list[float]] = {}
-        for name, drafter in self.drafters.items():
-            model = drafter.runner.model
-            losses = []
-            for ids in prompt_ids:
-                tail = ids[-drafter.runner.max_positions + 1 :]
-                if len(tail) < 2:
-                    losses.append(0.0)
-                    continue
-                x = torch.tensor([tail], device=drafter.runner.device)
-                logits = model(input_ids=x).logits[0, :-1].float()
-                losses.append(float(F.cross_entropy(logits, x[0, 1:])))
-            out[name] = losses
-        return out
-
     def choose_drafters(self, prompt_ids: list[list[int]]) -> list[str]:
-        losses = self.prompt_losses(prompt_ids)
-        return [min(losses, key=lambda n: losses[n][i]) for i in range(len(prompt_ids))]
+        """The drafter with the lowest loss on each prompt's tail (a cheap prior for its domain)."""
+        return best_by_prompt_loss({n: d.runner.model for n, d in self.drafters.items()}, prompt_ids)
 
     # -- generation -----------------------------------------------------------------------------------
     def generate(
