@@ -1,0 +1,58 @@
+"""Heartbeats from a thread that never waits on model work, on a connection of its own."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+
+from cosine import defaults
+from cosine.broker import Streams
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat(threading.Thread):
+    """Publishes ``info()`` under the worker's key every ``interval`` seconds until stopped."""
+
+    def __init__(
+        self,
+        streams: Streams,
+        worker_id: str,
+        info: Callable[[], dict],
+        interval: float = defaults.HEARTBEAT_INTERVAL_S,
+    ) -> None:
+        super().__init__(name=f"heartbeat-{worker_id}", daemon=True)
+        self.streams = streams
+        self.worker_id = worker_id
+        self.info = info
+        self.interval = interval
+        self._stop_event = threading.Event()
+        self.failures = 0
+
+    def beat(self) -> None:
+        try:
+            self.streams.heartbeat(self.worker_id, self.info())
+            if self.failures:
+                log.info("heartbeat restored after %d failures", self.failures)
+            self.failures = 0
+        except redis.RedisError as exc:
+            self.failures += 1
+            if self.failures in (1, 10) or self.failures % 100 == 0:
+                log.warning("heartbeat failed (%d in a row): %s", self.failures, exc)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.beat()
+            self._stop_event.wait(self.interval)
+
+    def stop(self, forget: bool = True) -> None:
+        """Stop beating; ``forget`` removes the worker's registration so others react at once."""
+        self._stop_event.set()
+        if forget:
+            try:
+                self.streams.forget_worker(self.worker_id)
+            except redis.RedisError:
+                pass

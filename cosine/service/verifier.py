@@ -1,0 +1,653 @@
+"""The verifier service: owns requests, holds the target's KV state, verifies drafts in batches.
+
+Per tick: maintenance (keep admission entries fresh, reclaim a dead verifier's requests, cancellations,
+deadlines), one read over the request stream and this worker's draft stream (blocking only when nothing
+can be verified), admission of new requests (recovering committed tokens from their output streams when
+they were reclaimed), then one batched target forward over every request whose draft arrived or is late,
+and one MULTI that writes the output chunks, sends the next draft jobs and acknowledges what was consumed.
+
+A draft is a hint: built on another committed length (stale), from a drafter that is no longer assigned,
+or missing past its budget (late), it is dropped and the request advances with a plain target step.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from cosine import defaults
+from cosine.broker import RedisSettings, Streams, connect, now_ms
+from cosine.engine.sequence import FinishReason, Sequence
+from cosine.engine.stopping import apply_stop_strings
+from cosine.engine.tree import DraftTree
+from cosine.engine.verifier import TargetVerifier
+from cosine.errors import InvalidParameterError
+from cosine.keys import VERIFIERS_GROUP, Keys
+from cosine.protocol import (
+    Cancel,
+    Chunk,
+    Draft,
+    DraftClose,
+    DraftJob,
+    GenerationRequest,
+    ProtocolError,
+    decode_entry,
+    entry,
+    peek_request_id,
+)
+from cosine.service.heartbeat import Heartbeat
+from cosine.service.loop import Backoff
+from cosine.service.text import TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifierSettings:
+    worker_id: str
+    max_active: int = defaults.VERIFIER_MAX_ACTIVE
+    max_batch_tokens: int = defaults.VERIFIER_MAX_BATCH_TOKENS
+    k: int = defaults.SPEC_K
+    tree_width: int = defaults.SPEC_TREE_WIDTH
+    idle_block_ms: int = defaults.VERIFIER_IDLE_BLOCK_MS
+    draft_budget_min_ms: float = defaults.DRAFT_BUDGET_MIN_MS
+    draft_budget_factor: float = defaults.DRAFT_BUDGET_FACTOR
+    draft_budget_max_ms: float = defaults.DRAFT_BUDGET_MAX_MS
+    admission_refresh_s: float = defaults.ADMISSION_REFRESH_S
+    reclaim_interval_s: float = defaults.RECLAIM_INTERVAL_S
+    reclaim_min_idle_s: float = defaults.RECLAIM_MIN_IDLE_S
+    max_deliveries: int = defaults.MAX_DELIVERIES
+    output_ttl_s: float = defaults.OUTPUT_TTL_S
+    drain_timeout_s: float = defaults.VERIFIER_DRAIN_TIMEOUT_S
+
+
+@dataclass
+class Active:
+    """A request this verifier owns."""
+
+    msg: GenerationRequest
+    entry_id: bytes
+    seq: Sequence
+    admitted_ms: int
+    text: TextStream = field(default_factory=TextStream)
+    chunk_seq: int = 0  # next chunk's sequence number
+    sent: int = 0  # output tokens already written to the output stream
+    drafter: str | None = None  # drafter worker id
+    known: int = 0  # committed tokens the drafter has been sent
+    waiting_epoch: int | None = None  # epoch of the outstanding draft job
+    job_sent: float = 0.0  # monotonic time the outstanding job was sent
+    draft: Draft | None = None
+    draft_ms: float = 0.0
+    verify_s: float = 0.0
+    stale: int = 0
+    late: int = 0
+    resyncs: int = 0
+    drafters_used: set[str] = field(default_factory=set)
+
+    @property
+    def rid(self) -> str:
+        return self.msg.request_id
+
+
+def request_seed(msg: GenerationRequest) -> int:
+    """The request's sampling seed; derived from its id when not given, so a reclaimed request keeps it."""
+    if msg.seed is not None:
+        return msg.seed
+    return int.from_bytes(hashlib.blake2b(msg.request_id.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class VerifierService:
+    def __init__(self, redis_settings: RedisSettings, settings: VerifierSettings, engine: TargetVerifier,
+                 tokenizer) -> None:
+        self.settings = settings
+        self.me = settings.worker_id
+        self.keys = Keys(redis_settings.prefix)
+        self.streams = Streams(connect(redis_settings), self.keys)
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.vocab = engine.runner.vocab_size
+        self.verify_stream = self.keys.verify(self.me)
+        self.active: dict[str, Active] = {}
+        self.consumed: list[bytes] = []  # draft-stream entries to acknowledge with the next write
+        self.rtts: collections.deque[float] = collections.deque(maxlen=64)
+        self.drafters: dict[str, dict] = {}
+        self._drafters_at = 0.0
+        self._refresh_at = 0.0
+        self._reclaim_at = 0.0
+        self.cancel_cursor = "$"
+        # metrics
+        self.started = time.monotonic()
+        self.rounds = 0
+        self.busy_s = 0.0  # time in target forwards
+        self.messaging_s = 0.0  # time in Redis calls and (de)serialisation on the round path
+        self.completed = 0
+        self.counters = collections.Counter()
+        self.heartbeat = Heartbeat(Streams(connect(redis_settings), self.keys), self.me, self.info)
+
+    # -- observability --------------------------------------------------------------------------------
+    def info(self) -> dict:
+        up = max(time.monotonic() - self.started, 1e-9)
+        return {
+            "role": "verifier",
+            "active": len(self.active),
+            "capacity": self.settings.max_active,
+            "rounds": self.rounds,
+            "completed": self.completed,
+            "busy": round(self.busy_s / up, 4),
+            "messaging_s": round(self.messaging_s, 4),
+            "busy_s": round(self.busy_s, 4),
+            "uptime_s": round(up, 3),
+            "draft_budget_ms": round(self.draft_budget_ms(), 2),
+            "pid": os.getpid(),
+            **{k: v for k, v in self.counters.items()},
+        }
+
+    def draft_budget_ms(self) -> float:
+        s = self.settings
+        if len(self.rtts) < 4:
+            return max(s.draft_budget_min_ms, min(s.draft_budget_max_ms, 500.0))
+        ordered = sorted(self.rtts)
+        p90 = ordered[int(0.9 * (len(ordered) - 1))]
+        return max(s.draft_budget_min_ms, min(s.draft_budget_max_ms, s.draft_budget_factor * p90))
+
+    # -- main loop ------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        self.heartbeat.beat()
+        self.heartbeat.start()
+        backoff = Backoff()
+        log.info("verifier %s ready (k=%d, width=%d, max_active=%d)", self.me, self.settings.k,
+                 self.settings.tree_width, self.settings.max_active)
+        started = False
+        try:
+            while not stop.is_set():
+                try:
+                    if not started:
+                        self.recover_own()
+                        started = True
+                    self.tick()
+                    backoff.reset()
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    backoff.wait(stop, f"verifier {self.me}: Redis unavailable ({exc})")
+            self.drain()
+        finally:
+            self.heartbeat.stop()
+            log.info("verifier %s stopped with %d requests left for others to reclaim", self.me, len(self.active))
+
+    def drain(self) -> None:
+        """On shutdown: stop admitting, finish what is active for up to ``drain_timeout_s``."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self.active and time.monotonic() < deadline:
+            try:
+                self.tick(admit=False)
+            except (redis.ConnectionError, redis.TimeoutError):
+                break
+
+    def recover_own(self) -> None:
+        """After a restart under the same id: re-admit our pending requests; old drafts are stale."""
+        self.streams.ensure_group(self.keys.requests, VERIFIERS_GROUP)
+        self.streams.ensure_group(self.verify_stream, VERIFIERS_GROUP)
+        mine = self.streams.own_pending(self.keys.requests, VERIFIERS_GROUP, self.me)
+        if mine:
+            log.info("re-admitting %d requests this verifier held before", len(mine))
+            self.admit(mine)
+        old = self.streams.own_pending(self.verify_stream, VERIFIERS_GROUP, self.me)
+        if old:
+            pipe = self.streams.r.pipeline(transaction=True)
+            Streams.ack_delete(pipe, self.verify_stream, VERIFIERS_GROUP, [eid for eid, _ in old])
+            pipe.execute()
+
+    def tick(self, admit: bool = True) -> None:
+        now = time.monotonic()
+        self.maintenance(now, admit)
+        capacity = self.settings.max_active - len(self.active) if admit else 0
+        streams = ([self.keys.requests] if capacity > 0 else []) + [self.verify_stream]
+        block = self.block_ms(now)
+        t0 = time.perf_counter()
+        got = self.streams.read_groups(streams, VERIFIERS_GROUP, self.me, max(capacity, 64), block)
+        if block is None:  # a non-blocking read is messaging overhead; a blocking one is idle time
+            self.messaging_s += time.perf_counter() - t0
+        if got.get(self.verify_stream):
+            t1 = time.perf_counter()
+            self.absorb(got[self.verify_stream])
+            self.messaging_s += time.perf_counter() - t1
+        if got.get(self.keys.requests):
+            self.admit(got[self.keys.requests][:capacity])
+        ready = self.pick_ready(time.monotonic())
+        if ready:
+            self.verify(ready)
+
+    def block_ms(self, now: float) -> int | None:
+        """Block only while nothing can be verified, and not past the earliest draft budget."""
+        if not self.active:
+            return self.settings.idle_block_ms
+        budget = self.draft_budget_ms() / 1000
+        wait = self.settings.idle_block_ms / 1000
+        for st in self.active.values():
+            if st.draft is not None or st.waiting_epoch is None:
+                return None
+            wait = min(wait, st.job_sent + budget - now)
+        return None if wait <= 0.0005 else max(1, int(wait * 1000))
+
+    # -- admission ------------------------------------------------------------------------------------
+    def admit(self, entries: list) -> None:
+        fresh: list[Active] = []
+        pipe = self.streams.r.pipeline(transaction=True)
+        for eid, fields in entries:
+            try:
+                msg = decode_entry(fields, (GenerationRequest,), self.vocab)
+            except ProtocolError as exc:
+                self.streams.dead_letter(self.keys.requests, VERIFIERS_GROUP, eid, fields, exc.reason, self.me)
+                self.counters["dead_lettered"] += 1
+                rid = peek_request_id(fields)
+                if rid is not None and rid not in self.active:  # tell its client instead of leaving it waiting
+                    chunk = Chunk(rid, 0, 0, [], "", True, FinishReason.ERROR.value, exc.reason, "invalid_request",
+                                  verifier=self.me)
+                    pipe.xadd(self.keys.out(rid), entry(chunk), maxlen=defaults.STREAM_MAXLEN, approximate=True)
+                    pipe.pexpire(self.keys.out(rid), int(self.settings.output_ttl_s * 1000))
+                continue
+            if msg.request_id in self.active:
+                continue  # a re-delivery of a request we already serve
+            st = self.recover(msg, eid, pipe)
+            if st is not None:
+                fresh.append(st)
+        pipe.execute()
+        if not fresh:
+            return
+        t0 = time.perf_counter()
+        self.engine.admit([st.seq for st in fresh])
+        self.busy_s += time.perf_counter() - t0
+        for st in fresh:
+            self.active[st.rid] = st
+            self.counters["admitted"] += 1
+        self.dispatch(fresh)
+
+    def recover(self, msg: GenerationRequest, eid: bytes, pipe) -> Active | None:
+        """Build the request's state; resume from its output stream if another verifier started it."""
+        rid = msg.request_id
+        chunks = self._read_chunks(rid)
+        output: list[int] = []
+        last_seq = -1
+        for ch in chunks:
+            if ch.finished:
+                Streams.ack_delete(pipe, self.keys.requests, VERIFIERS_GROUP, [eid])
+                return None
+            if ch.offset == len(output):
+                output.extend(ch.token_ids)
+            last_seq = max(last_seq, ch.seq)
+        admitted = now_ms()
+        try:
+            prompt_ids = self._prompt_ids(msg)
+            seq = Sequence(prompt_ids, msg.sampling_params(), seq_id=rid, seed=request_seed(msg))
+            self.engine.validate(seq)
+        except InvalidParameterError as exc:
+            self._finish_with_error(pipe, msg, eid, last_seq + 1, len(output), str(exc), "invalid_request")
+            return None
+        seq.output_ids = output
+        st = Active(msg, eid, seq, admitted, chunk_seq=last_seq + 1, sent=len(output))
+        if output:
+            st.text.emitted = len(self.tokenizer.decode(output))
+            self.counters["resumed"] += 1
+            log.info("request %s resumed at %d committed tokens", rid, len(output))
+        if self.streams.r.exists(self.keys.cancelled(rid)):
+            self._finish_now(pipe, st, FinishReason.CANCELLED)
+            return None
+        if msg.deadline_ms is not None and admitted > msg.deadline_ms:
+            self._finish_now(pipe, st, FinishReason.TIMEOUT)
+            return None
+        return st
+
+    def _read_chunks(self, rid: str) -> list[Chunk]:
+        chunks = []
+        for _eid, fields in self.streams.r.xrange(self.keys.out(rid)):
+            try:
+                chunks.append(decode_entry(fields, (Chunk,), self.vocab))
+            except ProtocolError:
+                continue
+        return sorted(chunks, key=lambda c: c.seq)  # type: ignore[attr-defined]
+
+    def _prompt_ids(self, msg: GenerationRequest) -> list[int]:
+        if msg.prompt_ids is not None:
+            return list(msg.prompt_ids)
+        return list(self.tokenizer(msg.prompt, add_special_tokens=False)["input_ids"])
+
+    # -- drafts ---------------------------------------------------------------------------------------
+    def absorb(self, entries: list) -> None:
+        now_wall = now_ms()
+        for eid, fields in entries:
+            self.consumed.append(eid)
+            try:
+                msg = decode_entry(fields, (Draft,), self.vocab)
+            except ProtocolError as exc:
+                self.consumed.pop()
+                self.streams.dead_letter(self.verify_stream, VERIFIERS_GROUP, eid, fields, exc.reason, self.me)
+                self.counters["dead_lettered"] += 1
+                continue
+            st = self.active.get(msg.request_id)
+            if st is None or msg.drafter != st.drafter or msg.epoch != len(st.seq) or st.draft is not None:
+                self.counters["stale_drafts"] += 1
+                if st is not None:
+                    st.stale += 1
+                continue
+            if msg.job_sent_ms:
+                self.rtts.append(max(0.0, now_wall - msg.job_sent_ms))
+            if msg.resync:
+                st.known = 0
+                st.waiting_epoch = None
+                st.resyncs += 1
+                self.counters["resyncs"] += 1
+                continue
+            st.draft = msg
+
+    def pick_ready(self, now: float) -> list[Active]:
+        """Requests to verify now: draft in hand, no drafter, or draft late. Highest priority first."""
+        budget = self.draft_budget_ms() / 1000
+        ready: list[Active] = []
+        tokens = 0
+        for st in sorted(self.active.values(), key=lambda s: -s.msg.priority):
+            if st.draft is None and st.drafter is not None and st.waiting_epoch is not None:
+                if now - st.job_sent < budget:
+                    continue
+                st.late += 1
+                self.counters["late_drafts"] += 1
+            size = 1 + (len(st.draft.tokens) if st.draft else 0)
+            if ready and tokens + size > self.settings.max_batch_tokens:
+                break
+            ready.append(st)
+            tokens += size
+        # Requests that need a job (new drafter, resync) get one now.
+        needy = [st for st in self.active.values() if st.waiting_epoch is None and st.draft is None]
+        if needy:
+            self.dispatch(needy)
+        return ready
+
+    # -- verification ---------------------------------------------------------------------------------
+    def verify(self, ready: list[Active]) -> None:
+        drafts: dict[str, DraftTree | None] = {}
+        for st in ready:
+            d = st.draft
+            drafts[st.rid] = (
+                DraftTree(list(d.tokens), list(d.parents), list(d.confidences), list(d.sources)) if d else None
+            )
+            if d is not None:
+                st.draft_ms += d.draft_ms
+                st.drafters_used.add(d.drafter)
+        t0 = time.perf_counter()
+        try:
+            results = self.engine.step(drafts)
+        except Exception as exc:  # the engine failing a batch must end those requests explicitly
+            log.exception("verification failed for %d requests", len(ready))
+            self._fail(ready, f"verification failed: {type(exc).__name__}: {exc}")
+            return
+        forward_s = time.perf_counter() - t0
+        self.busy_s += forward_s
+        self.rounds += 1
+        t1 = time.perf_counter()
+        added = {r.seq.seq_id: len(r.new_tokens) for r in results}
+        pipe = self.streams.r.pipeline(transaction=True)
+        finished: list[Active] = []
+        continuing: list[Active] = []
+        wall = now_ms()
+        for st in ready:
+            st.verify_s += forward_s / len(ready)
+            st.draft = None
+            st.waiting_epoch = None
+            apply_stop_strings(st.seq, self.tokenizer, added.get(st.rid, 0))
+            if not st.seq.finished and st.msg.deadline_ms is not None and wall > st.msg.deadline_ms:
+                st.seq.finish_reason = FinishReason.TIMEOUT
+            self._write_chunk(pipe, st)
+            (finished if st.seq.finished else continuing).append(st)
+        for st in finished:
+            self._close(pipe, st)
+        jobs = self._queue_jobs(pipe, continuing)
+        Streams.ack_delete(pipe, self.verify_stream, VERIFIERS_GROUP, self.consumed)
+        self.consumed = []
+        pipe.execute()
+        self._jobs_sent(jobs)
+        self.messaging_s += time.perf_counter() - t1
+        if finished:
+            self._release(finished)
+
+    def _write_chunk(self, pipe, st: Active, error: str | None = None, error_type: str | None = None) -> None:
+        """Queue the output chunk holding everything committed since the last chunk."""
+        out = st.seq.output_ids
+        finished = st.seq.finished
+        text = st.text.delta(st.seq, self.tokenizer, finished)
+        if st.sent == len(out) and not finished and not text:
+            return
+        chunk = Chunk(
+            st.rid, st.chunk_seq, st.sent, out[st.sent :], text, finished,
+            st.seq.finish_reason.value if finished else None, error, error_type, verifier=self.me,
+        )
+        if finished:
+            chunk.stats = self._stats(st)
+        pipe.xadd(self.keys.out(st.rid), entry(chunk), maxlen=defaults.STREAM_MAXLEN, approximate=True)
+        st.chunk_seq += 1
+        st.sent = len(out)
+
+    def _stats(self, st: Active) -> dict:
+        s = st.seq.stats.as_dict()
+        total_ms = now_ms() - st.msg.created_ms if st.msg.created_ms else None
+        s.update(
+            {
+                "prompt_tokens": len(st.seq.prompt_ids),
+                "completion_tokens": len(st.seq.output_ids),
+                "queue_ms": max(0, st.admitted_ms - st.msg.created_ms) if st.msg.created_ms else None,
+                "drafting_ms": round(st.draft_ms, 3),
+                "verifying_ms": round(st.verify_s * 1000, 3),
+                "total_ms": total_ms,
+                "stale_drafts": st.stale,
+                "late_drafts": st.late,
+                "resyncs": st.resyncs,
+                "verifier": self.me,
+                "drafter_workers": sorted(st.drafters_used),
+            }
+        )
+        return s
+
+    def _close(self, pipe, st: Active) -> None:
+        """The request ended: acknowledge its admission entry, let its output expire, free the drafter."""
+        Streams.ack_delete(pipe, self.keys.requests, VERIFIERS_GROUP, [st.entry_id])
+        pipe.pexpire(self.keys.out(st.rid), int(self.settings.output_ttl_s * 1000))
+        if st.drafter is not None:
+            pipe.xadd(self.keys.draft(st.drafter), entry(DraftClose(st.rid)), maxlen=defaults.STREAM_MAXLEN,
+                      approximate=True)
+
+    def _release(self, done: list[Active]) -> None:
+        ids = [st.rid for st in done]
+        self.engine.release([i for i in ids if i in self.engine.seqs])
+        for st in done:
+            self.active.pop(st.rid, None)
+            self.completed += 1
+            self.counters[f"finish_{st.seq.finish_reason.value if st.seq.finish_reason else 'none'}"] += 1
+            log.info("request %s finished (%s): %d tokens, acceptance length %.2f", st.rid,
+                     st.seq.finish_reason.value if st.seq.finish_reason else "?", len(st.seq.output_ids),
+                     st.seq.stats.mean_acceptance_length)
+
+    def _finish_now(self, pipe, st: Active, reason: FinishReason, error: str | None = None,
+                    error_type: str | None = None) -> None:
+        st.seq.finish_reason = reason
+        self._write_chunk(pipe, st, error, error_type)
+        self._close(pipe, st)
+
+    def _finish_with_error(self, pipe, msg: GenerationRequest, eid: bytes, chunk_seq: int, offset: int,
+                           error: str, error_type: str) -> None:
+        chunk = Chunk(msg.request_id, chunk_seq, offset, [], "", True, FinishReason.ERROR.value, error, error_type,
+                      verifier=self.me)
+        pipe.xadd(self.keys.out(msg.request_id), entry(chunk), maxlen=defaults.STREAM_MAXLEN, approximate=True)
+        pipe.pexpire(self.keys.out(msg.request_id), int(self.settings.output_ttl_s * 1000))
+        Streams.ack_delete(pipe, self.keys.requests, VERIFIERS_GROUP, [eid])
+        self.counters["rejected"] += 1
+        log.warning("request %s rejected: %s", msg.request_id, error)
+
+    def _fail(self, sts: list[Active], error: str) -> None:
+        pipe = self.streams.r.pipeline(transaction=True)
+        for st in sts:
+            self._finish_now(pipe, st, FinishReason.ERROR, error, "server_error")
+        pipe.execute()
+        self._release(sts)
+
+    # -- draft jobs -----------------------------------------------------------------------------------
+    def dispatch(self, sts: list[Active]) -> None:
+        pipe = self.streams.r.pipeline(transaction=False)
+        jobs = self._queue_jobs(pipe, sts)
+        if jobs:
+            pipe.execute()
+            self._jobs_sent(jobs)
+
+    def _queue_jobs(self, pipe, sts: list[Active]) -> list[tuple[Active, int]]:
+        """Queue the next draft job of each request (choosing a live drafter); returns (state, epoch)."""
+        jobs = []
+        self._refresh_drafters()
+        for st in sts:
+            k = min(self.settings.k, self.engine.room(st.seq))
+            drafter = self._drafter_for(st)
+            if k <= 0 or drafter is None:
+                continue
+            tokens = st.seq.tokens
+            epoch = len(tokens)
+            base = st.known if 0 < st.known <= epoch - 1 else 0
+            job = DraftJob(st.rid, self.me, epoch, base, tokens[base:], k, self.settings.tree_width,
+                           expert=st.msg.drafter, sent_ms=now_ms())
+            pipe.xadd(self.keys.draft(drafter), entry(job), maxlen=defaults.STREAM_MAXLEN, approximate=True)
+            jobs.append((st, epoch))
+        return jobs
+
+    def _jobs_sent(self, jobs: list[tuple[Active, int]]) -> None:
+        now = time.monotonic()
+        for st, epoch in jobs:
+            st.waiting_epoch = epoch
+            st.known = epoch
+            st.job_sent = now
+
+    def _refresh_drafters(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._drafters_at > defaults.HEARTBEAT_INTERVAL_S:
+            self.drafters = self.streams.live_workers("drafter")
+            self._drafters_at = now
+
+    def _drafter_for(self, st: Active) -> str | None:
+        """The request's drafter worker: sticky while alive, else the least loaded one that fits."""
+        if st.drafter in self.drafters:
+            return st.drafter
+        fits = [w for w, info in self.drafters.items()
+                if st.msg.drafter is None or st.msg.drafter in info.get("experts", "").split(",")]
+        if not fits:
+            if st.drafter is not None:
+                log.info("request %s lost drafter %s; decoding alone until one is back", st.rid, st.drafter)
+                st.drafter = None
+            return None
+        load = collections.Counter(s.drafter for s in self.active.values())
+        choice = min(fits, key=lambda w: (load[w], w))
+        if st.drafter is not None:
+            log.info("request %s moves from drafter %s to %s", st.rid, st.drafter, choice)
+            self.counters["drafter_moves"] += 1
+        st.drafter = choice
+        st.known = 0
+        return choice
+
+    # -- maintenance ----------------------------------------------------------------------------------
+    def maintenance(self, now: float, admit: bool) -> None:
+        self._poll_cancels()
+        self._check_deadlines()
+        if now >= self._refresh_at and self.active:
+            self._refresh_at = now + self.settings.admission_refresh_s
+            ids = [st.entry_id for st in self.active.values()]
+            self.streams.r.xclaim(self.keys.requests, VERIFIERS_GROUP, self.me, 0, ids, justid=True)
+        if admit and now >= self._reclaim_at:
+            self._reclaim_at = now + self.settings.reclaim_interval_s
+            self._reclaim()
+        stuck = [st for st in self.active.values() if st.drafter is not None and st.drafter not in self.drafters]
+        if stuck:
+            self._refresh_drafters(force=True)
+
+    def _poll_cancels(self) -> None:
+        if self.cancel_cursor == "$":
+            last = self.streams.r.xrevrange(self.keys.cancel, count=1)
+            self.cancel_cursor = last[0][0].decode() if last else "0-0"
+        reply = self.streams.r.xread({self.keys.cancel: self.cancel_cursor}, count=1000)
+        if not reply:
+            return
+        cancelled = []
+        for eid, fields in reply[0][1]:
+            self.cancel_cursor = eid.decode()
+            try:
+                msg = decode_entry(fields, (Cancel,), self.vocab)
+            except ProtocolError as exc:
+                log.warning("ignoring a malformed cancellation %s: %s", eid, exc.reason)
+                continue
+            if msg.request_id in self.active:
+                cancelled.append(self.active[msg.request_id])
+        if cancelled:
+            self._end(cancelled, FinishReason.CANCELLED)
+
+    def _check_deadlines(self) -> None:
+        wall = now_ms()
+        late = [st for st in self.active.values() if st.msg.deadline_ms is not None and wall > st.msg.deadline_ms]
+        if late:
+            self._end(late, FinishReason.TIMEOUT)
+
+    def _end(self, sts: list[Active], reason: FinishReason) -> None:
+        pipe = self.streams.r.pipeline(transaction=True)
+        for st in sts:
+            self._finish_now(pipe, st, reason)
+        pipe.execute()
+        self._release(sts)
+
+    def _reclaim(self) -> None:
+        """Take over admission entries whose owner is dead; dead-letter those delivered too often."""
+        ttl = int(self.settings.reclaim_interval_s * 1000)
+        if not self.streams.singleton("reclaim", ttl, self.me):
+            return
+        pending = self.streams.r.xpending_range(
+            self.keys.requests, VERIFIERS_GROUP, min="-", max="+", count=1000,
+            idle=int(self.settings.reclaim_min_idle_s * 1000),
+        )
+        if not pending:
+            return
+        live = set(self.streams.live_workers("verifier"))
+        orphans = [p for p in pending if p["consumer"].decode() not in live]
+        if not orphans:
+            return
+        room = self.settings.max_active - len(self.active)
+        claim, poison = [], []
+        for p in orphans:
+            if p["times_delivered"] >= self.settings.max_deliveries:
+                poison.append(p["message_id"])
+            elif len(claim) < room:
+                claim.append(p["message_id"])
+        for eid in poison:
+            self._poison(eid)
+        if claim:
+            got = self.streams.r.xclaim(self.keys.requests, VERIFIERS_GROUP, self.me,
+                                        int(self.settings.reclaim_min_idle_s * 1000), claim)
+            got = [(eid, fields) for eid, fields in got if fields]
+            if got:
+                log.info("reclaimed %d requests from dead verifiers", len(got))
+                self.counters["reclaimed"] += len(got)
+                self.admit(got)
+
+    def _poison(self, eid: bytes) -> None:
+        rows = self.streams.r.xrange(self.keys.requests, eid, eid)
+        fields = rows[0][1] if rows else {}
+        reason = f"delivered {self.settings.max_deliveries}+ times without finishing"
+        try:
+            msg = decode_entry(fields, (GenerationRequest,), self.vocab)
+        except ProtocolError:
+            msg = None
+        if msg is not None:
+            pipe = self.streams.r.pipeline(transaction=True)
+            self._finish_with_error(pipe, msg, eid, self._next_chunk_seq(msg.request_id), 0, reason, "server_error")
+            pipe.execute()
+        self.streams.dead_letter(self.keys.requests, VERIFIERS_GROUP, eid, fields, reason, self.me)
+        self.counters["dead_lettered"] += 1
+
+    def _next_chunk_seq(self, rid: str) -> int:
+        chunks = self._read_chunks(rid)
+        return max((c.seq for c in chunks), default=-1) + 1
