@@ -33,13 +33,37 @@ def _setup_logging(level: str) -> None:
         pass
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def _load_config(ctx: click.Context, _param, path: str | None):
+    """Defaults from a TOML file: tables per command, e.g. [worker.drafter] batch-max = 32."""
+    if not path:
+        return path
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+
+    def norm(d):
+        return {k.replace("-", "_"): norm(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+    ctx.default_map = {**(ctx.default_map or {}), **norm(data)}
+    return path
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110,
+                               "auto_envvar_prefix": "COSINE"})
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
+              expose_value=False, help="TOML file with defaults for any command ([worker.verifier] k = 4, ...).")
 @click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
 def cli(log_level: str) -> None:
     """CoSine: collaborative speculative inference.
 
     Small domain drafters propose tokens, a large target model verifies them, and the output is exactly
     what the target alone would produce, only faster. Start with `cosine demo`.
+
+    Every option can also come from an environment variable (COSINE_<COMMAND>_<OPTION>, e.g.
+    COSINE_WORKER_VERIFIER_K=6; the Redis URL from COSINE_REDIS_URL) or from a TOML file (--config).
     """
     _setup_logging(log_level)
 
@@ -116,95 +140,226 @@ def bench_engine(zoo_path, prompts_per_domain, max_new_tokens, k, tree_width, ba
         click.echo("README.md updated")
 
 
-# -- generation ---------------------------------------------------------------------------------------
-@cli.command()
-@click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
-@click.option("--prompts-per-domain", type=int, default=2, show_default=True)
-@click.option("--max-new-tokens", type=int, default=48, show_default=True)
-@click.option("--k", type=int, default=4, show_default=True)
-@click.option("--tree-width", type=int, default=2, show_default=True)
-@click.option("--threads", type=int, default=2, show_default=True)
-def demo(zoo_path, prompts_per_domain, max_new_tokens, k, tree_width, threads) -> None:
-    """Run the zoo on mixed-domain prompts: target alone, then speculative; print text, speed, acceptance."""
-    import torch
+# -- shared options -----------------------------------------------------------------------------------
+def redis_options(f):
+    """Where the broker is: URL (redis://, rediss://, unix://; user:password@ for ACL users) or Sentinel."""
+    from cosine import defaults
 
-    from cosine.engine.sequence import SpecStats
-    from cosine.engine.speculative import SpecConfig, SpeculativeEngine
-    from cosine.sampling_params import SamplingParams
+    for opt in reversed([
+        click.option("--redis-url", envvar="COSINE_REDIS_URL", default=defaults.REDIS_URL, show_default=True,
+                     help="Redis URL; rediss:// for TLS, redis://user:password@host:port/db for ACL users."),
+        click.option("--prefix", envvar="COSINE_PREFIX", default=defaults.KEY_PREFIX, show_default=True,
+                     help="Key prefix: deployments sharing one Redis use different prefixes."),
+        click.option("--sentinels", envvar="COSINE_SENTINELS", default=None,
+                     help="Sentinel addresses host:port,host:port (then the master comes from Sentinel)."),
+        click.option("--sentinel-master", envvar="COSINE_SENTINEL_MASTER", default="mymaster", show_default=True),
+        click.option("--username", envvar="COSINE_REDIS_USERNAME", default=None, help="ACL user."),
+        click.option("--password", envvar="COSINE_REDIS_PASSWORD", default=None, help="ACL password."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password):
+    from cosine.broker import RedisSettings
+
+    return RedisSettings(url=redis_url, prefix=prefix, sentinels=sentinels, sentinel_master=sentinel_master,
+                         username=username, password=password)
+
+
+def model_options(f):
+    for opt in reversed([
+        click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None,
+                     help="Demo zoo folder [default: zoo/ or $COSINE_ZOO]."),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if any)."),
+        click.option("--dtype", default="auto", show_default=True, help="float32, bfloat16, float16 (auto: fp32 on "
+                     "CPU, bf16 on CUDA)."),
+        click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice]."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _default_name(role: str) -> str:
+    import os
+    import socket
+
+    return f"{role}-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+# -- workers ------------------------------------------------------------------------------------------
+@cli.group()
+def worker() -> None:
+    """Run one worker process (one per node or GPU). Stops cleanly on SIGTERM / Ctrl-C."""
+
+
+@worker.command("drafter")
+@redis_options
+@model_options
+@click.option("--name", default=None, help="Worker id (stable names let a restarted worker find its backlog).")
+@click.option("--model", "models", multiple=True, metavar="NAME=PATH",
+              help="A drafter model (repeatable) [default: every zoo drafter, named by domain].")
+@click.option("--batch-max", type=int, default=None, help="Jobs per batched drafting pass.")
+@click.option("--window-ms", type=float, default=None, help="Wait this long for more jobs after the first.")
+@click.option("--block-ms", type=int, default=None, help="Blocking read when idle.")
+def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
+                   threads, name, models, batch_max, window_ms, block_ms) -> None:
+    """Host drafter models: consume this worker's draft jobs, reply with draft trees."""
+    from cosine.service.drafter import DrafterSettings
     from cosine.zoo import paths
+    from workers import drafter as drafter_worker
 
-    torch.set_num_threads(threads)
-    root = paths.zoo_dir(zoo_path)
-    engine = SpeculativeEngine.from_zoo(root, config=SpecConfig(k=k, tree_width=tree_width))
-    prompts = []
-    for domain, texts in sorted(paths.load_prompts(root).items()):
-        prompts += [(domain, t) for t in texts[:prompts_per_domain]]
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    texts = [t for _, t in prompts]
-    engine.generate(texts[:1], SamplingParams(max_new_tokens=4))  # warm-up
-    t0 = time.perf_counter()
-    plain = engine.generate(texts, params, speculative=False)
-    t_plain = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    spec = engine.generate(texts, params)
-    t_spec = time.perf_counter() - t0
-    total = SpecStats()
-    for (domain, prompt), s, p in zip(prompts, spec, plain):
-        total.merge(s.stats)
-        click.secho(f"--- [{domain}] drafter={s.drafter} acceptance length {s.stats.mean_acceptance_length:.2f}",
-                    fg="cyan")
-        click.echo(prompt.rstrip("\n")[-200:], nl=False)
-        click.secho(engine.text(s), fg="green")
-        if s.output_ids != p.output_ids:
-            click.secho("  (differs from the target alone)", fg="red")
-    n_plain = sum(len(s.output_ids) for s in plain)
-    n_spec = sum(len(s.output_ids) for s in spec)
-    same = sum(s.output_ids == p.output_ids for s, p in zip(spec, plain))
-    click.echo("")
-    click.echo(f"target alone : {n_plain / t_plain:7.1f} tokens/s ({n_plain} tokens, {t_plain:.2f} s)")
-    click.echo(f"speculative  : {n_spec / t_spec:7.1f} tokens/s ({n_spec} tokens, {t_spec:.2f} s), "
-               f"{t_plain / t_spec:.2f}x")
-    click.echo(f"acceptance   : mean length {total.mean_acceptance_length:.2f}, rate {total.acceptance_rate:.2f}")
-    shares = {k2: v / max(1, sum(total.tokens_by_drafter.values())) for k2, v in total.tokens_by_drafter.items()}
-    click.echo("drafter share: " + ", ".join(f"{k2} {v:.0%}" for k2, v in sorted(shares.items())))
-    click.echo(f"identical to the target alone: {same}/{len(spec)}")
+    table = {}
+    for item in models:
+        if "=" not in item:
+            raise click.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--model")
+        key, path = item.split("=", 1)
+        table[key] = path
+    if not table:
+        root = paths.zoo_dir(zoo_path)
+        table = {d: str(paths.drafter_dir(d, root)) for d in paths.drafter_domains(root)}
+    settings = DrafterSettings(worker_id=name or _default_name("drafter"))
+    for attr, value in (("batch_max", batch_max), ("window_ms", window_ms), ("block_ms", block_ms)):
+        if value is not None:
+            setattr(settings, attr, value)
+    drafter_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
+                        settings, table, device, dtype, threads)
+
+
+@worker.command("verifier")
+@redis_options
+@model_options
+@click.option("--name", default=None, help="Worker id (stable names let a restarted worker find its backlog).")
+@click.option("--model", "target", default=None, help="Target model folder [default: the zoo's target].")
+@click.option("--max-active", type=int, default=None, help="Requests held at once (batch limit).")
+@click.option("--max-batch-tokens", type=int, default=None, help="Tokens per verification forward.")
+@click.option("--k", type=int, default=None, help="Draft positions per round (0 = no speculation).")
+@click.option("--tree-width", type=int, default=None, help="Candidates per draft position (1 = chains).")
+@click.option("--draft-budget-min-ms", type=float, default=None, help="Never wait less than this for a draft.")
+@click.option("--draft-budget-factor", type=float, default=None, help="Budget = factor x p90 draft round trip.")
+@click.option("--reclaim-min-idle-s", type=float, default=None, help="Reclaim a dead verifier's requests after this.")
+@click.option("--max-deliveries", type=int, default=None, help="Dead-letter a request delivered this often.")
+def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
+                    threads, name, target, **overrides) -> None:
+    """Own requests: verify drafts with the target model and stream the committed tokens."""
+    from cosine.service.verifier import VerifierSettings
+    from cosine.zoo import paths
+    from workers import verifier as verifier_worker
+
+    settings = VerifierSettings(worker_id=name or _default_name("verifier"))
+    for attr, value in overrides.items():
+        if value is not None:
+            setattr(settings, attr, value)
+    target = target or str(paths.target_dir(paths.zoo_dir(zoo_path)))
+    verifier_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
+                         settings, target, device, dtype, threads)
+
+
+# -- local deployment ---------------------------------------------------------------------------------
+def _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir=None,
+                      verifier_args=(), drafter_args=()):
+    from cosine.deployment import Deployment, WorkerSpec
+
+    specs = [WorkerSpec("verifier", f"verifier-{i}", list(verifier_args), threads) for i in range(verifiers)]
+    specs += [WorkerSpec("drafter", f"drafter-{i}", list(drafter_args), threads) for i in range(drafters)]
+    return Deployment(specs, redis_url=redis_url, prefix=prefix, log_dir=log_dir, device=device, dtype=dtype,
+                      zoo=zoo_path)
+
+
+@cli.command()
+@click.option("--redis-url", envvar="COSINE_REDIS_URL", default=None,
+              help="Use this Redis [default: start a private one on loopback].")
+@click.option("--prefix", default="cosine", show_default=True)
+@click.option("--verifiers", type=int, default=1, show_default=True)
+@click.option("--drafters", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per worker.")
+@click.option("--device", default=None)
+@click.option("--dtype", default=None)
+@click.option("--zoo", "zoo_path", default=None)
+@click.option("--log-dir", default="runs/up", show_default=True, help="Worker logs.")
+def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir) -> None:
+    """Start a whole local deployment (Redis, verifiers, drafters) until Ctrl-C / SIGTERM."""
+    from cosine.service.loop import stop_on_signals
+
+    stop = stop_on_signals()
+    dep = _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir)
+    with dep:
+        click.echo(f"CoSine is up: {dep.url} (prefix {prefix}); workers: {', '.join(dep.procs)}; logs in {log_dir}")
+        click.echo(f"try: cosine generate --redis-url {dep.url} --stream 'def main('")
+        while not stop.is_set():
+            dead = [n for n, p in dep.procs.items() if p.poll() is not None]
+            if dead:
+                click.secho(f"worker(s) exited: {', '.join(dead)}", fg="red", err=True)
+                break
+            stop.wait(0.5)
+        click.echo("stopping ...")
+
+
+@cli.command()
+@redis_options
+@click.option("--json", "as_json", is_flag=True)
+def status(redis_url, prefix, sentinels, sentinel_master, username, password, as_json) -> None:
+    """Workers with heartbeat ages, and every stream's depth (lag + pending)."""
+    from cosine.status import collect_status, format_status
+
+    snap = collect_status(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password))
+    click.echo(json.dumps(snap, indent=1) if as_json else format_status(snap))
 
 
 @cli.command()
 @click.argument("prompt")
-@click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
+@redis_options
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--drafter", default="auto", show_default=True, help="Drafter name, 'auto', or 'none'.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def generate(prompt, zoo_path, max_new_tokens, temperature, top_p, top_k, seed, stop, drafter, as_json) -> None:
-    """Generate from PROMPT with the local zoo engine."""
-    from cosine.engine.speculative import SpeculativeEngine
-    from cosine.sampling_params import SamplingParams
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds.")
+@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--drafter", default=None, help="Pin a drafter model by name.")
+@click.option("--stream", "as_stream", is_flag=True, help="Print text as it commits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (text, token ids, stats) as JSON.")
+def generate(prompt, redis_url, prefix, sentinels, sentinel_master, username, password, as_stream, as_json,
+             **params) -> None:
+    """Submit PROMPT to a running deployment (see `cosine up`) and print the output."""
+    from cosine.client import Client
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, stop=tuple(stop))
-    engine = SpeculativeEngine.from_zoo(zoo_path)
-    speculative = drafter != "none"
-    t0 = time.perf_counter()
-    [seq] = engine.generate([prompt], params, drafter=drafter if speculative else None, speculative=speculative)
-    seconds = time.perf_counter() - t0
-    text = engine.text(seq)
-    if as_json:
-        click.echo(json.dumps({
-            "text": text,
-            "token_ids": seq.output_ids,
-            "finish_reason": seq.finish_reason.value if seq.finish_reason else None,
-            "drafter": seq.drafter,
-            "seconds": round(seconds, 4),
-            "stats": seq.stats.as_dict(),
-        }))
+    params["stop"] = list(params["stop"])
+    with Client(settings=_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)) as c:
+        if as_stream:
+            stats = None
+            for chunk in c.stream(prompt, **params):
+                click.echo(chunk.text, nl=False)
+                stats = chunk.stats if chunk.finished else stats
+            click.echo("")
+            if as_json and stats:
+                click.echo(json.dumps(stats))
+            return
+        res = c.generate(prompt, **params)
+        if as_json:
+            click.echo(json.dumps({"request_id": res.request_id, "text": res.text, "token_ids": res.token_ids,
+                                   "finish_reason": res.finish_reason, "stats": res.stats}))
+        else:
+            click.echo(prompt + res.text)
+
+
+@cli.command()
+@click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
+@click.option("--prompts-per-domain", type=int, default=3, show_default=True)
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--drafters", type=int, default=1, show_default=True, help="Drafter worker processes.")
+@click.option("--log-dir", default="runs/demo", show_default=True, help="Worker logs.")
+@click.option("--local", is_flag=True, help="Single process instead: target alone vs coupled speculative decoding.")
+def demo(zoo_path, prompts_per_domain, max_new_tokens, drafters, log_dir, local) -> None:
+    """The main job: a local deployment (private Redis, a verifier and drafter processes), a mixed-domain
+    workload through the client, the outputs and a summary; then a clean shutdown."""
+    from cosine.demo import run_demo, run_local_demo
+
+    if local:
+        run_local_demo(zoo_path, prompts_per_domain, max_new_tokens)
     else:
-        click.echo(prompt + text)
+        run_demo(zoo_path, prompts_per_domain, max_new_tokens, drafters, log_dir)
 
 
 def main() -> None:

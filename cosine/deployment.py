@@ -1,0 +1,139 @@
+"""A whole deployment on one machine: a private Redis (unless a URL is given) and worker processes.
+
+Used by ``cosine up``, ``cosine demo``, the end-to-end benchmark and the tests. Workers are separate
+processes (``cosine worker ...``) that talk to each other only through Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from cosine import defaults
+from cosine.broker import RedisSettings, Streams, connect
+from cosine.errors import CosineError
+from cosine.keys import Keys
+from cosine.local_redis import LocalRedis
+
+log = logging.getLogger(__name__)
+
+
+class DeploymentError(CosineError):
+    """A worker did not come up."""
+
+
+@dataclass
+class WorkerSpec:
+    role: str  # "verifier" or "drafter"
+    name: str
+    args: list[str] = field(default_factory=list)  # extra `cosine worker <role>` flags
+    threads: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Deployment:
+    def __init__(self, workers: list[WorkerSpec], redis_url: str | None = None, prefix: str = defaults.KEY_PREFIX,
+                 appendonly: bool = False, log_dir: str | None = None, device: str | None = None,
+                 dtype: str | None = None, zoo: str | None = None) -> None:
+        self.specs = workers
+        self.prefix = prefix
+        self.local = None if redis_url else LocalRedis(appendonly=appendonly)
+        self._url = redis_url
+        self.log_dir = log_dir
+        self.device, self.dtype, self.zoo = device, dtype, zoo
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs: dict[str, object] = {}
+
+    @property
+    def url(self) -> str:
+        return self._url or self.local.url  # type: ignore[union-attr]
+
+    def redis_settings(self) -> RedisSettings:
+        return RedisSettings(url=self.url, prefix=self.prefix)
+
+    def start(self, ready_timeout: float = 120.0) -> Deployment:
+        if self.local is not None:
+            self.local.start()
+        for spec in self.specs:
+            self.start_worker(spec)
+        self.wait_ready([s.name for s in self.specs], ready_timeout)
+        return self
+
+    def command(self, spec: WorkerSpec) -> list[str]:
+        cmd = [sys.executable, "-m", "cosine.cli", "worker", spec.role, "--redis-url", self.url,
+               "--prefix", self.prefix, "--name", spec.name, "--threads", str(spec.threads)]
+        if self.device:
+            cmd += ["--device", self.device]
+        if self.dtype:
+            cmd += ["--dtype", self.dtype]
+        if self.zoo:
+            cmd += ["--zoo", self.zoo]
+        return cmd + spec.args
+
+    def start_worker(self, spec: WorkerSpec) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
+        out = subprocess.DEVNULL
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            out = open(os.path.join(self.log_dir, f"{spec.name}.log"), "ab")  # noqa: SIM115
+            self._logs[spec.name] = out
+        proc = subprocess.Popen(self.command(spec), env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.procs[spec.name] = proc
+        return proc
+
+    def wait_ready(self, names: list[str], timeout: float = 120.0) -> None:
+        """Wait until every named worker has a heartbeat (its models are loaded and its loop runs)."""
+        streams = Streams(connect(self.redis_settings()), Keys(self.prefix))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                live = streams.live_workers()
+            except redis.RedisError:
+                live = {}
+            missing = [n for n in names if n not in live]
+            if not missing:
+                return
+            dead = [n for n in missing if self.procs.get(n) is not None and self.procs[n].poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise DeploymentError(f"workers did not come up: {dead or missing} (see their logs)")
+            time.sleep(0.1)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM every worker (they finish their step and deregister), then stop Redis."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self._logs.values():
+            f.close()  # type: ignore[attr-defined]
+        if self.local is not None:
+            self.local.close()
+
+    def __enter__(self) -> Deployment:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
