@@ -1,0 +1,180 @@
+"""The distributed pipeline on a real Redis (started by the tests) with workers as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+import pytest
+
+from cosine.client import AsyncClient, Client
+from cosine.errors import (
+    InvalidParameterError,
+    InvalidRequestError,
+    NoWorkersError,
+    RequestCancelledError,
+    RequestTimeoutError,
+)
+from cosine.local_redis import LocalRedis
+from cosine.sampling_params import SamplingParams
+
+from .helpers import greedy_divergences
+from .pipeline_helpers import deployment, streams, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    with LocalRedis() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server, tmp_path_factory, zoo_root):
+    dep = deployment(redis_server.url, verifiers=1, drafters=1, log_dir=str(tmp_path_factory.mktemp("logs")))
+    with dep:
+        yield dep
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster.url) as c:
+        yield c
+
+
+def workload(zoo_prompts, per_domain=8):
+    items = []
+    for i in range(per_domain):
+        for domain in sorted(zoo_prompts):
+            items.append((zoo_prompts[domain][i], (16, 32, 48)[(i + len(items)) % 3]))
+    return items
+
+
+def reference(zoo_engine, texts, max_new):
+    ids = [zoo_engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    outs = []
+    for p, n in zip(ids, max_new):
+        [s] = zoo_engine.generate([p], SamplingParams(max_new_tokens=n), speculative=False)
+        outs.append(s.output_ids)
+    return ids, outs
+
+
+def test_concurrent_mixed_requests_match_the_target(client, zoo_engine, zoo_prompts, capsys):
+    items = workload(zoo_prompts)
+    assert len(items) >= 20
+    ids = [client.submit(text, max_new_tokens=n) for text, n in items]
+    results = [client.result(rid, timeout=300) for rid in ids]
+    prompts, refs = reference(zoo_engine, [t for t, _ in items], [n for _, n in items])
+    ties, failures = greedy_divergences(zoo_engine.verifier.runner.model, prompts, [r.token_ids for r in results],
+                                        refs)
+    with capsys.disabled():
+        for i, j, gap in ties:
+            print(f"\n[near-tie] request {i}: first difference at {j}, top-2 gap {gap:.2e}")
+    assert not failures, failures
+    assert sum(r.stats["drafts"] for r in results) > len(results)
+    assert all(r.stats["verifier"] == "verifier-0" for r in results)
+    for r in results:
+        assert r.text == zoo_engine.tokenizer.decode(r.token_ids)
+        assert r.stats["completion_tokens"] == len(r.token_ids)
+        assert {"queue_ms", "drafting_ms", "verifying_ms", "tokens_by_drafter", "mean_acceptance_length"} <= set(r.stats)
+
+
+def test_seeded_sampling_is_reproducible(client, zoo_prompts):
+    prompts = [zoo_prompts[d][3] for d in sorted(zoo_prompts)]
+    kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.95)
+    first = [client.generate(p, seed=7 + i, **kw) for i, p in enumerate(prompts)]
+    ids = [client.submit(p, seed=7 + i, **kw) for i, p in enumerate(prompts)]  # concurrently this time
+    second = [client.result(rid) for rid in ids]
+    assert [r.token_ids for r in first] == [r.token_ids for r in second]
+
+
+def test_stream_yields_what_generate_returns(client, zoo_prompts):
+    prompt = zoo_prompts["prose"][4]
+    chunks = list(client.stream(prompt, max_new_tokens=32))
+    assert chunks[-1].finished and chunks[-1].stats and len(chunks) >= 2
+    full = client.generate(prompt, max_new_tokens=32)
+    assert "".join(c.text for c in chunks) == full.text
+    assert [t for c in chunks for t in c.token_ids] == full.token_ids
+
+
+def test_async_client(cluster, zoo_prompts):
+    async def go():
+        async with AsyncClient(cluster.url) as ac:
+            res = await ac.generate_many([zoo_prompts["code"][5], zoo_prompts["records"][5]], max_new_tokens=16)
+            parts = [c async for c in ac.stream(zoo_prompts["prose"][5], max_new_tokens=16)]
+            return res, parts
+
+    res, parts = asyncio.run(go())
+    assert all(len(r.token_ids) >= 1 for r in res) and parts[-1].finished
+
+
+def test_invalid_parameters_raise_typed_errors(client):
+    for kwargs, field in [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
+                          ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"), ({"timeout": -1}, "timeout")]:
+        with pytest.raises(InvalidParameterError) as err:
+            client.generate("hello", **kwargs)
+        assert err.value.field == field
+    with pytest.raises(InvalidParameterError) as err:
+        client.generate("")
+    assert err.value.field == "prompt"
+    with pytest.raises(InvalidRequestError) as err:  # valid on the wire, too long for the model
+        client.generate([5] * 5000, max_new_tokens=4)
+    assert err.value.field == "prompt"
+
+
+def test_malformed_messages_are_dead_lettered_and_workers_keep_serving(cluster, client, zoo_prompts):
+    s = streams(cluster.url)
+    k = s.keys
+    before = s.r.xlen(k.dlq)
+    junk = [
+        (k.requests, {b"d": b"\xc1\xc1"}),
+        (k.requests, {b"d": msgpack.packb({"v": 1, "t": "request", "request_id": "bad", "prompt_ids": [-5]})}),
+        (k.requests, {b"x": b"no payload field"}),
+        (k.draft("drafter-0"), {b"d": msgpack.packb({"v": 1, "t": "draft_job", "request_id": "q"})}),
+        (k.draft("drafter-0"), {b"d": msgpack.packb({"v": 9, "t": "draft_job"})}),
+        (k.verify("verifier-0"), {b"d": msgpack.packb({"v": 1, "t": "draft", "request_id": "q", "drafter": "x",
+                                                       "epoch": 0})}),
+        (k.verify("verifier-0"), {b"d": b"not msgpack at all"}),
+    ]
+    for stream, fields in junk:
+        s.r.xadd(stream, fields)
+    res = client.generate(zoo_prompts["code"][6], max_new_tokens=16)
+    assert len(res.token_ids) >= 1
+    wait_for(lambda: s.r.xlen(k.dlq) >= before + len(junk), 20, what="dead letters")
+    letters = s.r.xrange(k.dlq)[-len(junk):]
+    for _eid, fields in letters:
+        assert fields[b"reason"] and fields[b"stream"]
+    reasons = b" ".join(f[b"reason"] for _e, f in letters).decode()
+    assert "not msgpack" in reasons and "schema version" in reasons and "outside the vocabulary" in reasons
+    assert all(w["alive"] for w in [{"alive": wid in s.live_workers()} for wid in ("verifier-0", "drafter-0")])
+
+
+def test_cancel_ends_promptly_and_frees_state(cluster, client, zoo_prompts):
+    s = streams(cluster.url)
+    rid = client.submit(zoo_prompts["records"][7], max_new_tokens=400, ignore_eos=True)
+    wait_for(lambda: s.r.xlen(s.keys.out(rid)) >= 2, 60, what="first chunks")
+    t0 = time.monotonic()
+    client.cancel(rid)
+    with pytest.raises(RequestCancelledError):
+        client.result(rid, timeout=30)
+    assert time.monotonic() - t0 < 5
+    wait_for(lambda: all(int(info.get("active", "1")) == 0 for info in s.live_workers().values()), 10,
+             what="workers to free the request")
+
+
+def test_timeout_ends_the_request_everywhere(cluster, client, zoo_prompts):
+    s = streams(cluster.url)
+    t0 = time.monotonic()
+    with pytest.raises(RequestTimeoutError):
+        client.generate(zoo_prompts["prose"][7], max_new_tokens=600, ignore_eos=True, timeout=1.5)
+    assert time.monotonic() - t0 < 5
+    wait_for(lambda: all(int(info.get("active", "1")) == 0 for info in s.live_workers().values()), 10,
+             what="workers to free the request")
+
+
+def test_no_workers(redis_server):
+    with LocalRedis() as empty, Client(empty.url) as c:
+        with pytest.raises(NoWorkersError):
+            c.generate("hello")
