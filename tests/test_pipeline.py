@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import msgpack
@@ -172,6 +173,24 @@ def test_timeout_ends_the_request_everywhere(cluster, client, zoo_prompts):
     assert time.monotonic() - t0 < 5
     wait_for(lambda: all(int(info.get("active", "1")) == 0 for info in s.live_workers().values()), 10,
              what="workers to free the request")
+
+
+def test_cli_generate_and_status(cluster):
+    from click.testing import CliRunner
+
+    from cosine.cli import cli
+
+    runner = CliRunner()
+    out = runner.invoke(cli, ["generate", "def main(", "--redis-url", cluster.url, "--max-new-tokens", "12", "--json"])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.output.strip().splitlines()[-1])
+    assert res["finish_reason"] in ("stop", "length") and res["stats"]["drafts"] >= 1
+    out = runner.invoke(cli, ["generate", "The ", "--redis-url", cluster.url, "--max-new-tokens", "8", "--stream"])
+    assert out.exit_code == 0 and len(out.output) > 1
+    out = runner.invoke(cli, ["status", "--redis-url", cluster.url, "--json"])
+    snap = json.loads(out.output)
+    assert {w["id"] for w in snap["workers"] if w["alive"]} >= {"verifier-0", "drafter-0"}
+    assert any(st["stream"].endswith(":requests") for st in snap["streams"])
 
 
 def test_no_workers(redis_server):
