@@ -88,6 +88,10 @@ class Streams:
                 raise
         self._groups.add((stream, group))
 
+    def forget_groups(self) -> None:
+        """Forget which groups exist (after Redis lost its data): the next read recreates them."""
+        self._groups.clear()
+
     # -- reading --------------------------------------------------------------------------------------
     def read_group(
         self, stream: str, group: str, consumer: str, count: int, block_ms: int | None, start: str = ">"

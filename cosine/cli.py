@@ -104,9 +104,47 @@ def zoo_evaluate(zoo_path: str | None, threads: int) -> None:
 
 
 # -- bench --------------------------------------------------------------------------------------------
-@cli.group()
-def bench() -> None:
-    """Benchmarks. Compare only numbers from one run on the same machine."""
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Benchmarks. Compare only numbers from one run on the same machine.
+
+    Without a subcommand: the end-to-end benchmark (`cosine bench e2e`) with its defaults."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(bench_e2e)
+
+
+@bench.command("e2e")
+@click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
+@click.option("--concurrency", "concurrency", type=int, multiple=True, default=(1, 4, 8, 16), show_default=True)
+@click.option("--requests-per-client", type=int, default=3, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--k", type=int, default=4, show_default=True)
+@click.option("--tree-width", type=int, default=1, show_default=True)
+@click.option("--path", "paths_", type=click.Choice(["target-only", "coupled", "pipeline"]), multiple=True,
+              default=("target-only", "coupled", "pipeline"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
+@click.option("--update-readme", is_flag=True, help="Write the table into README.md.")
+def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, max_new_tokens=64, k=4,
+              tree_width=1, paths_=("target-only", "coupled", "pipeline"), out="bench-results",
+              update_readme=False) -> None:
+    """Closed-loop concurrency sweep: target-only and coupled (in-process, 2 threads) vs the pipeline
+    (drafter and verifier processes, 1 thread each, over a private Redis)."""
+    from cosine.bench.e2e_bench import E2EBenchConfig, e2e_markdown, e2e_plots, run_e2e_bench
+    from cosine.bench.report import update_readme as write_readme
+    from cosine.bench.report import write_results
+
+    cfg = E2EBenchConfig(zoo=zoo_path, concurrency=tuple(concurrency), requests_per_client=requests_per_client,
+                         max_new_tokens=max_new_tokens, k=k, tree_width=tree_width, paths=tuple(paths_))
+    payload = run_e2e_bench(cfg)
+    md = e2e_markdown(payload)
+    js, mdf = write_results(pathlib.Path(out), "e2e", payload, md)
+    png = str(js).replace(".json", ".png")
+    e2e_plots(payload, png)
+    click.echo(md)
+    click.echo(f"\nwrote {js}, {mdf} and {png}")
+    if update_readme and write_readme(REPO_ROOT / "README.md", "e2e", md + f"\n\n![end-to-end]({png})"):
+        click.echo("README.md updated")
 
 
 @bench.command("engine")

@@ -118,3 +118,22 @@ def test_redis_restart_mid_run(zoo_prompts, tmp_path):
         wait_for(lambda: {"verifier-0", "drafter-0"} <= set(s.live_workers()), 20, what="workers after restart")
         with Client(srv.url) as c:
             assert len(c.generate(zoo_prompts["code"][0], max_new_tokens=8).token_ids) >= 1
+
+
+def test_redis_data_loss_recreates_groups(zoo_prompts, tmp_path):
+    """FLUSHALL mid-run (a restart without persistence): NOGROUP is recovered from, nothing hangs."""
+    items = _work(zoo_prompts, n_per_domain=2, max_new=64)
+    with LocalRedis() as srv, deployment(srv.url, verifiers=1, drafters=1, log_dir=str(tmp_path)):
+        with Client(srv.url) as c:
+            ids = [c.submit(t, max_new_tokens=n, timeout=60) for t, n in items]
+        col = _Collector(srv.url, ids)
+        wait_for(lambda: committed_tokens(srv.url, ids) >= 30, 120, what="progress before the flush")
+        streams(srv.url).r.flushall()
+        col.join()
+        assert len(col.results) + len(col.errors) == len(ids), "a request hung"
+        for exc in col.errors.values():
+            assert isinstance(exc, RequestError), repr(exc)
+        s = streams(srv.url)
+        wait_for(lambda: {"verifier-0", "drafter-0"} <= set(s.live_workers()), 20, what="workers after the flush")
+        with Client(srv.url) as c:
+            assert len(c.generate(zoo_prompts["prose"][0], max_new_tokens=8).token_ids) >= 1

@@ -147,11 +147,11 @@ class SpeculativeEngine:
                 self.run_round(active)
                 done = [s for s in active if s.finished]
                 if done:
-                    self._release([s.seq_id for s in done])
+                    self.release([s.seq_id for s in done])
                 active = [s for s in active if not s.finished]
         finally:
             if active:
-                self._release([s.seq_id for s in active])
+                self.release([s.seq_id for s in active])
         return seqs
 
     def _assign(self, prompt_ids: list[list[int]], drafter) -> list[str | None]:
@@ -205,7 +205,8 @@ class SpeculativeEngine:
         self.timings.verify_s += t2 - t1
         self.timings.rounds += 1
 
-    def _release(self, seq_ids: list[str]) -> None:
+    def release(self, seq_ids: list[str]) -> None:
+        """Free every trace of these sequences (target and drafter rows)."""
         self.verifier.release(seq_ids)
         for d in self.drafters.values():
             d.release(seq_ids)

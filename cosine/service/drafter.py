@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import redis
 
 from cosine import defaults
-from cosine.broker import RedisSettings, Streams, connect
+from cosine.broker import RedisSettings, Streams, connect, is_nogroup
 from cosine.engine.drafter import Drafter, DraftRequest
 from cosine.engine.prompt_scoring import best_by_prompt_loss
 from cosine.keys import DRAFTERS_GROUP, Keys
@@ -73,6 +73,7 @@ class DrafterService:
             "batches": self.batches,
             "resyncs": self.resyncs,
             "busy": round(self.busy_s / up, 4),
+            "busy_s": round(self.busy_s, 4),
             "pid": os.getpid(),
         }
 
@@ -100,6 +101,16 @@ class DrafterService:
                     backoff.reset()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     backoff.wait(stop, f"drafter {self.settings.worker_id}: Redis unavailable ({exc})")
+                except redis.ResponseError as exc:
+                    if is_nogroup(exc):
+                        self.streams.forget_groups()
+                        first = True
+                    else:
+                        log.exception("Redis refused a command")
+                    backoff.wait(stop, f"drafter {self.settings.worker_id}: {exc}")
+                except Exception:  # never die of one bad batch: log, back off, go on
+                    log.exception("drafter %s: unexpected error in the loop", self.settings.worker_id)
+                    backoff.wait(stop, f"drafter {self.settings.worker_id}: recovering from an unexpected error")
         finally:
             self.heartbeat.stop()
             log.info("drafter %s stopped", self.settings.worker_id)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import redis
 
 from cosine import defaults
-from cosine.broker import RedisSettings, Streams, connect, now_ms
+from cosine.broker import RedisSettings, Streams, connect, is_nogroup, now_ms
 from cosine.engine.sequence import FinishReason, Sequence
 from cosine.engine.stopping import apply_stop_strings
 from cosine.engine.tree import DraftTree
@@ -175,6 +175,17 @@ class VerifierService:
                     backoff.reset()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     backoff.wait(stop, f"verifier {self.me}: Redis unavailable ({exc})")
+                except redis.ResponseError as exc:
+                    if is_nogroup(exc):
+                        log.warning("consumer groups vanished (Redis lost its data?): recreating them")
+                        self.streams.forget_groups()
+                        started = False
+                    else:
+                        log.exception("Redis refused a command")
+                    backoff.wait(stop, f"verifier {self.me}: {exc}")
+                except Exception:  # a bug must not take requests down with the worker: log, back off, go on
+                    log.exception("verifier %s: unexpected error in the loop", self.me)
+                    backoff.wait(stop, f"verifier {self.me}: recovering from an unexpected error")
             self.drain()
         finally:
             self.heartbeat.stop()
