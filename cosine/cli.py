@@ -235,20 +235,20 @@ def worker() -> None:
 @redis_options
 @model_options
 @click.option("--name", default=None, help="Worker id (stable names let a restarted worker find its backlog).")
-@click.option("--model", "models", multiple=True, metavar="NAME=PATH",
+@click.option("--model", "model", multiple=True, metavar="NAME=PATH",
               help="A drafter model (repeatable) [default: every zoo drafter, named by domain].")
 @click.option("--batch-max", type=int, default=None, help="Jobs per batched drafting pass.")
 @click.option("--window-ms", type=float, default=None, help="Wait this long for more jobs after the first.")
 @click.option("--block-ms", type=int, default=None, help="Blocking read when idle.")
 def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                   threads, name, models, batch_max, window_ms, block_ms) -> None:
+                   threads, name, model, batch_max, window_ms, block_ms) -> None:
     """Host drafter models: consume this worker's draft jobs, reply with draft trees."""
     from cosine.service.drafter import DrafterSettings
     from cosine.zoo import paths
     from workers import drafter as drafter_worker
 
     table = {}
-    for item in models:
+    for item in model:
         if "=" not in item:
             raise click.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--model")
         key, path = item.split("=", 1)
@@ -268,7 +268,7 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 @redis_options
 @model_options
 @click.option("--name", default=None, help="Worker id (stable names let a restarted worker find its backlog).")
-@click.option("--model", "target", default=None, help="Target model folder [default: the zoo's target].")
+@click.option("--model", "model", default=None, help="Target model folder [default: the zoo's target].")
 @click.option("--max-active", type=int, default=None, help="Requests held at once (batch limit).")
 @click.option("--max-batch-tokens", type=int, default=None, help="Tokens per verification forward.")
 @click.option("--k", type=int, default=None, help="Draft positions per round (0 = no speculation).")
@@ -278,7 +278,7 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 @click.option("--reclaim-min-idle-s", type=float, default=None, help="Reclaim a dead verifier's requests after this.")
 @click.option("--max-deliveries", type=int, default=None, help="Dead-letter a request delivered this often.")
 def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                    threads, name, target, **overrides) -> None:
+                    threads, name, model, **overrides) -> None:
     """Own requests: verify drafts with the target model and stream the committed tokens."""
     from cosine.service.verifier import VerifierSettings
     from cosine.zoo import paths
@@ -288,7 +288,7 @@ def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, pas
     for attr, value in overrides.items():
         if value is not None:
             setattr(settings, attr, value)
-    target = target or str(paths.target_dir(paths.zoo_dir(zoo_path)))
+    target = model or str(paths.target_dir(paths.zoo_dir(zoo_path)))
     verifier_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
                          settings, target, device, dtype, threads)
 

@@ -569,14 +569,38 @@ class VerifierService:
         self._check_deadlines()
         if now >= self._refresh_at and self.active:
             self._refresh_at = now + self.settings.admission_refresh_s
-            ids = [st.entry_id for st in self.active.values()]
-            self.streams.r.xclaim(self.keys.requests, VERIFIERS_GROUP, self.me, 0, ids, justid=True)
+            self._refresh_ownership()
         if admit and now >= self._reclaim_at:
             self._reclaim_at = now + self.settings.reclaim_interval_s
             self._reclaim()
         stuck = [st for st in self.active.values() if st.drafter is not None and st.drafter not in self.drafters]
         if stuck:
             self._refresh_drafters(force=True)
+
+    def _refresh_ownership(self) -> None:
+        """Keep our admission entries fresh; drop requests another verifier has taken over meanwhile
+        (we were cut off long enough to look dead), so exactly one verifier serves each request."""
+        sts = list(self.active.values())
+        pipe = self.streams.r.pipeline(transaction=False)
+        for st in sts:
+            pipe.xpending_range(self.keys.requests, VERIFIERS_GROUP, min=st.entry_id, max=st.entry_id, count=1)
+        owners = pipe.execute()
+        mine, lost = [], []
+        for st, rows in zip(sts, owners):
+            if rows and rows[0]["consumer"].decode() != self.me:
+                lost.append(st)
+            else:
+                mine.append(st.entry_id)
+        if mine:
+            # A min-idle of half the refresh period never steals an entry another verifier claimed just now.
+            min_idle = int(self.settings.admission_refresh_s * 500)
+            self.streams.r.xclaim(self.keys.requests, VERIFIERS_GROUP, self.me, min_idle, mine, justid=True)
+        if lost:
+            log.warning("%d requests were taken over by other verifiers; letting them go", len(lost))
+            self.counters["lost_ownership"] += len(lost)
+            self.engine.release([st.rid for st in lost if st.rid in self.engine.seqs])
+            for st in lost:
+                self.active.pop(st.rid, None)
 
     def _poll_cancels(self) -> None:
         if self.cancel_cursor == "$":
