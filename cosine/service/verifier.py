@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import redis
+import torch
 
 from cosine import defaults
 from cosine.broker import RedisSettings, Streams, connect, is_nogroup, now_ms
@@ -48,6 +49,8 @@ from cosine.service.text import TextStream
 
 log = logging.getLogger(__name__)
 
+DRAFT_READ_COUNT = 256  # drafts taken from this verifier's stream per read
+
 
 @dataclass
 class VerifierSettings:
@@ -56,6 +59,10 @@ class VerifierSettings:
     max_batch_tokens: int = defaults.VERIFIER_MAX_BATCH_TOKENS
     k: int = defaults.SPEC_K
     tree_width: int = defaults.SPEC_TREE_WIDTH
+    # Sampling requests: "onehot" (deterministic drafts; output = the target's own keyed samples, however
+    # drafts arrive) or "sampled" (drafts sampled by the drafter, verified by rejection sampling).
+    proposal: str = defaults.SAMPLING_PROPOSAL
+    q_top: int = defaults.SAMPLED_Q_TOP
     idle_block_ms: int = defaults.VERIFIER_IDLE_BLOCK_MS
     draft_budget_min_ms: float = defaults.DRAFT_BUDGET_MIN_MS
     draft_budget_factor: float = defaults.DRAFT_BUDGET_FACTOR
@@ -121,6 +128,7 @@ class VerifierService:
         self._drafters_at = 0.0
         self._refresh_at = 0.0
         self._reclaim_at = 0.0
+        self._cancels_at = 0.0
         self.cancel_cursor = "$"
         # metrics
         self.started = time.monotonic()
@@ -220,19 +228,30 @@ class VerifierService:
         capacity = self.settings.max_active - len(self.active) if admit else 0
         streams = ([self.keys.requests] if capacity > 0 else []) + [self.verify_stream]
         block = self.block_ms(now)
+        # COUNT applies to each stream: never take more requests than there is room for (an entry read is
+        # ours until it ends), then drain the drafts that did not fit into this read.
+        count = capacity if capacity > 0 else DRAFT_READ_COUNT
         t0 = time.perf_counter()
-        got = self.streams.read_groups(streams, VERIFIERS_GROUP, self.me, max(capacity, 64), block)
+        got = self.streams.read_groups(streams, VERIFIERS_GROUP, self.me, count, block)
+        drafts = got.get(self.verify_stream, [])
+        if len(drafts) >= count:
+            drafts += self.streams.read_group(self.verify_stream, VERIFIERS_GROUP, self.me, DRAFT_READ_COUNT, None)
         if block is None:  # a non-blocking read is messaging overhead; a blocking one is idle time
             self.messaging_s += time.perf_counter() - t0
-        if got.get(self.verify_stream):
+        if drafts:
             t1 = time.perf_counter()
-            self.absorb(got[self.verify_stream])
+            self.absorb(drafts)
             self.messaging_s += time.perf_counter() - t1
         if got.get(self.keys.requests):
-            self.admit(got[self.keys.requests][:capacity])
+            self.admit(got[self.keys.requests])
         ready = self.pick_ready(time.monotonic())
         if ready:
             self.verify(ready)
+        elif self.consumed:  # drafts that turned out stale still have to be acknowledged
+            pipe = self.streams.r.pipeline(transaction=True)
+            Streams.ack_delete(pipe, self.verify_stream, VERIFIERS_GROUP, self.consumed)
+            pipe.execute()
+            self.consumed = []
 
     def block_ms(self, now: float) -> int | None:
         """Block only while nothing can be verified, and not past the earliest draft budget."""
@@ -248,8 +267,10 @@ class VerifierService:
 
     # -- admission ------------------------------------------------------------------------------------
     def admit(self, entries: list) -> None:
+        """Admit requests: decode, look up earlier output and cancellation (one round trip for all), prefill."""
         fresh: list[Active] = []
         pipe = self.streams.r.pipeline(transaction=True)
+        decoded: list[tuple[bytes, GenerationRequest]] = []
         for eid, fields in entries:
             try:
                 msg = decode_entry(fields, (GenerationRequest,), self.vocab)
@@ -263,9 +284,15 @@ class VerifierService:
                     pipe.xadd(self.keys.out(rid), entry(chunk), maxlen=defaults.STREAM_MAXLEN, approximate=True)
                     pipe.pexpire(self.keys.out(rid), int(self.settings.output_ttl_s * 1000))
                 continue
-            if msg.request_id in self.active:
-                continue  # a re-delivery of a request we already serve
-            st = self.recover(msg, eid, pipe)
+            if msg.request_id not in self.active:  # else a re-delivery of a request we already serve
+                decoded.append((eid, msg))
+        lookups = self.streams.r.pipeline(transaction=False)
+        for _eid, msg in decoded:
+            lookups.xrange(self.keys.out(msg.request_id))
+            lookups.exists(self.keys.cancelled(msg.request_id))
+        found = lookups.execute() if decoded else []
+        for i, (eid, msg) in enumerate(decoded):
+            st = self.recover(msg, eid, pipe, self._chunks(found[2 * i]), bool(found[2 * i + 1]))
             if st is not None:
                 fresh.append(st)
         pipe.execute()
@@ -279,19 +306,20 @@ class VerifierService:
             self.counters["admitted"] += 1
         self.dispatch(fresh)
 
-    def recover(self, msg: GenerationRequest, eid: bytes, pipe) -> Active | None:
-        """Build the request's state; resume from its output stream if another verifier started it."""
+    def recover(self, msg: GenerationRequest, eid: bytes, pipe, chunks: list[Chunk], cancelled: bool) -> Active | None:
+        """Build the request's state; resume from its earlier output if another verifier started it."""
         rid = msg.request_id
-        chunks = self._read_chunks(rid)
         output: list[int] = []
+        emitted = 0
         last_seq = -1
-        for ch in chunks:
+        for ch in chunks:  # sorted by seq, duplicates removed
             if ch.finished:
                 Streams.ack_delete(pipe, self.keys.requests, VERIFIERS_GROUP, [eid])
                 return None
-            if ch.offset == len(output):
-                output.extend(ch.token_ids)
-            last_seq = max(last_seq, ch.seq)
+            if ch.offset <= len(output):
+                output.extend(ch.token_ids[len(output) - ch.offset :])
+            emitted += len(ch.text)
+            last_seq = ch.seq
         admitted = now_ms()
         try:
             prompt_ids = self._prompt_ids(msg)
@@ -302,11 +330,11 @@ class VerifierService:
             return None
         seq.output_ids = output
         st = Active(msg, eid, seq, admitted, chunk_seq=last_seq + 1, sent=len(output))
+        st.text.emitted = emitted
         if output:
-            st.text.emitted = len(self.tokenizer.decode(output))
             self.counters["resumed"] += 1
             log.info("request %s resumed at %d committed tokens", rid, len(output))
-        if self.streams.r.exists(self.keys.cancelled(rid)):
+        if cancelled:
             self._finish_now(pipe, st, FinishReason.CANCELLED)
             return None
         if msg.deadline_ms is not None and admitted > msg.deadline_ms:
@@ -314,14 +342,19 @@ class VerifierService:
             return None
         return st
 
-    def _read_chunks(self, rid: str) -> list[Chunk]:
-        chunks = []
-        for _eid, fields in self.streams.r.xrange(self.keys.out(rid)):
+    def _chunks(self, rows: list) -> list[Chunk]:
+        """Decoded output chunks of a stream, by sequence number, one per number."""
+        by_seq: dict[int, Chunk] = {}
+        for _eid, fields in rows:
             try:
-                chunks.append(decode_entry(fields, (Chunk,), self.vocab))
+                ch = decode_entry(fields, (Chunk,), self.vocab)
             except ProtocolError:
                 continue
-        return sorted(chunks, key=lambda c: c.seq)  # type: ignore[attr-defined]
+            by_seq.setdefault(ch.seq, ch)  # type: ignore[attr-defined]
+        return [by_seq[k] for k in sorted(by_seq)]
+
+    def _read_chunks(self, rid: str) -> list[Chunk]:
+        return self._chunks(self.streams.r.xrange(self.keys.out(rid)))
 
     def _prompt_ids(self, msg: GenerationRequest) -> list[int]:
         if msg.prompt_ids is not None:
@@ -340,14 +373,14 @@ class VerifierService:
                 self.streams.dead_letter(self.verify_stream, VERIFIERS_GROUP, eid, fields, exc.reason, self.me)
                 self.counters["dead_lettered"] += 1
                 continue
+            if msg.job_sent_ms:  # late or not, every reply tells how long drafting round trips take
+                self.rtts.append(max(0.0, now_wall - msg.job_sent_ms))
             st = self.active.get(msg.request_id)
             if st is None or msg.drafter != st.drafter or msg.epoch != len(st.seq) or st.draft is not None:
                 self.counters["stale_drafts"] += 1
                 if st is not None:
                     st.stale += 1
                 continue
-            if msg.job_sent_ms:
-                self.rtts.append(max(0.0, now_wall - msg.job_sent_ms))
             if msg.resync:
                 st.known = 0
                 st.waiting_epoch = None
@@ -383,9 +416,7 @@ class VerifierService:
         drafts: dict[str, DraftTree | None] = {}
         for st in ready:
             d = st.draft
-            drafts[st.rid] = (
-                DraftTree(list(d.tokens), list(d.parents), list(d.confidences), list(d.sources)) if d else None
-            )
+            drafts[st.rid] = self._tree(d) if d else None
             if d is not None:
                 st.draft_ms += d.draft_ms
                 st.drafters_used.add(d.drafter)
@@ -424,6 +455,16 @@ class VerifierService:
         self.messaging_s += time.perf_counter() - t1
         if finished:
             self._release(finished)
+
+    def _tree(self, d: Draft) -> DraftTree:
+        tree = DraftTree(list(d.tokens), list(d.parents), list(d.confidences), list(d.sources))
+        if d.q_ids:
+            tree.q = []
+            for ids, probs in zip(d.q_ids, d.q_probs):
+                q = torch.zeros(self.vocab)
+                q[torch.tensor(ids)] = torch.tensor(probs)
+                tree.q.append(q / q.sum())
+        return tree
 
     def _write_chunk(self, pipe, st: Active, error: str | None = None, error_type: str | None = None) -> None:
         """Queue the output chunk holding everything committed since the last chunk."""
@@ -526,6 +567,11 @@ class VerifierService:
             base = st.known if 0 < st.known <= epoch - 1 else 0
             job = DraftJob(st.rid, self.me, epoch, base, tokens[base:], k, self.settings.tree_width,
                            expert=st.msg.drafter, sent_ms=now_ms())
+            params = st.seq.params
+            if self.settings.proposal == "sampled" and not params.greedy:
+                job.proposal, job.width, job.q_top = "sampled", 1, self.settings.q_top
+                job.temperature, job.top_p, job.top_k = params.temperature, params.top_p, params.top_k
+                job.seed, job.position = st.seq.seed, len(st.seq.output_ids)
             pipe.xadd(self.keys.draft(drafter), entry(job), maxlen=defaults.STREAM_MAXLEN, approximate=True)
             jobs.append((st, epoch))
         return jobs
@@ -565,7 +611,9 @@ class VerifierService:
 
     # -- maintenance ----------------------------------------------------------------------------------
     def maintenance(self, now: float, admit: bool) -> None:
-        self._poll_cancels()
+        if now >= self._cancels_at:
+            self._cancels_at = now + defaults.CANCEL_POLL_S
+            self._poll_cancels()
         self._check_deadlines()
         if now >= self._refresh_at and self.active:
             self._refresh_at = now + self.settings.admission_refresh_s
