@@ -11,20 +11,24 @@ TAIL_TOKENS = 128
 
 @torch.no_grad()
 def prompt_losses(models: dict[str, torch.nn.Module], prompt_ids: list[list[int]]) -> dict[str, list[float]]:
-    """Mean next-token cross-entropy of every model on every prompt's tail."""
+    """Mean next-token cross-entropy of every model on every prompt's tail: one padded forward per model."""
+    tails = [ids[-TAIL_TOKENS:] for ids in prompt_ids]
+    width = max((len(t) for t in tails), default=0)
+    if width < 2:
+        return {name: [0.0] * len(tails) for name in models}
+    ids = torch.zeros((len(tails), width), dtype=torch.long)
+    mask = torch.zeros((len(tails), width), dtype=torch.long)
+    for i, t in enumerate(tails):
+        ids[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(t)] = 1
+    target = ids[:, 1:]
+    counted = mask[:, 1:].float()
     out: dict[str, list[float]] = {}
     for name, model in models.items():
         device = next(model.parameters()).device
-        losses = []
-        for ids in prompt_ids:
-            tail = ids[-TAIL_TOKENS:]
-            if len(tail) < 2:
-                losses.append(0.0)
-                continue
-            x = torch.tensor([tail], device=device)
-            logits = model(input_ids=x).logits[0, :-1].float()
-            losses.append(float(F.cross_entropy(logits, x[0, 1:])))
-        out[name] = losses
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float().cpu()
+        nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none") * counted
+        out[name] = (nll.sum(1) / counted.sum(1).clamp_min(1)).tolist()
     return out
 
 
