@@ -137,8 +137,21 @@ class BatchKV:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.cache = new_cache()
-        self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
+        self._valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
+        self._physical = 0
+        self._lengths: list[int] | None = None
         self.compactions = 0
+
+    # The validity mask lives in a buffer with spare columns, so a forward does not copy it.
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._valid[:, : self._physical]
+
+    @valid.setter
+    def valid(self, value: torch.Tensor) -> None:
+        self._valid = value
+        self._physical = value.shape[1]
+        self._lengths = None
 
     # -- shape ----------------------------------------------------------------------------------------
     @property
@@ -147,10 +160,16 @@ class BatchKV:
 
     @property
     def physical(self) -> int:
-        return self.valid.shape[1]
+        return self._physical
 
     def lengths(self) -> torch.Tensor:
         return self.valid.sum(dim=1)
+
+    def lengths_list(self) -> list[int]:
+        """Committed tokens per row (cached between changes of the validity mask)."""
+        if self._lengths is None:
+            self._lengths = self.lengths().tolist()
+        return self._lengths
 
     def _layers(self) -> list[SlotLayer]:
         return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
@@ -176,13 +195,21 @@ class BatchKV:
 
     def after_forward(self, new_slots: int) -> None:
         """A forward appended ``new_slots`` slots to every row; they are holes until committed."""
-        pad = torch.zeros((self.rows, new_slots), dtype=torch.bool, device=self.device)
-        self.valid = torch.cat([self.valid, pad], dim=1)
+        need = self._physical + new_slots
+        if need > self._valid.shape[1]:
+            grown = torch.zeros((self.rows, max(need, 2 * self._valid.shape[1], 64)), dtype=torch.bool,
+                                device=self.device)
+            grown[:, : self._physical] = self.valid
+            self._valid = grown
+        else:
+            self._valid[:, self._physical : need] = False
+        self._physical = need
 
     def commit(self, keep: torch.Tensor) -> None:
         """Mark which of the last forward's slots (``keep``: ``[rows, Q]`` bool) hold committed tokens."""
         q = keep.shape[1]
-        self.valid[:, self.physical - q :] = keep.to(self.device)
+        self._valid[:, self._physical - q : self._physical] = keep.to(self.device)
+        self._lengths = None
         self.maybe_compact()
 
     def truncate(self, rows: torch.Tensor, new_lengths: torch.Tensor) -> None:
@@ -191,13 +218,14 @@ class BatchKV:
         sub = self.valid[rows]
         logical = sub.cumsum(dim=1) - 1
         sub &= logical < new_lengths.to(self.device)[:, None]
-        self.valid[rows] = sub
+        self._valid[rows, : self._physical] = sub
+        self._lengths = None
 
     # -- maintenance ----------------------------------------------------------------------------------
     def maybe_compact(self) -> None:
         if self.physical < self.COMPACT_MIN_SLOTS or self.rows == 0:
             return
-        used = int(self.lengths().max())
+        used = max(self.lengths_list())
         if (self.physical - used) / self.physical >= self.COMPACT_WASTE:
             self.compact()
 

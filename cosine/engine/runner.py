@@ -124,34 +124,42 @@ class ModelRunner:
         if q == 0:
             return None
         rows = len(segments)
-        lengths = self.kv.lengths().tolist()
-        past = self.kv.physical
-        input_ids = torch.zeros((rows, q), dtype=torch.long)
-        positions = torch.zeros((rows, q), dtype=torch.long)
-        # Ancestor-or-self relation among the new nodes; padding nodes see only themselves.
-        tree = torch.eye(q, dtype=torch.bool).repeat(rows, 1, 1)
-        real = torch.zeros((rows, q), dtype=torch.bool)
+        lengths = self.kv.lengths_list()
+        ids = [[0] * q for _ in range(rows)]
+        pos = [[0] * q for _ in range(rows)]
+        sizes = [0] * rows
+        trees: list[tuple[int, Segment]] = []
         for r, seg in enumerate(segments):
-            if seg is None or len(seg) == 0:
+            if not seg:
                 continue
             n = len(seg)
-            depths = seg.depths()
-            input_ids[r, :n] = torch.tensor(seg.tokens, dtype=torch.long)
-            positions[r, :n] = lengths[r] + torch.tensor(depths, dtype=torch.long)
-            real[r, :n] = True
+            sizes[r] = n
+            ids[r][:n] = seg.tokens
+            if seg.parents == list(range(-1, n - 1)):  # a chain: depth = index
+                depths: list[int] | range = range(n)
+            else:
+                depths = seg.depths()
+                trees.append((r, seg))
+            base = lengths[r]
+            pos[r][:n] = [base + d for d in depths]
+            if base + max(depths) >= self.max_positions:
+                raise ValueError(f"{self.name}: position {base + max(depths)} exceeds the context")
+        # Among the new nodes a node sees its ancestors and itself (causal for chains); nobody sees padding.
+        anc = torch.ones((q, q), dtype=torch.bool).tril().repeat(rows, 1, 1)
+        for r, seg in trees:
+            block = torch.eye(q, dtype=torch.bool)
             for i, p in enumerate(seg.parents):
                 if p >= 0:
-                    tree[r, i] |= tree[r, p]
-            if lengths[r] + max(depths) >= self.max_positions:
-                raise ValueError(f"{self.name}: position {lengths[r] + max(depths)} exceeds the context")
-        allowed = torch.cat([self.kv.valid.cpu()[:, None, :].expand(rows, q, past), tree], dim=2)
-        # Padding queries attend to nothing but themselves; real queries ignore padding keys.
-        allowed[:, :, past:] &= real[:, None, :] | torch.eye(q, dtype=torch.bool)[None]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+                    block[i] |= block[p]
+            anc[r] = block
+        real = torch.arange(q)[None, :] < torch.tensor(sizes)[:, None]
+        anc &= real[:, None, :]
+        anc |= torch.eye(q, dtype=torch.bool)
+        allowed = torch.cat([self.kv.valid.cpu()[:, None, :].expand(rows, q, self.kv.physical), anc], dim=2)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
         out = self.model(
-            input_ids=input_ids.to(self.device),
-            position_ids=positions.to(self.device),
+            input_ids=torch.tensor(ids, device=self.device),
+            position_ids=torch.tensor(pos, device=self.device),
             attention_mask=mask[:, None].to(self.device),
             use_cache=True,
             **{self._cache_kwarg: self.kv.cache},
