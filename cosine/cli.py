@@ -273,6 +273,8 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 @click.option("--max-batch-tokens", type=int, default=None, help="Tokens per verification forward.")
 @click.option("--k", type=int, default=None, help="Draft positions per round (0 = no speculation).")
 @click.option("--tree-width", type=int, default=None, help="Candidates per draft position (1 = chains).")
+@click.option("--proposal", type=click.Choice(["onehot", "sampled"]), default=None,
+              help="Drafts for sampling requests: deterministic (reproducible) or sampled with probabilities.")
 @click.option("--draft-budget-min-ms", type=float, default=None, help="Never wait less than this for a draft.")
 @click.option("--draft-budget-factor", type=float, default=None, help="Budget = factor x p90 draft round trip.")
 @click.option("--reclaim-min-idle-s", type=float, default=None, help="Reclaim a dead verifier's requests after this.")

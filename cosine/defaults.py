@@ -33,9 +33,15 @@ MAX_DELIVERIES = 5  # an admission entry delivered more often goes to the dead-l
 VERIFIER_MAX_ACTIVE = 32  # requests one verifier holds at once (its batch limit)
 VERIFIER_MAX_BATCH_TOKENS = 2048  # cap on tokens (roots + draft nodes) in one verification forward
 VERIFIER_IDLE_BLOCK_MS = 50  # blocking read when the verifier has nothing to do
+CANCEL_POLL_S = 0.02  # how often a verifier looks for cancellations (one XREAD)
 VERIFIER_DRAIN_TIMEOUT_S = 5.0  # on SIGTERM, finish active requests this long; the rest are reclaimed by others
 SPEC_K = 4  # draft positions per round
 SPEC_TREE_WIDTH = 1  # candidates per position sent by drafters (1 = chains)
+# Sampling requests: "onehot" drafts (deterministic; the output is the target's own keyed samples whether or
+# not drafts arrive in time, so seeded requests are reproducible) or "sampled" drafts (rejection sampling
+# with the drafter's probabilities, truncated to its top SAMPLED_Q_TOP tokens so they travel sparse).
+SAMPLING_PROPOSAL = "onehot"
+SAMPLED_Q_TOP = 32
 # A draft is late when it has not arrived within max(DRAFT_BUDGET_MIN_MS, factor x recent p90 round trip);
 # the verifier then advances the request with a plain target step and drops the draft when it comes.
 DRAFT_BUDGET_MIN_MS = 20.0

@@ -31,6 +31,7 @@ MAX_TEXT_CHARS = 1_000_000
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_NAME_CHARS = 128
+MAX_Q_TOP = 256  # probabilities per drafted token in sampled drafts
 
 
 class ProtocolError(CosineError):
@@ -197,6 +198,15 @@ class DraftJob(Message):
     expert: str | None = None  # drafter model to use; None = the drafter worker's choice
     attempt: int = 0
     sent_ms: int = 0
+    # "sampled": sample drafts from the drafter's distribution (request's temperature/top-p/top-k, keyed by
+    # seed and output position) truncated to its top ``q_top`` tokens, and send those probabilities back.
+    proposal: str = "onehot"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    position: int = 0
+    q_top: int = 0
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> DraftJob:
@@ -211,7 +221,18 @@ class DraftJob(Message):
             expert=_opt(d.get("expert"), _ident, "expert"),
             attempt=_int(d.get("attempt", 0), "attempt", 0, 1 << 20),
             sent_ms=_int(d.get("sent_ms", 0), "sent_ms", 0, 2**53),
+            proposal=_str(d.get("proposal", "onehot"), "proposal", 16),
+            temperature=_float(d.get("temperature", 0.0), "temperature", 0.0, 100.0),
+            top_p=_float(d.get("top_p", 1.0), "top_p", 0.0, 1.0),
+            top_k=_int(d.get("top_k", 0), "top_k", 0, 1 << 20),
+            seed=_int(d.get("seed", 0), "seed", 0, 2**63 - 1),
+            position=_int(d.get("position", 0), "position", 0, MAX_NEW_TOKENS),
+            q_top=_int(d.get("q_top", 0), "q_top", 0, MAX_Q_TOP),
         )
+        if msg.proposal not in ("onehot", "sampled"):
+            raise ProtocolError(f"proposal: {msg.proposal!r} is not onehot or sampled")
+        if msg.proposal == "sampled" and (msg.temperature <= 0 or msg.top_p <= 0 or msg.width != 1 or not msg.q_top):
+            raise ProtocolError("proposal: sampled drafts need temperature > 0, top_p > 0, width 1 and q_top > 0")
         if msg.base + len(msg.tokens) != msg.epoch:
             raise ProtocolError(f"epoch {msg.epoch} != base {msg.base} + {len(msg.tokens)} tokens")
         return msg
@@ -246,6 +267,9 @@ class Draft(Message):
     resync: bool = False
     job_sent_ms: int = 0
     draft_ms: float = 0.0
+    # Sampled drafts: per node, the tokens and probabilities of the distribution it was sampled from.
+    q_ids: list[list[int]] = field(default_factory=list)
+    q_probs: list[list[float]] = field(default_factory=list)
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> Draft:
@@ -261,6 +285,19 @@ class Draft(Message):
         sources = d.get("sources", [])
         if not isinstance(sources, list) or len(sources) != len(tokens):
             raise ProtocolError("sources: one per token required")
+        q_ids, q_probs = d.get("q_ids", []), d.get("q_probs", [])
+        if not isinstance(q_ids, list) or not isinstance(q_probs, list) or len(q_ids) != len(q_probs):
+            raise ProtocolError("q_ids/q_probs: expected two lists of the same length")
+        if q_ids and len(q_ids) != len(tokens):
+            raise ProtocolError("q_ids: one distribution per token required")
+        for i, (ids, probs) in enumerate(zip(q_ids, q_probs)):
+            _tokens(ids, "q_ids", vocab, MAX_Q_TOP, allow_empty=False)
+            if not isinstance(probs, list) or len(probs) != len(ids):
+                raise ProtocolError("q_probs: one probability per id required")
+            for p in probs:
+                _float(p, "q_probs", 0.0, 1.0)
+            if tokens[i] not in ids or probs[ids.index(tokens[i])] <= 0:
+                raise ProtocolError("q_ids: a sampled token must have a positive probability")
         return cls(
             request_id=_ident(d.get("request_id"), "request_id"),
             drafter=_ident(d.get("drafter"), "drafter"),
@@ -272,6 +309,8 @@ class Draft(Message):
             resync=_bool(d.get("resync", False), "resync"),
             job_sent_ms=_int(d.get("job_sent_ms", 0), "job_sent_ms", 0, 2**53),
             draft_ms=_float(d.get("draft_ms", 0.0), "draft_ms", 0.0, 1e9),
+            q_ids=q_ids,
+            q_probs=q_probs,
         )
 
 

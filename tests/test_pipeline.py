@@ -197,3 +197,32 @@ def test_no_workers(redis_server):
     with LocalRedis() as empty, Client(empty.url) as c:
         with pytest.raises(NoWorkersError):
             c.generate("hello")
+
+
+def test_sampled_proposals_over_the_wire(redis_server, zoo_engine, zoo_prompts, tmp_path):
+    """Drafts sampled by the drafter travel with their (truncated) probabilities; the verifier's rejection
+    sampling still reproduces the target's distribution (chi-square on the first token over many seeds)."""
+    import numpy as np
+    import torch
+    from scipy.stats import chisquare
+
+    from cosine.engine.sampling import probabilities
+
+    prompt = "The assert statement"  # short: the test's cost is in the many requests, not in prefill
+    n = 512
+    with deployment(redis_server.url, verifier_args=["--proposal", "sampled", "--max-active", "64"],
+                    prefix="sampled", log_dir=str(tmp_path)) as dep, Client(dep.url, prefix="sampled") as c:
+        ids = [c.submit(prompt, max_new_tokens=3, temperature=1.0, seed=i, timeout=300) for i in range(n)]
+        results = [c.result(rid, timeout=300) for rid in ids]
+    assert sum(r.stats["accepted"] for r in results) > 0
+    firsts = [r.token_ids[0] for r in results]
+    tok_ids = zoo_engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target = zoo_engine.verifier.runner.model
+    with torch.no_grad():
+        logits = target(input_ids=torch.tensor([tok_ids], device=target.device)).logits[0, -1]
+    p = probabilities(logits, SamplingParams(temperature=1.0)).double().cpu().numpy()
+    obs = np.bincount(firsts, minlength=len(p)).astype(float)
+    exp = p / p.sum() * n
+    small = exp < 5
+    obs_b, exp_b = np.append(obs[~small], obs[small].sum()), np.append(exp[~small], exp[small].sum())
+    assert chisquare(obs_b, exp_b).pvalue > 1e-3

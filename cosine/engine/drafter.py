@@ -8,7 +8,8 @@ nothing to re-feed and a drafter without a row rebuilds it from the tokens it is
 Drafting is batched: every step is one forward over all requested rows (rows that finished earlier get
 no token). At each depth the drafter's most likely token extends the spine and the next ``width - 1``
 candidates become alternative leaves; in ``sampled`` mode the spine token is sampled from the drafter's
-processed distribution, which is sent along for rejection sampling.
+processed distribution (optionally truncated to its top ``q_top`` tokens, so that it can travel sparse),
+which is sent along for rejection sampling.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class DraftRequest:
     seed: int = 0
     position: int = 0  # output index of the first drafted token (for keyed sampling)
     proposal: str = "onehot"
+    q_top: int = 0  # sampled proposals: sample from the top-q_top of the distribution (0 = all of it)
 
 
 class Drafter:
@@ -112,6 +114,11 @@ class Drafter:
         if req.proposal == "sampled":
             params = req.params or SamplingParams()
             q = probabilities(logits, params)
+            if req.q_top and req.q_top < q.shape[-1]:
+                # Truncate, then sample from exactly what is sent: q stays the true proposal distribution.
+                top = torch.topk(q, req.q_top)
+                q = torch.zeros_like(q).scatter_(-1, top.indices, top.values)
+                q = q / q.sum()
             token = sample_with(q, keyed_uniform(req.seed, req.position + depth - 1, DRAFT))
             node = tree.add(token, parent, float(probs[token]), self.name)
             assert tree.q is not None

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import redis
+import torch
 
 from cosine import defaults
 from cosine.broker import RedisSettings, Streams, connect, is_nogroup
@@ -24,6 +25,7 @@ from cosine.engine.drafter import Drafter, DraftRequest
 from cosine.engine.prompt_scoring import best_by_prompt_loss
 from cosine.keys import DRAFTERS_GROUP, Keys
 from cosine.protocol import Draft, DraftClose, DraftJob, ProtocolError, decode_entry, entry
+from cosine.sampling_params import SamplingParams
 from cosine.service.heartbeat import Heartbeat
 from cosine.service.loop import Backoff
 
@@ -44,6 +46,13 @@ class _Known:
     tokens: list[int]
     expert: str
     seen: float
+
+
+def _draft_request(job: DraftJob, tokens: list[int]) -> DraftRequest:
+    if job.proposal == "sampled":
+        params = SamplingParams(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
+        return DraftRequest(job.request_id, tokens, job.k, 1, params, job.seed, job.position, "sampled", job.q_top)
+    return DraftRequest(job.request_id, tokens, job.k, job.width)
 
 
 class DrafterService:
@@ -168,9 +177,7 @@ class DrafterService:
         for name, group in by_expert.items():
             drafter = self.drafters[name]
             try:
-                trees = drafter.draft(
-                    [DraftRequest(job.request_id, toks, job.k, job.width) for job, toks in group]
-                )
+                trees = drafter.draft([_draft_request(job, toks) for job, toks in group])
             except Exception:  # a drafting failure must cost speed, never the worker
                 log.exception("drafting failed for %d requests on %s; replying with empty drafts", len(group), name)
                 drafter.release([job.request_id for job, _ in group])
@@ -182,6 +189,11 @@ class DrafterService:
                     reply.tokens, reply.parents = tree.tokens, tree.parents
                     reply.confidences = [min(1.0, max(0.0, c)) for c in tree.confidences]
                     reply.sources = list(tree.sources)
+                    if tree.q is not None:  # sampled drafts: send the (truncated) proposal distributions
+                        for q in tree.q:
+                            nz = torch.nonzero(q, as_tuple=False).flatten()
+                            reply.q_ids.append(nz.tolist())
+                            reply.q_probs.append([min(1.0, float(v)) for v in q[nz]])
                 replies.append((job, reply))
         return replies
 
