@@ -71,26 +71,32 @@ def _encode(tokenizer, docs: list[str], eos_id: int) -> np.ndarray:
     return np.asarray(out, dtype=np.uint16)
 
 
-def _make_prompts(corpus: Corpus, count: int, rng: random.Random) -> list[str]:
-    """Held-out prompts of varied length, cut at line starts and ends."""
+def make_prompts(corpus: Corpus, count: int, seed: int) -> list[str]:
+    """Held-out prompts of varied length (about 80 to 640 characters), cut at line boundaries."""
+    rng = random.Random(f"{seed}:{corpus.domain}")
     lengths = (80, 160, 320, 640)
     prompts: list[str] = []
     docs = [d for d in corpus.test if len(d) > 200]
     attempts = 0
-    while len(prompts) < count and attempts < count * 50:
+    while len(prompts) < count and attempts < count * 100:
         attempts += 1
-        doc = rng.choice(docs)
-        lines = doc.splitlines(keepends=True)
+        lines = rng.choice(docs).splitlines(keepends=True)
         start = rng.randrange(len(lines))
         want = lengths[len(prompts) % len(lengths)]
         text = ""
         for line in lines[start:]:
-            if len(text) + len(line) > want and text:
+            if len(line) > want or (text and len(text) + len(line) > want):
                 break
             text += line
         text = text.strip("\n")
-        if len(text) >= 40 and text.strip():
+        if 40 <= len(text) <= want and text.strip() and text + "\n" not in prompts:
             prompts.append(text + "\n")
+    return prompts
+
+
+def write_prompts(zoo, corpora: dict[str, Corpus], settings: ZooSettings) -> dict[str, list[str]]:
+    prompts = {d: make_prompts(corpora[d], settings.prompts_per_domain, settings.seed) for d in DOMAINS}
+    (zoo / "prompts.json").write_text(json.dumps(prompts, indent=1, ensure_ascii=False))
     return prompts
 
 
@@ -110,7 +116,6 @@ def build_zoo(out: str | None = None, settings: ZooSettings | None = None, evalu
     budget_s = settings.time_budget_min * 60
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
 
     log.info("building corpora from the standard library of Python %s", platform.python_version())
     corpora = build_corpora(settings.corpus_chars)
@@ -134,8 +139,7 @@ def build_zoo(out: str | None = None, settings: ZooSettings | None = None, evalu
     for d in DOMAINS:
         text = "\n\n".join(corpora[d].test)[: settings.heldout_chars]
         (heldout_dir / f"{d}.txt").write_text(text, encoding="utf-8")
-    prompts = {d: _make_prompts(corpora[d], settings.prompts_per_domain, rng) for d in DOMAINS}
-    (zoo / "prompts.json").write_text(json.dumps(prompts, indent=1, ensure_ascii=False))
+    write_prompts(zoo, corpora, settings)
 
     manifest: dict = {
         "version": MANIFEST_VERSION,

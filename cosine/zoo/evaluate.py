@@ -50,6 +50,16 @@ def step_time_ms(model, batch: int, context: int = 128, repeats: int = 30) -> fl
     return statistics.median(times) * 1000
 
 
+def step_times(models: dict, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Median step times, measured in interleaved rounds so that drift hits every model alike."""
+    samples: dict[str, dict[str, list[float]]] = {n: {"batch1": [], "batch8": []} for n in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            for b in (1, 8):
+                samples[name][f"batch{b}"].append(step_time_ms(model, b))
+    return {n: {k: round(statistics.median(v), 3) for k, v in d.items()} for n, d in samples.items()}
+
+
 def acceptance_matrix(engine: SpeculativeEngine, prompts: dict[str, list[str]]) -> dict[str, dict[str, float]]:
     """Mean acceptance length of every drafter on every domain's held-out prompts (greedy, k=4 chains)."""
     matrix: dict[str, dict[str, float]] = {}
@@ -102,9 +112,7 @@ def evaluate_zoo(zoo: str | pathlib.Path | None = None, threads: int = 1) -> dic
         perplexity = {
             name: {d: round(math.exp(heldout_loss(m, heldout_ids[d])), 3) for d in domains} for name, m in models.items()
         }
-        steps = {
-            name: {f"batch{b}": round(step_time_ms(m, b), 3) for b in (1, 8)} for name, m in models.items()
-        }
+        steps = step_times(models)
         engine = SpeculativeEngine(
             models["target"],
             {n: models[n] for n in manifest["drafters"]},
@@ -123,6 +131,9 @@ def evaluate_zoo(zoo: str | pathlib.Path | None = None, threads: int = 1) -> dic
         "step_ms": steps,
         "drafter_to_target_step_ratio": {
             n: round(steps[n]["batch1"] / target_step, 3) for n in manifest["drafters"]
+        },
+        "drafter_to_target_step_ratio_batch8": {
+            n: round(steps[n]["batch8"] / steps["target"]["batch8"], 3) for n in manifest["drafters"]
         },
         "acceptance_matrix": {
             "k": MATRIX_K,

@@ -135,6 +135,7 @@ def train(
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=2.0)
     ema = None
     step = 0
+    phase_start: tuple[int, float] | None = None
     while step < total:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, plan)
@@ -165,11 +166,17 @@ def train(
             report.loss_curve.append((step, round(ema, 4)))
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}", kd="y" if distill else "n")
-        elapsed = time.perf_counter() - start
-        if step == 3 and plan.time_budget_s < math.inf:
-            projected = elapsed / step * total
+        now = time.perf_counter()
+        if distill and phase_start is None:
+            phase_start = (step - 1, now)  # distillation steps cost more: re-project once they run
+        checkpoint = step == 3 or (phase_start is not None and step == phase_start[0] + 3)
+        if checkpoint and plan.time_budget_s < math.inf:
+            since_step, since = phase_start if phase_start is not None else (0, start)
+            rate = (now - since) / max(1, step - since_step)
+            elapsed = now - start
+            projected = elapsed + (total - step) * rate
             if projected > plan.time_budget_s:
-                new_total = max(step + 1, int(plan.time_budget_s / (elapsed / step)))
+                new_total = max(step + 1, step + int((plan.time_budget_s - elapsed) / rate))
                 log.warning(
                     "%s: %d steps would take %.0f s, over the %.0f s budget; training %d steps instead",
                     desc,
