@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import shutil
 import sys
 import time
 
@@ -143,8 +144,12 @@ def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, m
     e2e_plots(payload, png)
     click.echo(md)
     click.echo(f"\nwrote {js}, {mdf} and {png}")
-    if update_readme and write_readme(REPO_ROOT / "README.md", "e2e", md + f"\n\n![end-to-end]({png})"):
-        click.echo("README.md updated")
+    if update_readme:
+        docs = REPO_ROOT / "docs"
+        docs.mkdir(exist_ok=True)
+        shutil.copy(png, docs / "bench-e2e.png")
+        if write_readme(REPO_ROOT / "README.md", "e2e", md + "\n\n![end-to-end benchmark](docs/bench-e2e.png)"):
+            click.echo("README.md updated")
 
 
 @bench.command("engine")

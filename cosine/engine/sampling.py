@@ -63,7 +63,8 @@ def sample_with(probs: torch.Tensor, u: float) -> int:
     """Inverse-CDF sample from a 1-D distribution with the uniform ``u`` (float64 accumulation)."""
     cdf = probs.double().cumsum(dim=0)
     total = float(cdf[-1])
-    idx = int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=torch.float64), right=True)[0])
+    point = torch.tensor([u * total], dtype=torch.float64, device=cdf.device)
+    idx = int(torch.searchsorted(cdf, point, right=True)[0])
     idx = min(idx, probs.shape[0] - 1)
     # Never return a zero-probability token because of rounding at the top end.
     while probs[idx] <= 0 and idx > 0:
