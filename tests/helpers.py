@@ -31,6 +31,9 @@ def tiny_llama(vocab: int = 97, seed: int = 0, layers: int = 2, hidden: int = 32
 NEAR_TIE_GAP = {"float32": 1e-4, "bfloat16": 0.125, "float16": 0.02}.get(TEST_DTYPE, 1e-4)
 # KV rollback vs recompute: the same arithmetic in another order, so equal up to rounding of the dtype.
 KV_TOLERANCE = {"float32": (2e-5, 1e-4), "bfloat16": (5e-2, 5e-2), "float16": (5e-3, 5e-3)}.get(TEST_DTYPE, (2e-5, 1e-4))
+# How many near-ties a run may show before they stop looking like chance: rare in float32; in 16-bit types
+# logits are rounded to a few hundredths, so exact ties between the top two are common.
+MAX_NEAR_TIE_SHARE = {"float32": 0.04, "bfloat16": 0.15, "float16": 0.1}.get(TEST_DTYPE, 0.04)
 # Sampling: a keyed sample is a near-tie when its uniform lies this close to a boundary of the target's CDF.
 NEAR_TIE_CDF = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 4e-3}.get(TEST_DTYPE, 1e-5)
 

@@ -14,7 +14,7 @@ import torch
 from cosine.engine.speculative import SpecConfig
 from cosine.sampling_params import SamplingParams
 
-from .helpers import greedy_divergences
+from .helpers import MAX_NEAR_TIE_SHARE, greedy_divergences
 
 PROMPTS_PER_DOMAIN = 18
 NEW_TOKENS = 32
@@ -53,6 +53,6 @@ def test_greedy_speculative_equals_target_generate(zoo_engine, cases, batch, wid
         for i, j, gap in ties:
             print(f"\n[near-tie] prompt {i}: first difference at token {j}, top-2 logit gap {gap:.2e}")
     assert not failures, f"divergences that are not near-ties (prompt, position, gap): {failures}"
-    assert len(ties) <= 2, f"too many near-ties to be chance: {ties}"
+    assert len(ties) <= MAX_NEAR_TIE_SHARE * len(ids), f"too many near-ties to be chance: {ties}"
     stats = [len(o) for o in outputs]
     assert sum(stats) > 0.8 * len(ids) * NEW_TOKENS * 0.5

@@ -61,7 +61,7 @@ def test_rejection_sampling_path_matches_target_distribution(zoo_engine, zoo_pro
     target = engine.verifier.runner.model
     with torch.no_grad():
         logits = target(input_ids=torch.tensor([ids], device=target.device)).logits[0, -1]
-    p = probabilities(logits, SamplingParams(temperature=temperature, top_p=top_p)).double().numpy()
+    p = probabilities(logits, SamplingParams(temperature=temperature, top_p=top_p)).double().cpu().numpy()
     obs = np.bincount(firsts, minlength=len(p)).astype(float)
     exp = p / p.sum() * n
     assert obs[exp == 0].sum() == 0

@@ -135,7 +135,10 @@ class BatchKV:
     COMPACT_MIN_SLOTS = 64
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
+        # Slot validity is bookkeeping for building attention masks on the host: it stays on the CPU, so a
+        # forward on a GPU never waits for it; only gather indices travel to the cache's device.
+        self.device = torch.device("cpu")
+        self.cache_device = torch.device(device)
         self.cache = new_cache()
         self._valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
         self._physical = 0

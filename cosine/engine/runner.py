@@ -155,7 +155,7 @@ class ModelRunner:
         real = torch.arange(q)[None, :] < torch.tensor(sizes)[:, None]
         anc &= real[:, None, :]
         anc |= torch.eye(q, dtype=torch.bool)
-        allowed = torch.cat([self.kv.valid.cpu()[:, None, :].expand(rows, q, self.kv.physical), anc], dim=2)
+        allowed = torch.cat([self.kv.valid[:, None, :].expand(rows, q, self.kv.physical), anc], dim=2)
         mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
         out = self.model(
             input_ids=torch.tensor(ids, device=self.device),
