@@ -3,6 +3,7 @@
 # Runs with the machine's own Python (needs torch with CUDA, transformers, pytest, scipy, click, tqdm).
 # Results: gpu-check/ (pytest log, benchmark JSON and markdown); exit status is pytest's.
 #   scripts/gpu_check.sh [extra pytest args]
+# GPU_BENCH_ARGS adds options to the benchmark, e.g. "--prompts-per-domain 2" for a quick pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,6 +19,6 @@ PYEOF
 "$PY" -m pytest -q -p no:cacheprovider tests/test_greedy_exactness.py tests/test_sampling_engine.py \
   tests/test_kv_cache.py "$@" 2>&1 | tee "$OUT_DIR/pytest.log"
 status=${PIPESTATUS[0]}
-"$PY" -m cosine.cli bench engine --device cuda --dtype "$COSINE_TEST_DTYPE" --threads 4 --out "$OUT_DIR" 2>&1 \
+"$PY" -m cosine.cli bench engine --device cuda --dtype "$COSINE_TEST_DTYPE" --threads 4 --out "$OUT_DIR" ${GPU_BENCH_ARGS:-} 2>&1 \
   | grep -v '^bench engine' | tee "$OUT_DIR/bench.log"
 exit "$status"

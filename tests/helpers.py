@@ -36,6 +36,8 @@ KV_TOLERANCE = {"float32": (2e-5, 1e-4), "bfloat16": (5e-2, 5e-2), "float16": (5
 MAX_NEAR_TIE_SHARE = {"float32": 0.04, "bfloat16": 0.15, "float16": 0.1}.get(TEST_DTYPE, 0.04)
 # Sampling: a keyed sample is a near-tie when its uniform lies this close to a boundary of the target's CDF.
 NEAR_TIE_CDF = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 4e-3}.get(TEST_DTYPE, 1e-5)
+# Top-p: a token is on the nucleus edge when the probability mass ranked before it is this close to top_p.
+NUCLEUS_EDGE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 4e-3}.get(TEST_DTYPE, 1e-5)
 
 
 def first_divergence(out: list[int], ref: list[int]) -> int | None:

@@ -12,7 +12,7 @@ from cosine.engine.sampling import TARGET_SAMPLE, cdf_margin, keyed_uniform, pro
 from cosine.engine.speculative import SpecConfig
 from cosine.sampling_params import SamplingParams
 
-from .helpers import NEAR_TIE_CDF
+from .helpers import NEAR_TIE_CDF, NUCLEUS_EDGE, first_divergence
 
 
 
@@ -27,18 +27,22 @@ def test_seeded_speculative_sampling_equals_target_only(zoo_engine, zoo_prompts,
     spec = engine.generate(texts, params)
     again = engine.generate(texts, params)
     plain = engine.generate(texts, params, speculative=False)
-    assert [s.output_ids for s in spec] == [s.output_ids for s in again], "seeded sampling must be reproducible"
     target = engine.verifier.runner.model
-    for s, p in zip(spec, plain):
-        if s.output_ids == p.output_ids:
-            continue
-        j = next(n for n, (a, b) in enumerate(zip(s.output_ids, p.output_ids)) if a != b)
-        with torch.no_grad():
-            logits = target(input_ids=torch.tensor([s.prompt_ids + p.output_ids[:j]], device=target.device)).logits[0, -1]
-        margin = cdf_margin(probabilities(logits, s.params), keyed_uniform(s.seed, j, TARGET_SAMPLE))
-        with capsys.disabled():
-            print(f"\n[near-tie] seed {s.seed}: first difference at {j}, sample {margin:.1e} from a CDF boundary")
-        assert margin < NEAR_TIE_CDF, f"seed {s.seed}: differs at {j} and is not a near-tie (margin {margin:.2e})"
+    # Re-running (cache layout differs) and the target-only path must agree, except where a keyed sample
+    # sits on a CDF boundary that rounding of the dtype can move (named and printed).
+    for label, other in (("re-run", again), ("target-only", plain)):
+        for s, p in zip(spec, other):
+            j = first_divergence(s.output_ids, p.output_ids)
+            if j is None:
+                continue
+            with torch.no_grad():
+                ctx = torch.tensor([s.prompt_ids + p.output_ids[:j]], device=target.device)
+                logits = target(input_ids=ctx).logits[0, -1]
+            margin = cdf_margin(probabilities(logits, s.params), keyed_uniform(s.seed, j, TARGET_SAMPLE))
+            with capsys.disabled():
+                print(f"\n[near-tie] {label}, seed {s.seed}: first difference at {j}, "
+                      f"sample {margin:.1e} from a CDF boundary")
+            assert margin < NEAR_TIE_CDF, f"{label}, seed {s.seed}: differs at {j}, not a near-tie ({margin:.2e})"
     assert sum(s.stats.accepted for s in spec) > 0
 
 
@@ -64,7 +68,19 @@ def test_rejection_sampling_path_matches_target_distribution(zoo_engine, zoo_pro
     p = probabilities(logits, SamplingParams(temperature=temperature, top_p=top_p)).double().cpu().numpy()
     obs = np.bincount(firsts, minlength=len(p)).astype(float)
     exp = p / p.sum() * n
-    assert obs[exp == 0].sum() == 0
+    # A token outside the reference nucleus may only appear where it sits on the nucleus edge, which the
+    # rounding of the dtype can move (16-bit types); it is then named and left out of the test.
+    outside = np.flatnonzero((exp == 0) & (obs > 0))
+    if outside.size:
+        full = probabilities(logits, SamplingParams(temperature=temperature)).double().cpu().numpy()
+        order = np.argsort(-full, kind="stable")
+        before = np.empty_like(full)
+        before[order] = np.cumsum(full[order]) - full[order]
+        edge = {int(t): float(before[t]) for t in outside}
+        print(f"[nucleus edge] tokens {edge} (mass before them vs top_p {top_p})")
+        assert all(abs(b - top_p) < NUCLEUS_EDGE for b in edge.values()), f"tokens outside the nucleus: {edge}"
+        obs[outside] = 0
+        exp = p / p.sum() * obs.sum()
     small = exp < 5
     obs_b = np.append(obs[~small], obs[small].sum())
     exp_b = np.append(exp[~small], exp[small].sum())

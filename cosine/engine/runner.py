@@ -79,7 +79,7 @@ class ModelRunner:
         fresh = ModelRunner.__new__(ModelRunner)
         fresh.__dict__.update(self.__dict__)
         fresh.kv = BatchKV(self.device)
-        fresh.kv.valid = torch.zeros((len(seq_ids), 0), dtype=torch.bool, device=self.device)
+        fresh.kv.valid = torch.zeros((len(seq_ids), 0), dtype=torch.bool, device=fresh.kv.device)
         fresh.row_ids = list(seq_ids)
         if any(prefixes):
             segments = [Segment.chain(p) for p in prefixes]
