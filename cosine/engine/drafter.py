@@ -87,24 +87,31 @@ class Drafter:
         spine_parent = {r.seq_id: -1 for r in requests}
         depth = 0
         while feed:
-            segments = [Segment.chain(feed[sid]) if sid in feed else None for sid in self.runner.row_ids]
-            logits = self.runner.forward(segments)
-            assert logits is not None
-            self.runner.commit_segments(segments)
-            self.steps += 1
+            last = self.step(feed)
             depth += 1
             next_feed: dict[str, list[int]] = {}
-            for row, sid in enumerate(self.runner.row_ids):
-                if sid not in feed:
-                    continue
-                self.cached[sid].extend(feed[sid])
+            for sid, logits in last.items():
                 req = by_id[sid]
-                last = logits[row, len(feed[sid]) - 1]
-                token, spine_parent[sid] = self._extend(trees[sid], req, last, spine_parent[sid], depth)
+                token, spine_parent[sid] = self._extend(trees[sid], req, logits, spine_parent[sid], depth)
                 if depth < req.k:
                     next_feed[sid] = [token]
             feed = next_feed
         return trees
+
+    def step(self, feed: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+        """One batched forward that feeds and commits each row's tokens in ``feed`` (rows not in it get
+        nothing); returns, per sequence id in row order, the logits after its last fed token."""
+        segments = [Segment.chain(feed[sid]) if sid in feed else None for sid in self.runner.row_ids]
+        logits = self.runner.forward(segments)
+        assert logits is not None
+        self.runner.commit_segments(segments)
+        self.steps += 1
+        out: dict[str, torch.Tensor] = {}
+        for row, sid in enumerate(self.runner.row_ids):
+            if sid in feed:
+                self.cached[sid].extend(feed[sid])
+                out[sid] = logits[row, len(feed[sid]) - 1]
+        return out
 
     def _extend(
         self, tree: DraftTree, req: DraftRequest, logits: torch.Tensor, parent: int, depth: int

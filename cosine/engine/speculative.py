@@ -4,6 +4,12 @@
 active sequence (one forward per draft step per drafter model), verifies all drafts in one target
 forward, commits the accepted tokens and rolls back the rest. With ``speculative=False`` the same loop
 makes plain target steps: that is the target-only autoregressive path.
+
+With ``experts`` the drafting is CoSine's: several drafters draft each sequence in lockstep and their
+candidates are fused into one tree (:class:`FusedDrafter`). ``experts`` is either a fixed list of
+drafters for every sequence, or ``"route"``: each sequence gets a :class:`RequestRouter` that picks its
+experts every round from their confidence and their agreement with what the target committed, starting
+from a prior (:class:`PriorTable`) that this engine learns across requests.
 """
 
 from __future__ import annotations
@@ -16,20 +22,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cosine.engine.agreement import agreement_scores, mean_confidence, solo_acceptance
 from cosine.engine.drafter import PROPOSALS, Drafter, DraftRequest
+from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
 from cosine.engine.models import check_same_vocabulary, load_model, load_tokenizer
 from cosine.engine.prompt_scoring import best_by_prompt_loss
 from cosine.engine.runner import ModelRunner
 from cosine.engine.sequence import Sequence
 from cosine.engine.stopping import apply_stop_strings, visible_text
 from cosine.engine.tree import DraftTree
-from cosine.engine.verifier import TargetVerifier
+from cosine.engine.verifier import StepResult, TargetVerifier
 from cosine.errors import InvalidParameterError
+from cosine.policy.routing import PriorTable, RequestRouter, RoundFeedback, RoutingSettings
 from cosine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+ROUTE = "route"
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,11 @@ class SpeculativeEngine:
         self.eos_id = eos_id
         self.verifier = TargetVerifier(ModelRunner(target, "target"), eos_id)
         self.drafters = {name: Drafter(ModelRunner(m, name), name) for name, m in (drafters or {}).items()}
+        self.fused = FusedDrafter(self.drafters)
+        self.routing = RoutingSettings()
+        self.priors = PriorTable()  # learned across requests: prompt feature -> acceptance per drafter
+        self._experts: dict[str, list[str]] = {}  # seq id -> fixed fused experts
+        self._routers: dict[str, tuple[RequestRouter, str]] = {}  # seq id -> (router, prompt feature)
         self.timings = RunTimings()
 
     # -- construction ---------------------------------------------------------------------------------
@@ -126,8 +141,13 @@ class SpeculativeEngine:
         params: SamplingParams | Seq[SamplingParams] | None = None,
         drafter: str | Seq[str | None] | None = AUTO,
         speculative: bool = True,
+        experts: Seq[str] | str | None = None,
     ) -> list[Sequence]:
-        """Run every prompt to completion in one batch; returns the finished sequences in order."""
+        """Run every prompt to completion in one batch; returns the finished sequences in order.
+
+        ``experts`` (overrides ``drafter``): a list of drafters that draft every sequence together, fused;
+        or ``"route"``: per-sequence expertise routing picks them every round.
+        """
         prompt_ids = [self._encode(p) for p in prompts]
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompt_ids)
@@ -136,7 +156,9 @@ class SpeculativeEngine:
         seqs = [Sequence(ids, p) for ids, p in zip(prompt_ids, params)]
         for seq in seqs:
             self.verifier.validate(seq)
-        if speculative and self.config.k > 0 and self.drafters:
+        if speculative and self.config.k > 0 and self.drafters and experts is not None:
+            self._assign_experts(seqs, experts)
+        elif speculative and self.config.k > 0 and self.drafters:
             names = self._assign(prompt_ids, drafter)
             for seq, name in zip(seqs, names):
                 seq.drafter = name
@@ -172,17 +194,60 @@ class SpeculativeEngine:
                 raise InvalidParameterError("drafter", f"unknown drafter {n!r}; have {sorted(self.drafters)}")
         return names
 
+    def _assign_experts(self, seqs: list[Sequence], experts: Seq[str] | str) -> None:
+        names = list(self.drafters)
+        if isinstance(experts, str) and experts == ROUTE:
+            features = self.choose_drafters([s.prompt_ids for s in seqs])
+            for seq, feature in zip(seqs, features):
+                router = RequestRouter(names, self.routing, self.priors.prior(feature, names))
+                self._routers[seq.seq_id] = (router, feature)
+                seq.drafter = feature
+            return
+        chosen = [experts] if isinstance(experts, str) else list(experts)
+        unknown = [n for n in chosen if n not in self.drafters]
+        if not chosen or unknown:
+            raise InvalidParameterError("experts", f"unknown or none {unknown}; have {sorted(names)} or {ROUTE!r}")
+        for seq in seqs:
+            self._experts[seq.seq_id] = chosen
+            seq.drafter = chosen[0]
+
+    def _round_experts(self, seq: Sequence) -> list[str] | None:
+        """The fused experts of ``seq`` this round (best first), or None when it drafts alone."""
+        if seq.seq_id in self._routers:
+            return self._routers[seq.seq_id][0].choose(list(self.drafters))
+        return self._experts.get(seq.seq_id)
+
+    def _feedback(self, res: StepResult, draft: FusedDraft) -> None:
+        """Tell a routed sequence's router (and the prior table) how its experts did this round."""
+        router, feature = self._routers[res.seq.seq_id]
+        embedding = self.verifier.runner.model.get_input_embeddings().weight
+        fb = RoundFeedback(
+            confidence=mean_confidence(draft.vote_confidence),
+            agreement=agreement_scores(embedding, draft.votes, res.new_tokens),
+            acceptance_length=res.accepted + 1.0,
+        )
+        router.observe(fb)
+        # The prior table learns what each expert would have reached alone, not the ensemble's length.
+        for name, length in solo_acceptance(draft.votes, res.new_tokens).items():
+            self.priors.update(feature, name, length)
+
     def run_round(self, active: list[Sequence]) -> None:
         """Draft for ``active`` (grouped by drafter), verify everything in one target forward, commit."""
         cfg = self.config
         drafts: dict[str, DraftTree | None] = {s.seq_id: None for s in active}
         t0 = time.perf_counter()
         groups: dict[str, list[DraftRequest]] = {}
+        fused_requests: list[FusedRequest] = []
         for seq in active:
             k = min(cfg.k, self.verifier.room(seq))
             if seq.drafter is None or k <= 0:
                 continue
-            groups.setdefault(seq.drafter, []).append(
+            experts = self._round_experts(seq)
+            sampled = cfg.proposal == "sampled" and not seq.params.greedy
+            if experts and not sampled:
+                fused_requests.append(FusedRequest(seq.seq_id, seq.tokens, k, experts, cfg.tree_width))
+                continue
+            groups.setdefault(experts[0] if experts else seq.drafter, []).append(
                 DraftRequest(
                     seq.seq_id,
                     seq.tokens,
@@ -196,12 +261,17 @@ class SpeculativeEngine:
             )
         for name, reqs in groups.items():
             drafts.update(self.drafters[name].draft(reqs))
+        fused = self.fused.draft(fused_requests)
+        drafts.update({sid: f.tree for sid, f in fused.items()})
         t1 = time.perf_counter()
         results = self.verifier.step(drafts)
         for res in results:
             apply_stop_strings(res.seq, self.tokenizer, len(res.new_tokens))
         t2 = time.perf_counter()
-        self.timings.draft_s += t1 - t0
+        for res in results:
+            if res.seq.seq_id in self._routers and res.seq.seq_id in fused:
+                self._feedback(res, fused[res.seq.seq_id])
+        self.timings.draft_s += t1 - t0 + (time.perf_counter() - t2)
         self.timings.verify_s += t2 - t1
         self.timings.rounds += 1
 
@@ -210,6 +280,9 @@ class SpeculativeEngine:
         self.verifier.release(seq_ids)
         for d in self.drafters.values():
             d.release(seq_ids)
+        for sid in seq_ids:
+            self._experts.pop(sid, None)
+            self._routers.pop(sid, None)
 
     # -- text helpers ---------------------------------------------------------------------------------
     def _encode(self, prompt: list[int] | str) -> list[int]:
