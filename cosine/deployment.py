@@ -1,4 +1,5 @@
-"""A whole deployment on one machine: a private Redis (unless a URL is given) and worker processes.
+"""A whole deployment on one machine: a private Redis (unless a URL is given), worker processes and
+optionally a controller (``WorkerSpec("controller", ...)``).
 
 Used by ``cosine up``, ``cosine demo``, the end-to-end benchmark and the tests. Workers are separate
 processes (``cosine worker ...``) that talk to each other only through Redis.
@@ -31,9 +32,9 @@ class DeploymentError(CosineError):
 
 @dataclass
 class WorkerSpec:
-    role: str  # "verifier" or "drafter"
+    role: str  # "verifier", "drafter" or "controller"
     name: str
-    args: list[str] = field(default_factory=list)  # extra `cosine worker <role>` flags
+    args: list[str] = field(default_factory=list)  # extra `cosine worker <role>` (`cosine controller`) flags
     threads: int = 1
     env: dict[str, str] = field(default_factory=dict)
 
@@ -67,6 +68,9 @@ class Deployment:
         return self
 
     def command(self, spec: WorkerSpec) -> list[str]:
+        if spec.role == "controller":  # no models: `cosine controller` takes only the broker options
+            return [sys.executable, "-m", "cosine.cli", "controller", "--redis-url", self.url, "--prefix",
+                    self.prefix, "--name", spec.name] + spec.args
         cmd = [sys.executable, "-m", "cosine.cli", "worker", spec.role, "--redis-url", self.url,
                "--prefix", self.prefix, "--name", spec.name, "--threads", str(spec.threads)]
         if self.device:

@@ -89,7 +89,9 @@ class LocalRedis:
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
-            redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2).shutdown(nosave=not self.appendonly)
+            # No retries: the server closing the connection is the expected answer, not a fault to retry.
+            redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, retry=None).shutdown(
+                nosave=not self.appendonly)
         except redis.RedisError:
             pass  # shutdown closes the connection
         try:

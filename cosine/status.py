@@ -1,4 +1,5 @@
-"""A snapshot of a deployment: workers with heartbeat ages, stream depths (lag + pending), dead letters."""
+"""A snapshot of a deployment: workers with heartbeat ages, stream depths (lag + pending), dead letters and
+the controller's current decision."""
 
 from __future__ import annotations
 
@@ -41,15 +42,38 @@ def collect_status(settings: RedisSettings) -> dict:
     live = streams.live_workers()
     depths = _group_depths(r, keys.requests)
     for w in workers:
+        if w.get("role") not in ("drafter", "verifier"):  # the controller has no stream of its own
+            continue
         stream = keys.draft(w["id"]) if w.get("role") == "drafter" else keys.verify(w["id"])
         depths += _group_depths(r, stream)
+    control = None
+    raw = r.hgetall(keys.control)
+    if raw:
+        control = {k.decode(): v.decode() for k, v in raw.items()}
+        try:
+            control["age_s"] = round((now - int(control.get("at_ms", "0"))) / 1000, 1)
+        except ValueError:
+            pass
     return {
         "redis": settings.url if not settings.sentinels else f"sentinel {settings.sentinels}",
         "prefix": settings.prefix,
         "workers": [{**w, "alive": w["id"] in live} for w in workers],
         "streams": depths,
         "dead_letters": int(r.xlen(keys.dlq)) if r.exists(keys.dlq) else 0,
+        "control": control,
     }
+
+
+def format_control(control: dict | None) -> str:
+    if not control:
+        return "control: no decision published (no controller has run; workers use their own settings)"
+    c = control
+    age = f", decided {c['age_s']} s ago" if "age_s" in c else ""
+    by = f" by {c['controller']}" if c.get("controller") else ""
+    return (f"control v{c.get('version', '?')}{by}{age}: k {c.get('k_min', '?')}..{c.get('k_max', '?')}, "
+            f"cooperating drafters <= {c.get('max_cooperating', '?')}, verifier batch <= "
+            f"{c.get('verifier_max_batch', '?')} ({c.get('verifier_token_cap', '?')} tokens), pressure "
+            f"{c.get('pressure', '?')}\n  reason: {c.get('reason', '')}")
 
 
 def format_status(snap: dict) -> str:
@@ -64,4 +88,4 @@ def format_status(snap: dict) -> str:
           s["depth"]] for s in snap["streams"]],
     )
     return (f"Redis {snap['redis']} (prefix {snap['prefix']})\n\n{workers}\n\n{streams}\n\n"
-            f"dead letters: {snap['dead_letters']}")
+            f"dead letters: {snap['dead_letters']}\n{format_control(snap.get('control'))}")
