@@ -1,0 +1,305 @@
+"""Verification batch scheduling: which ready requests the target verifies together in its next pass.
+
+Every ready request is a :class:`Candidate`: the tokens it would feed (root + draft nodes), the tokens it is
+expected to commit, its context, priority, deadline and how long it has waited. A request whose draft is
+late, or that has no drafter, is still a candidate: a cheap one that feeds and commits one token.
+
+:func:`choose_batch` picks the batch ``S`` out of the candidates ``C`` (``R = C - S`` is left for later) to
+maximise::
+
+    score(S) = (1 - w) * throughput(S) / throughput(C)  -  w * latency(S) / latency(C)
+
+    throughput(S) = sum(expected_tokens of S) / V(S)                      tokens per ms of this pass
+    latency(S)    = sum over S of p * V(S)                                 the chosen wait for this pass
+                  + sum over R of p * (waited_ms + V(S) + V(R))            the rest wait for it and one more
+    V(X)          = cost.verify_ms(len(X), max context in X, sum of tree_tokens in X)
+    p             = priority_base ** priority                              each priority level weighs more
+
+``w`` is ``latency_weight``: 0 packs passes for verified tokens per ms (big batches share the fixed cost of
+a forward), 1 minimises the priority-weighted time until every candidate is served (so an expensive
+candidate is split off when it would slow the others down more than it saves itself; left out, the
+time a candidate already waited counts against the batch, so older candidates pull harder). The terms are
+divided by ``throughput(C)`` and by ``sum over C of p * (waited_ms + V(C))``, which makes both unit-free
+and of order one.
+
+The search is greedy: first every *forced* candidate (deadline closer than ``urgent_ms``: earliest deadline
+first; then waited at least ``starvation_ms``: longest wait first), then repeatedly the candidate with the
+highest ``(priority, marginal score gain)`` among those that improve the score, until none does. The token
+cap and ``max_batch`` bound every step; one candidate alone always fits, so a pass always makes progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cosine.errors import InvalidParameterError
+from cosine.policy.cost_model import CostModel
+
+log = logging.getLogger(__name__)
+
+_MIN_MS = 1e-3  # a pass never costs less than this (guards a zero cost model)
+
+
+@dataclass
+class Candidate:
+    """One ready request, as the scheduler sees it."""
+
+    rid: str
+    tree_tokens: int = 1  # tokens it feeds in the pass: 1 root + draft nodes
+    expected_tokens: float = 1.0  # expected committed tokens if verified now (accepted + the bonus token)
+    context: int = 0  # committed tokens in its cache (what its attention spans)
+    priority: int = 0  # higher goes first
+    deadline_in_ms: float | None = None  # time left until its deadline (negative: already late); None: none
+    waited_ms: float = 0.0  # since it became ready (or its draft job was sent)
+    has_draft: bool = True  # False: verified without a draft, a plain step (1 token fed, 1 committed)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rid, str) or not self.rid:
+            raise InvalidParameterError("rid", f"must be a non-empty string, got {self.rid!r}")
+        if not self.has_draft:
+            self.tree_tokens, self.expected_tokens = 1, 1.0
+        if isinstance(self.tree_tokens, bool) or not isinstance(self.tree_tokens, int) or self.tree_tokens < 1:
+            raise InvalidParameterError("tree_tokens", f"must be an integer >= 1, got {self.tree_tokens!r}")
+        if not _finite(self.expected_tokens) or self.expected_tokens < 0:
+            raise InvalidParameterError(
+                "expected_tokens", f"must be a finite number >= 0, got {self.expected_tokens!r}"
+            )
+        if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 0:
+            raise InvalidParameterError("context", f"must be an integer >= 0, got {self.context!r}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise InvalidParameterError("priority", f"must be an integer, got {self.priority!r}")
+        if self.deadline_in_ms is not None and not _finite(self.deadline_in_ms):
+            raise InvalidParameterError(
+                "deadline_in_ms", f"must be a finite number or None, got {self.deadline_in_ms!r}"
+            )
+        if not _finite(self.waited_ms) or self.waited_ms < 0:
+            raise InvalidParameterError("waited_ms", f"must be a finite number >= 0, got {self.waited_ms!r}")
+
+    @classmethod
+    def plain(cls, rid: str, context: int, **kwargs) -> Candidate:
+        """A ready request without a draft (late draft or no drafter): a 1-token plain step."""
+        return cls(rid, 1, 1.0, context, has_draft=False, **kwargs)
+
+
+@dataclass
+class SchedulerSettings:
+    """How :func:`choose_batch` trades verified tokens per ms against waiting."""
+
+    latency_weight: float = 0.5  # w: 0 = throughput first ... 1 = latency first
+    # Tokens fed per pass (roots + draft nodes) at most. 256 keeps one pass of the zoo target on one CPU
+    # core near 100 ms (7.3 ms + 0.37 ms per token, see CostModel.default); raise it on a GPU.
+    token_cap: int = 256
+    max_batch: int = 32  # requests per pass at most
+    starvation_ms: float = 500.0  # a candidate that waited this long always goes (space permitting)
+    urgent_ms: float = 200.0  # a deadline closer than this sends the candidate first
+    priority_base: float = 2.0  # each priority level multiplies a candidate's latency weight by this
+
+    def __post_init__(self) -> None:
+        if not _finite(self.latency_weight) or not 0.0 <= self.latency_weight <= 1.0:
+            raise InvalidParameterError("latency_weight", f"must be in [0, 1], got {self.latency_weight!r}")
+        for name in ("token_cap", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(name, f"must be an integer >= 1, got {value!r}")
+        if not _finite(self.starvation_ms) or self.starvation_ms <= 0:
+            raise InvalidParameterError("starvation_ms", f"must be a number > 0, got {self.starvation_ms!r}")
+        if not _finite(self.urgent_ms) or self.urgent_ms < 0:
+            raise InvalidParameterError("urgent_ms", f"must be a number >= 0, got {self.urgent_ms!r}")
+        if not _finite(self.priority_base) or self.priority_base < 1:
+            raise InvalidParameterError("priority_base", f"must be a number >= 1, got {self.priority_base!r}")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def expected_tokens(acceptance_rate: float, depth: int) -> float:
+    """Expected committed tokens of a chain of ``depth`` drafts under i.i.d. per-token acceptance ``a``:
+    ``1 + a + a^2 + ... + a^depth = (1 - a^(depth+1)) / (1 - a)`` (accepted drafts + the bonus token)."""
+    if not _finite(acceptance_rate) or not 0.0 <= acceptance_rate <= 1.0:
+        raise InvalidParameterError("acceptance_rate", f"must be in [0, 1], got {acceptance_rate!r}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise InvalidParameterError("depth", f"must be an integer >= 0, got {depth!r}")
+    a = float(acceptance_rate)
+    if a >= 1.0:
+        return float(depth + 1)
+    return (1.0 - a ** (depth + 1)) / (1.0 - a)
+
+
+def is_urgent(cand: Candidate, settings: SchedulerSettings) -> bool:
+    return cand.deadline_in_ms is not None and cand.deadline_in_ms < settings.urgent_ms
+
+
+def is_starving(cand: Candidate, settings: SchedulerSettings) -> bool:
+    return cand.waited_ms >= settings.starvation_ms
+
+
+class _Set:
+    """Running sums of a set of candidates (what the objective needs), with O(1) add and 'without one'."""
+
+    def __init__(self, cands: Iterable[Candidate], weight) -> None:
+        self.weight = weight
+        self.members: dict[str, Candidate] = {}
+        self.n = 0
+        self.tokens = 0
+        self.gain = 0.0
+        self.p = 0.0  # sum of latency weights
+        self.pw = 0.0  # sum of weight * waited_ms
+        for c in cands:
+            self.add(c)
+
+    def add(self, c: Candidate) -> None:
+        self.members[c.rid] = c
+        self.n += 1
+        self.tokens += c.tree_tokens
+        self.gain += c.expected_tokens
+        self.p += self.weight(c)
+        self.pw += self.weight(c) * c.waited_ms
+
+    def remove(self, c: Candidate) -> None:
+        del self.members[c.rid]
+        self.n -= 1
+        self.tokens -= c.tree_tokens
+        self.gain -= c.expected_tokens
+        self.p -= self.weight(c)
+        self.pw -= self.weight(c) * c.waited_ms
+
+    def top_contexts(self) -> tuple[int, int, str | None]:
+        """The largest context, the second largest, and whose the largest is."""
+        first, second, who = 0, 0, None
+        for c in self.members.values():
+            if c.context > first:
+                first, second, who = c.context, first, c.rid
+            elif c.context > second:
+                second = c.context
+        return first, second, who
+
+
+class _Objective:
+    def __init__(self, cands: list[Candidate], cost: CostModel, settings: SchedulerSettings) -> None:
+        # verify_ms's formula, inlined: the greedy search evaluates it a few thousand times per call.
+        self.coef = (cost.verify_base_ms, cost.verify_row_ms, cost.verify_token_ms, cost.verify_context_ms)
+        self.w = settings.latency_weight
+        base = settings.priority_base
+        self.weight = lambda c: base ** max(-64, min(64, c.priority))
+        everyone = _Set(cands, self.weight)
+        v_all = self.v(everyone.n, max(c.context for c in cands), everyone.tokens)
+        self.thr_ref = max(everyone.gain / v_all, 1e-12)
+        self.lat_ref = max(everyone.pw + everyone.p * v_all, 1e-12)
+
+    def v(self, n: int, context: int, tokens: int) -> float:
+        if not n:
+            return 0.0
+        base, row, token, ctx = self.coef
+        return max(base + row * n + token * tokens + ctx * n * context, _MIN_MS)
+
+    def score(self, n, context, tokens, gain, p_in, rest_n, rest_context, rest_tokens, rest_p, rest_pw) -> float:
+        if n == 0:
+            return -math.inf
+        v = self.v(n, context, tokens)
+        v_rest = self.v(rest_n, rest_context, rest_tokens)
+        latency = p_in * v + rest_pw + rest_p * (v + v_rest)
+        return (1 - self.w) * (gain / v) / self.thr_ref - self.w * latency / self.lat_ref
+
+
+def _score_with(obj: _Objective, chosen: _Set, chosen_ctx: int, rest: _Set, rest_top, c: Candidate) -> float:
+    """The score if ``c`` moved from the rest into the chosen set."""
+    first, second, who = rest_top
+    rest_ctx = second if who == c.rid else first
+    wc = obj.weight(c)
+    return obj.score(
+        chosen.n + 1,
+        max(chosen_ctx, c.context),
+        chosen.tokens + c.tree_tokens,
+        chosen.gain + c.expected_tokens,
+        chosen.p + wc,
+        rest.n - 1,
+        rest_ctx if rest.n > 1 else 0,
+        rest.tokens - c.tree_tokens,
+        rest.p - wc,
+        rest.pw - wc * c.waited_ms,
+    )
+
+
+def objective(chosen: Iterable[str], cands: list[Candidate], cost: CostModel, settings: SchedulerSettings) -> float:
+    """The score of verifying exactly ``chosen`` now (see the module docstring); ``-inf`` for an empty batch."""
+    if not cands:
+        return -math.inf
+    picked = set(chosen)
+    obj = _Objective(cands, cost, settings)
+    inside = _Set((c for c in cands if c.rid in picked), obj.weight)
+    rest = _Set((c for c in cands if c.rid not in picked), obj.weight)
+    return obj.score(
+        inside.n, inside.top_contexts()[0], inside.tokens, inside.gain, inside.p,
+        rest.n, rest.top_contexts()[0], rest.tokens, rest.p, rest.pw,
+    )
+
+
+def choose_batch(cands: list[Candidate], cost: CostModel, settings: SchedulerSettings | None = None) -> list[str]:
+    """The request ids to verify together in the next pass, in the order they were picked."""
+    settings = settings or SchedulerSettings()
+    if not cands:
+        return []
+    if len({c.rid for c in cands}) != len(cands):
+        raise InvalidParameterError("candidates", "request ids must be unique")
+    obj = _Objective(cands, cost, settings)
+    chosen = _Set((), obj.weight)
+    chosen_ctx = 0
+    rest = _Set(cands, obj.weight)
+    order: list[str] = []
+
+    def fits(c: Candidate) -> bool:
+        if chosen.n == 0:
+            return True  # one candidate alone always fits
+        return chosen.n < settings.max_batch and chosen.tokens + c.tree_tokens <= settings.token_cap
+
+    def take(c: Candidate) -> None:
+        nonlocal chosen_ctx
+        rest.remove(c)
+        chosen.add(c)
+        chosen_ctx = max(chosen_ctx, c.context)
+        order.append(c.rid)
+
+    # 1. Forced: urgent deadlines (earliest first), then the starving (longest wait first); priority breaks ties.
+    forced = [c for c in cands if is_urgent(c, settings) or is_starving(c, settings)]
+    forced.sort(
+        key=lambda c: (0, c.deadline_in_ms, -c.priority, -c.waited_ms)
+        if is_urgent(c, settings)
+        else (1, -c.waited_ms, -c.priority, 0.0)
+    )
+    for c in forced:
+        if chosen.n >= settings.max_batch:
+            break
+        if fits(c):
+            take(c)
+
+    # 2. Greedy: the highest (priority, marginal gain) among the candidates that improve the score.
+    while chosen.n < settings.max_batch and rest.n:
+        current = obj.score(
+            chosen.n, chosen_ctx, chosen.tokens, chosen.gain, chosen.p,
+            rest.n, rest.top_contexts()[0], rest.tokens, rest.p, rest.pw,
+        )
+        top = rest.top_contexts()
+        best: tuple[int, float] | None = None
+        best_c: Candidate | None = None
+        for c in rest.members.values():
+            if not fits(c):
+                continue
+            after = _score_with(obj, chosen, chosen_ctx, rest, top, c)
+            if chosen.n == 0:
+                gain = after  # the first pick always goes: rank by the score itself
+            else:
+                gain = after - current
+                if not gain > 0:
+                    continue
+            key = (c.priority, gain)
+            if best is None or key > best:
+                best, best_c = key, c
+        if best_c is None:
+            break
+        take(best_c)
+    log.debug("scheduled %d of %d candidates (%d tokens): %s", chosen.n, len(cands), chosen.tokens, order)
+    return order

@@ -1,0 +1,295 @@
+"""Adaptive speculation control: how many tokens each request drafts per round.
+
+Each request keeps a :class:`RequestSpec`: an estimate of its per-token acceptance rate ``a`` (EWMA over
+verified rounds, starting from a prior) and the length it currently drafts. With ``k`` draft positions a
+round commits ``E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)`` tokens on average and costs one target
+pass plus ``k`` drafter steps, so :class:`SpeculationController` picks the ``k`` in its bounds maximising::
+
+    U(k) = E(k) / (1 + c * k * (1 + pressure))
+
+``c`` is the drafter-step / target-step cost ratio. ``pressure`` in [-1, 1] comes from :meth:`balance`:
+positive when work piles up (drafts waiting for the verifier, draft jobs waiting for drafters, a verifier
+busier than its target), which makes drafting dearer and drafts shorter; negative when the verifier idles,
+which makes drafting cheaper and drafts longer (at -1 it is free, and ``k`` goes to its upper bound).
+
+Because ``E(1) = 1 + a`` against a cost ``1 + c``, plain decoding (``k = 0``) beats every ``k >= 1`` exactly
+when ``a <= c * (1 + pressure)``: that is the computed off switch (``SpecSettings.off_below = None``).
+
+Stabilisers (after SGLang's adaptive speculation): ``k_init`` for the first ``warmup_rounds`` verified
+rounds, and hysteresis: ``k`` moves only when the new optimum's ``U`` beats the current one's by
+``hysteresis`` (a share), so noise around a boundary does not make it flap. A request switched off
+(``k = 0``) drafts a probe round every ``probe_every`` rounds, so its estimate can recover.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from dataclasses import dataclass
+
+from cosine.errors import InvalidParameterError
+from cosine.policy.scheduling import expected_tokens
+
+log = logging.getLogger(__name__)
+
+MODES = ("adaptive", "off", "fixed")
+
+
+def _int(name: str, value, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidParameterError(name, f"must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _number(name: str, value, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidParameterError(name, f"must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InvalidParameterError(name, f"must be in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+@dataclass
+class SpecSettings:
+    """Speculation control settings (``k`` = draft positions per round)."""
+
+    k_min: int = 0  # lowest k the adaptive mode picks (0 allows switching speculation off)
+    k_max: int = 8  # highest k the adaptive mode picks
+    k_init: int = 4  # k during warm-up (and the first current k); must lie in [k_min, k_max]
+    warmup_rounds: int = 2  # verified rounds drafted at k_init before adapting
+    hysteresis: float = 0.1  # change k only if the new optimum's U beats the current k's by this share
+    ewma: float = 0.3  # weight of the newest round in the acceptance estimate
+    # c: one drafter step / one target pass. The zoo manifest's drafter/target step ratio is about 0.22;
+    # CostModel.draft_cost_ratio() computes it from a profile of the machine at hand.
+    draft_cost_ratio: float = 0.2
+    # Acceptance rate below which k = 0. None: computed, c * (1 + pressure) (where U(1) stops beating U(0)).
+    off_below: float | None = None
+    prior_acceptance: float = 0.6  # acceptance rate assumed before any round is observed
+    # How many tested draft positions the prior counts as, for good: it keeps a few unlucky rounds from
+    # driving the estimate to 0, yet lets a hopeless request switch off (a steady k = 4 history weighs
+    # about 7 positions at ewma 0.3, a k = 1 history about 3).
+    prior_trials: float = 0.5
+    probe_every: int = 16  # a request at k = 0 drafts one probe round (at k_init) this often; 0 = never
+    # balance(): the verifier utilisation aimed at, the backlog that counts as one unit of pressure, and how
+    # steeply the pressure saturates (tanh of gain * (utilisation term + backlog term)).
+    target_busy: float = 0.8
+    backlog_scale: float = 16.0
+    pressure_gain: float = 1.5
+
+    def __post_init__(self) -> None:
+        _int("k_min", self.k_min)
+        _int("k_max", self.k_max)
+        _int("k_init", self.k_init)
+        if self.k_min > self.k_max:
+            raise InvalidParameterError("k_min", f"must be <= k_max ({self.k_max}), got {self.k_min}")
+        if not self.k_min <= self.k_init <= self.k_max:
+            raise InvalidParameterError("k_init", f"must lie in [{self.k_min}, {self.k_max}], got {self.k_init}")
+        _int("warmup_rounds", self.warmup_rounds)
+        _number("hysteresis", self.hysteresis, 0.0)
+        _number("ewma", self.ewma, 0.0, 1.0)
+        if self.ewma == 0:
+            raise InvalidParameterError("ewma", "must be > 0 (0 would never learn)")
+        _number("draft_cost_ratio", self.draft_cost_ratio, 0.0)
+        if self.off_below is not None:
+            _number("off_below", self.off_below, 0.0, 1.0)
+        _number("prior_acceptance", self.prior_acceptance, 0.0, 1.0)
+        _number("prior_trials", self.prior_trials, 0.0)
+        if self.prior_trials == 0:
+            raise InvalidParameterError("prior_trials", "must be > 0")
+        _int("probe_every", self.probe_every)
+        _number("target_busy", self.target_busy, 0.0, 1.0)
+        if not 0 < self.target_busy < 1:
+            raise InvalidParameterError("target_busy", f"must be strictly between 0 and 1, got {self.target_busy}")
+        _number("backlog_scale", self.backlog_scale, 0.0)
+        if self.backlog_scale == 0:
+            raise InvalidParameterError("backlog_scale", "must be > 0")
+        _number("pressure_gain", self.pressure_gain, 0.0)
+
+
+class RequestSpec:
+    """One request's speculation state: its acceptance estimate and the k it currently drafts."""
+
+    def __init__(self, settings: SpecSettings | None = None, prior: float | None = None) -> None:
+        s = settings or SpecSettings()
+        self.ewma = s.ewma
+        prior = s.prior_acceptance if prior is None else _number("prior", prior, 0.0, 1.0)
+        # Discounted sums of accepted and of tested positions (older rounds decay by 1 - ewma per round, so
+        # the newest round carries an ewma share of the weight); the prior is added to both, undecayed.
+        self._prior = prior
+        self._prior_trials = s.prior_trials
+        self._accepted = 0.0
+        self._trials = 0.0
+        self.rounds = 0  # verified rounds that had a draft
+        self.drafted = 0  # total draft positions
+        self.accepted = 0  # total accepted positions
+        self.k: int | None = None  # the current k (None until the first decision)
+        self.rounds_off = 0  # consecutive decisions of k = 0
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """Record one verified round: ``drafted`` draft positions (the tree's depth), ``accepted`` of them kept.
+
+        Positions after the first rejection were never tested, so a round tests ``accepted + 1`` positions
+        when one was rejected and ``drafted`` when all were accepted. A round without a draft changes nothing.
+        """
+        _int("drafted", drafted)
+        _int("accepted", accepted)
+        if accepted > drafted:
+            raise InvalidParameterError("accepted", f"must be <= drafted ({drafted}), got {accepted}")
+        if drafted == 0:
+            return
+        tested = accepted + (1 if accepted < drafted else 0)
+        keep = 1 - self.ewma
+        self._accepted = keep * self._accepted + accepted
+        self._trials = keep * self._trials + tested
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Estimated probability that the target accepts a draft position (given the ones before it)."""
+        rate = (self._accepted + self._prior * self._prior_trials) / (self._trials + self._prior_trials)
+        return min(1.0, max(0.0, rate))
+
+    def __repr__(self) -> str:
+        return f"RequestSpec(rate={self.acceptance_rate:.3f}, rounds={self.rounds}, k={self.k})"
+
+
+def cap_total(ks: dict[str, int], widths: dict[str, int] | None, token_cap: int) -> dict[str, int]:
+    """Shorten drafts until the pass fits ``token_cap``: each request feeds ``1 + k * width`` tokens.
+
+    While the total is over the cap, the request with the most draft candidates (``k * width``; ties by
+    id) loses one position; ``k`` never goes below 0. If even all roots exceed the cap, every ``k`` is 0.
+    """
+    _int("token_cap", token_cap, 1)
+    widths = widths or {}
+    out: dict[str, int] = {}
+    width: dict[str, int] = {}
+    for rid, k in ks.items():
+        out[rid] = _int(f"ks[{rid}]", k)
+        width[rid] = _int(f"widths[{rid}]", widths.get(rid, 1), 1)
+    total = sum(1 + out[r] * width[r] for r in out)
+    heap = [(-out[r] * width[r], r) for r in out if out[r] > 0]
+    heapq.heapify(heap)
+    while total > token_cap and heap:
+        _, rid = heapq.heappop(heap)
+        out[rid] -= 1
+        total -= width[rid]
+        if out[rid] > 0:
+            heapq.heappush(heap, (-out[rid] * width[rid], rid))
+    return out
+
+
+class SpeculationController:
+    """Chooses k per request and turns queue signals into pressure (see the module docstring)."""
+
+    cap_total = staticmethod(cap_total)
+
+    def __init__(self, settings: SpecSettings | None = None) -> None:
+        self.settings = settings or SpecSettings()
+
+    def new_request(self, prior: float | None = None) -> RequestSpec:
+        return RequestSpec(self.settings, prior)
+
+    # -- the model ------------------------------------------------------------------------------------
+    def cost_ratio(self, pressure: float = 0.0) -> float:
+        """The effective drafter/target cost ratio ``c * (1 + pressure)``."""
+        return self.settings.draft_cost_ratio * (1 + _pressure(pressure))
+
+    def off_threshold(self, pressure: float = 0.0) -> float:
+        """The acceptance rate under which k = 0 pays more than any k >= 1."""
+        if self.settings.off_below is not None:
+            return self.settings.off_below
+        return min(1.0, self.cost_ratio(pressure))
+
+    def utility(self, rate: float, k: int, pressure: float = 0.0) -> float:
+        """Expected committed tokens per unit of cost: ``E(k) / (1 + c * k * (1 + pressure))``."""
+        return expected_tokens(rate, k) / (1 + self.cost_ratio(pressure) * k)
+
+    def best_k(self, rate: float, low: int, high: int, pressure: float = 0.0) -> int:
+        """The k in ``[low, high]`` with the highest utility (the smallest one on ties)."""
+        if low == 0 and self.settings.off_below is not None and rate < self.settings.off_below:
+            return 0
+        best, best_u = low, -math.inf
+        for k in range(low, high + 1):
+            u = self.utility(rate, k, pressure)
+            if u > best_u * (1 + 1e-12):
+                best, best_u = k, u
+        return best
+
+    # -- decisions ------------------------------------------------------------------------------------
+    def k_for(
+        self,
+        state: RequestSpec,
+        mode: str = "adaptive",
+        fixed_k: int | None = None,
+        bounds: tuple[int, int] | None = None,
+        pressure: float = 0.0,
+    ) -> int:
+        """The k to draft this round (call once per round).
+
+        ``off``: 0. ``fixed``: ``fixed_k`` (default ``k_init``), as asked: bounds and pressure do not apply.
+        ``adaptive``: ``k_init`` during warm-up, then the utility-maximising k with hysteresis, inside
+        ``bounds`` (the controller's, overriding ``k_min``/``k_max``); k_init and the current k are clamped
+        into the bounds too.
+        """
+        s = self.settings
+        if mode not in MODES:
+            raise InvalidParameterError("mode", f"must be one of {MODES}, got {mode!r}")
+        if mode == "off":
+            return 0
+        if mode == "fixed":
+            return _int("fixed_k", s.k_init if fixed_k is None else fixed_k)
+        pressure = _pressure(pressure)
+        low, high = s.k_min, s.k_max
+        if bounds is not None:
+            if len(bounds) != 2:
+                raise InvalidParameterError("bounds", f"must be (low, high), got {bounds!r}")
+            low, high = _int("bounds", bounds[0]), _int("bounds", bounds[1])
+            if low > high:
+                raise InvalidParameterError("bounds", f"low must be <= high, got {bounds!r}")
+        clamp = lambda k: max(low, min(high, k))  # noqa: E731
+        if state.rounds < s.warmup_rounds and s.k_init > 0:
+            k = clamp(s.k_init)
+        else:
+            rate = state.acceptance_rate
+            current = clamp(s.k_init if state.k is None else state.k)
+            best = self.best_k(rate, low, high, pressure)
+            forced_off = best == 0 and s.off_below is not None and rate < s.off_below
+            better = self.utility(rate, best, pressure) > (1 + s.hysteresis) * self.utility(rate, current, pressure)
+            if best != current and (forced_off or better):
+                log.debug("k %d -> %d (rate %.3f, pressure %.2f)", current, best, rate, pressure)
+                k = best
+            else:
+                k = current
+        state.k = k
+        if k == 0:
+            state.rounds_off += 1
+            if s.probe_every and state.rounds_off >= s.probe_every and high > 0:
+                state.rounds_off = 0
+                return clamp(max(1, s.k_init))  # a probe round: state.k stays 0 unless the data lift it
+        else:
+            state.rounds_off = 0
+        return k
+
+    def balance(self, verifier_busy: float, draft_backlog: int, verify_backlog: int) -> float:
+        """Pressure in [-1, 1] from the verifier's utilisation (share of time computing, 0..1) and the backlogs.
+
+        ``pressure = tanh(gain * (u + (draft_backlog + verify_backlog) / backlog_scale))`` where ``u`` maps the
+        utilisation onto [-1, 1] around ``target_busy`` (0 at the target, -1 idle, +1 saturated). An idle
+        verifier with empty queues gives about -0.9 (draft longer); a saturated one, or work piling up at
+        either stage, pushes towards +1 (draft shorter: rejected drafts waste the scarce side's time).
+        """
+        s = self.settings
+        busy = min(1.0, max(0.0, _number("verifier_busy", verifier_busy)))
+        backlog = _int("draft_backlog", draft_backlog) + _int("verify_backlog", verify_backlog)
+        if busy >= s.target_busy:
+            u = (busy - s.target_busy) / (1 - s.target_busy)
+        else:
+            u = (busy - s.target_busy) / s.target_busy
+        return math.tanh(s.pressure_gain * (u + backlog / s.backlog_scale))
+
+
+def _pressure(value: float) -> float:
+    return min(1.0, max(-1.0, _number("pressure", value)))

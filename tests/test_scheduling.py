@@ -1,0 +1,257 @@
+"""Cost models (fit, persistence) and the verification batch scheduler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cosine.errors import InvalidParameterError
+from cosine.policy.cost_model import CostModel, nnls
+from cosine.policy.scheduling import (
+    Candidate,
+    SchedulerSettings,
+    choose_batch,
+    expected_tokens,
+    objective,
+)
+
+TRUE = CostModel(
+    verify_base_ms=6.0,
+    verify_row_ms=0.8,
+    verify_token_ms=0.35,
+    verify_context_ms=0.002,
+    draft_overhead_ms=0.3,
+    draft_step_ms=0.6,
+    draft_row_ms=0.12,
+)
+
+
+def verify_grid():
+    return [(b, c, b * (1 + n)) for b in (1, 2, 4, 8, 16) for c in (32, 128, 384) for n in (0, 2, 4, 8)]
+
+
+# -- cost model -----------------------------------------------------------------------------------------
+def test_fit_recovers_known_coefficients():
+    samples = [(b, c, t, TRUE.verify_ms(b, c, t)) for b, c, t in verify_grid()]
+    model = CostModel().fit_verify(samples)
+    for name, value in TRUE.verify_coefficients().items():
+        assert getattr(model, name) == pytest.approx(value, rel=1e-6, abs=1e-9)
+    drafts = [(b, s, TRUE.draft_ms(b, s)) for b in (1, 4, 16) for s in (1, 4, 8)]
+    model.fit_draft(drafts)
+    for name, value in TRUE.draft_coefficients().items():
+        assert getattr(model, name) == pytest.approx(value, rel=1e-6, abs=1e-9)
+    assert model.metadata["verify_samples"] == 60 and model.metadata["draft_samples"] == 9
+    assert model.metadata["verify_fit"]["rms_ms"] < 1e-6
+
+
+def test_fit_with_noise_stays_non_negative_and_close():
+    rng = np.random.default_rng(0)
+    truth = CostModel(verify_base_ms=6.0, verify_row_ms=0.0, verify_token_ms=0.35, verify_context_ms=0.002)
+    samples = [(b, c, t, truth.verify_ms(b, c, t) * (1 + rng.normal(0, 0.03))) for b, c, t in verify_grid()]
+    model = CostModel().fit_verify(samples)
+    coef = model.verify_coefficients()
+    assert all(v >= 0 for v in coef.values())
+    assert coef["verify_row_ms"] < 0.3  # the zero coefficient is clipped, not driven negative
+    assert coef["verify_token_ms"] == pytest.approx(0.35, rel=0.1)
+    assert model.metadata["verify_fit"]["rms_relative"] < 0.05
+
+
+def test_nnls_matches_the_constrained_optimum():
+    a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = np.array([2.0, -1.0, 1.0])  # unconstrained: x = (2.0, -1.0) roughly; constrained: x2 = 0
+    x = nnls(a, b)
+    assert x[1] == 0.0 and x[0] == pytest.approx(1.5)
+
+
+def test_predictions_and_bad_arguments():
+    m = TRUE
+    assert m.verify_ms(0, 100, 0) == 0.0
+    assert m.verify_ms(2, 100, 10) == pytest.approx(6.0 + 1.6 + 3.5 + 0.4)
+    assert m.draft_ms(4, 0) == 0.0
+    assert m.draft_ms(4, 3) == pytest.approx(0.3 + 3 * (0.6 + 0.48))
+    with pytest.raises(InvalidParameterError):
+        m.verify_ms(-1, 10, 1)
+    with pytest.raises(InvalidParameterError):
+        CostModel(verify_base_ms=-1.0)
+    with pytest.raises(InvalidParameterError):
+        CostModel().fit_verify([])
+    with pytest.raises(InvalidParameterError):
+        CostModel().fit_draft([(1, 2)])
+
+
+def test_save_load_round_trip(tmp_path):
+    model = CostModel().fit_verify([(b, c, t, TRUE.verify_ms(b, c, t)) for b, c, t in verify_grid()])
+    model.metadata.update({"device": "cpu", "dtype": "float32", "target": "zoo/target", "created": "now"})
+    path = tmp_path / "cost.json"
+    model.save(path)
+    again = CostModel.load(path)
+    assert again == model
+    assert again.metadata["verify_fit"] == model.metadata["verify_fit"]
+    data = json.loads(path.read_text())
+    assert data["format"] == "cosine.cost_model" and data["version"] == 1
+    data["version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(InvalidParameterError):
+        CostModel.load(path)
+    path.write_text("not json")
+    with pytest.raises(InvalidParameterError):
+        CostModel.load(path)
+
+
+def test_default_is_plausible():
+    m = CostModel.default()
+    assert 0 < m.verify_ms(1, 128, 1) < m.verify_ms(8, 128, 8) < m.verify_ms(8, 128, 72)
+    assert 0 < m.draft_ms(1, 1) < m.verify_ms(1, 128, 1)
+    assert 0 < m.draft_cost_ratio() < 1
+    assert {"device", "dtype", "created", "source"} <= set(m.metadata)
+
+
+# -- expected tokens ------------------------------------------------------------------------------------
+def test_expected_tokens_formula():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(0.8, 0) == 1.0
+    assert expected_tokens(0.8, 3) == pytest.approx(1 + 0.8 + 0.64 + 0.512)
+    with pytest.raises(InvalidParameterError):
+        expected_tokens(1.5, 2)
+    with pytest.raises(InvalidParameterError):
+        expected_tokens(0.5, -1)
+
+
+# -- scheduler ------------------------------------------------------------------------------------------
+FLAT = CostModel(verify_base_ms=5.0, verify_token_ms=1.0)
+
+
+def cand(rid, tokens=5, exp=3.0, **kw) -> Candidate:
+    return Candidate(rid, tokens, exp, kw.pop("context", 50), **kw)
+
+
+def test_empty_and_duplicates():
+    assert choose_batch([], FLAT, SchedulerSettings()) == []
+    with pytest.raises(InvalidParameterError):
+        choose_batch([cand("a"), cand("a")], FLAT, SchedulerSettings())
+
+
+def test_token_cap_is_honoured_and_one_always_fits():
+    cands = [cand(f"r{i}", tokens=9, exp=4.0) for i in range(6)]
+    for w in (0.0, 0.5, 1.0):
+        settings = SchedulerSettings(latency_weight=w, token_cap=20)
+        chosen = choose_batch(cands, FLAT, settings)
+        assert 1 <= len(chosen) <= 2
+        assert sum(9 for _ in chosen) <= 20
+    big = [cand("huge", tokens=100, exp=10.0)]
+    assert choose_batch(big, FLAT, SchedulerSettings(token_cap=20)) == ["huge"]
+
+
+def test_max_batch_is_honoured():
+    cands = [Candidate.plain(f"r{i}", 10) for i in range(10)]
+    chosen = choose_batch(cands, FLAT, SchedulerSettings(latency_weight=0.0, max_batch=3))
+    assert len(chosen) == 3
+
+
+def test_priority_goes_first():
+    cands = [cand("low1"), cand("high1", priority=1), cand("low2"), cand("high2", priority=1)]
+    for w in (0.0, 1.0):
+        chosen = choose_batch(cands, FLAT, SchedulerSettings(latency_weight=w, token_cap=10))
+        assert sorted(chosen) == ["high1", "high2"]
+
+
+def test_urgent_deadline_goes_first():
+    cands = [
+        cand("vip", priority=5),
+        cand("late", tokens=9, exp=1.0, deadline_in_ms=50.0),
+        cand("later", deadline_in_ms=150.0),
+        cand("relaxed", deadline_in_ms=5000.0),
+    ]
+    chosen = choose_batch(cands, FLAT, SchedulerSettings(token_cap=9))
+    assert chosen == ["late"]
+    chosen = choose_batch(cands, FLAT, SchedulerSettings(token_cap=14))
+    assert chosen[:2] == ["late", "later"]
+
+
+def test_starving_candidate_is_not_left_behind():
+    cost = CostModel(verify_base_ms=10.0, verify_token_ms=1.0, verify_context_ms=0.1)
+    fast = [cand(f"f{i}", tokens=5, exp=4.0, context=10) for i in range(4)]
+    slow = cand("long", tokens=1, exp=1.0, context=1000)
+    settings = SchedulerSettings(latency_weight=0.0)
+    assert "long" not in choose_batch(fast + [slow], cost, settings)
+    slow.waited_ms = 600.0
+    assert "long" in choose_batch(fast + [slow], cost, settings)
+
+
+def test_latency_first_picks_smaller_faster_batches():
+    cands = [cand(f"r{i}", tokens=9, exp=5.0) for i in range(8)]
+    thr = choose_batch(cands, FLAT, SchedulerSettings(latency_weight=0.0, token_cap=1000))
+    lat = choose_batch(cands, FLAT, SchedulerSettings(latency_weight=1.0, token_cap=1000))
+    assert len(thr) == 8
+    assert 1 <= len(lat) < len(thr)
+    assert FLAT.verify_ms(len(lat), 50, 9 * len(lat)) < FLAT.verify_ms(len(thr), 50, 9 * len(thr))
+
+
+def test_latency_first_splits_off_the_expensive_candidate():
+    cands = [cand("small1", tokens=2, exp=1.5), cand("small2", tokens=2, exp=1.5), cand("big", tokens=60, exp=4.0)]
+    thr = choose_batch(cands, FLAT, SchedulerSettings(latency_weight=0.0, token_cap=1000))
+    lat = choose_batch(cands, FLAT, SchedulerSettings(latency_weight=1.0, token_cap=1000))
+    assert "big" not in lat and sorted(lat) == ["small1", "small2"]
+    assert len(thr) >= len(lat)
+
+
+def test_no_single_addition_improves_the_chosen_batch():
+    rng = np.random.default_rng(3)
+    cost = CostModel.default()
+    for trial in range(20):
+        cands = [
+            Candidate(
+                f"r{i}",
+                int(rng.integers(1, 12)),
+                float(rng.uniform(1, 5)),
+                int(rng.integers(10, 600)),
+                priority=0,
+                waited_ms=float(rng.uniform(0, 300)),
+                has_draft=bool(rng.random() > 0.2),
+            )
+            for i in range(12)
+        ]
+        settings = SchedulerSettings(latency_weight=float(rng.uniform(0, 1)), token_cap=60, max_batch=8)
+        chosen = choose_batch(cands, cost, settings)
+        assert len(chosen) == len(set(chosen)) >= 1
+        tokens = sum(c.tree_tokens for c in cands if c.rid in chosen)
+        assert tokens <= settings.token_cap or len(chosen) == 1
+        assert len(chosen) <= settings.max_batch
+        if len(chosen) == settings.max_batch:
+            continue
+        best = objective(chosen, cands, cost, settings)
+        for c in cands:
+            if c.rid not in chosen and tokens + c.tree_tokens <= settings.token_cap:
+                assert objective(chosen + [c.rid], cands, cost, settings) <= best + 1e-9
+
+
+def test_plain_candidates_are_cheap():
+    c = Candidate("p", 7, 3.0, 100, has_draft=False)
+    assert (c.tree_tokens, c.expected_tokens) == (1, 1.0)
+    late = Candidate.plain("late", 100)
+    drafted = [cand(f"d{i}", tokens=9, exp=4.0) for i in range(2)]
+    # With the CPU's large fixed cost per pass, a plain step rides along almost for free.
+    for w in (0.0, 0.5):
+        chosen = choose_batch(drafted + [late], CostModel.default(), SchedulerSettings(latency_weight=w, token_cap=19))
+        assert sorted(chosen) == ["d0", "d1", "late"]
+    # A full cap leaves no room for it beside the two drafts.
+    chosen = choose_batch(drafted + [late], CostModel.default(), SchedulerSettings(latency_weight=0.0, token_cap=18))
+    assert sorted(chosen) == ["d0", "d1"]
+
+
+def test_settings_are_validated():
+    with pytest.raises(InvalidParameterError) as err:
+        SchedulerSettings(latency_weight=1.5)
+    assert err.value.field == "latency_weight"
+    with pytest.raises(InvalidParameterError):
+        SchedulerSettings(token_cap=0)
+    with pytest.raises(InvalidParameterError):
+        SchedulerSettings(max_batch=0)
+    with pytest.raises(InvalidParameterError):
+        Candidate("x", 0, 1.0, 10)
+    with pytest.raises(InvalidParameterError):
+        Candidate("x", 2, 1.0, 10, waited_ms=-1.0)

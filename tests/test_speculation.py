@@ -1,0 +1,222 @@
+"""Adaptive speculation length: estimate, warm-up, hysteresis, pressure, bounds, modes, the token cap."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from cosine.errors import InvalidParameterError
+from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationController, cap_total
+
+
+def simulate(ctl: SpeculationController, alpha: float, rounds: int, seed: int = 0, **kw) -> list[int]:
+    """Drive one request with i.i.d. acceptance ``alpha``; returns the k chosen each round."""
+    state = ctl.new_request()
+    rng = random.Random(seed)
+    ks = []
+    for _ in range(rounds):
+        k = ctl.k_for(state, **kw)
+        ks.append(k)
+        accepted = 0
+        while accepted < k and rng.random() < alpha:
+            accepted += 1
+        state.observe(k, accepted)
+    return ks
+
+
+def settled(alpha: float, **settings) -> tuple[SpeculationController, RequestSpec]:
+    """A request past warm-up whose estimate sits at ``alpha`` (a prior too heavy for two rounds to move)."""
+    ctl = SpeculationController(SpecSettings(**settings))
+    state = RequestSpec(replace(ctl.settings, prior_trials=1e9), prior=alpha)
+    for _ in range(ctl.settings.warmup_rounds):
+        state.observe(1, 1)
+    assert state.acceptance_rate == pytest.approx(alpha, abs=1e-6)
+    return ctl, state
+
+
+def test_estimate_follows_observations():
+    state = RequestSpec(SpecSettings(prior_acceptance=0.6))
+    assert state.acceptance_rate == pytest.approx(0.6)
+    for _ in range(30):
+        state.observe(4, 4)
+    assert state.acceptance_rate > 0.95
+    for _ in range(30):
+        state.observe(4, 0)
+    assert state.acceptance_rate < 0.1
+    state.observe(0, 0)  # no draft: nothing learnt
+    assert state.rounds == 60 and state.drafted == 240 and state.accepted == 120
+    with pytest.raises(InvalidParameterError):
+        state.observe(2, 3)
+    with pytest.raises(InvalidParameterError):
+        state.observe(-1, 0)
+
+
+def test_estimate_counts_only_tested_positions():
+    # A chain is rejected at its first wrong token: 1 accepted of 4 drafted tests 2 positions, not 4.
+    state = RequestSpec(SpecSettings(prior_trials=1e-9))
+    state.observe(4, 1)
+    assert state.acceptance_rate == pytest.approx(0.5)
+
+
+def test_warm_up_uses_k_init():
+    ctl = SpeculationController(SpecSettings(k_init=4, warmup_rounds=2))
+    state = ctl.new_request()
+    assert ctl.k_for(state) == 4
+    state.observe(4, 0)
+    assert ctl.k_for(state) == 4
+    state.observe(4, 0)
+    for _ in range(5):
+        state.observe(4, 0)
+    assert ctl.k_for(state) < 4  # warm-up over, bad acceptance: shorter
+
+
+def test_k_is_zero_for_very_low_acceptance():
+    ks = simulate(SpeculationController(), alpha=0.02, rounds=60)
+    assert ks[:2] == [4, 4]
+    assert ks[-20:].count(0) >= 15  # off, apart from the occasional probe round
+    ctl, state = settled(0.05)
+    assert ctl.k_for(state) == 0
+
+
+def test_off_threshold_is_computed_from_the_cost_ratio():
+    ctl = SpeculationController(SpecSettings(draft_cost_ratio=0.25, hysteresis=0.0))
+    assert ctl.off_threshold() == pytest.approx(0.25)
+    assert ctl.off_threshold(pressure=1.0) == pytest.approx(0.5)
+    assert ctl.best_k(0.24, 0, 8) == 0
+    assert ctl.best_k(0.26, 0, 8) >= 1
+    explicit = SpeculationController(SpecSettings(off_below=0.5))
+    assert explicit.off_threshold() == 0.5 and explicit.best_k(0.45, 0, 8) == 0
+
+
+def test_k_grows_with_acceptance():
+    ks = []
+    for alpha in (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.97):
+        ctl, state = settled(alpha, hysteresis=0.0)
+        ks.append(ctl.k_for(state))
+    assert ks == sorted(ks)
+    assert ks[0] == 0 and ks[-1] == 8 and len(set(ks)) >= 4
+
+
+def test_hysteresis_prevents_flapping():
+    for alpha in (0.6, 0.8):
+        for seed in range(3):
+            jumpy = simulate(SpeculationController(SpecSettings(hysteresis=0.0)), alpha, 200, seed)
+            steady = simulate(SpeculationController(SpecSettings(hysteresis=0.1)), alpha, 200, seed)
+            changes = lambda ks: sum(a != b for a, b in zip(ks, ks[1:]))  # noqa: E731
+            assert changes(steady) * 4 < changes(jumpy)
+    # A small move of the estimate does not change k; a large one does.
+    ctl = SpeculationController(SpecSettings(hysteresis=0.1))
+    state = ctl.new_request(prior=0.8)
+    state.observe(4, 4)
+    state.observe(4, 2)
+    k = ctl.k_for(state)
+    assert k == 4
+    state.observe(4, 2)  # the estimate dips a little
+    assert ctl.k_for(state) == k
+    for _ in range(6):  # and then a lot
+        state.observe(4, 0)
+    assert ctl.k_for(state) < k
+
+
+def test_pressure_shortens_and_lengthens():
+    ctl, state = settled(0.7, hysteresis=0.0)
+    neutral = ctl.best_k(state.acceptance_rate, 0, 8)
+    assert ctl.best_k(state.acceptance_rate, 0, 8, pressure=1.0) < neutral
+    assert ctl.best_k(state.acceptance_rate, 0, 8, pressure=-0.5) > neutral
+    assert ctl.k_for(state, pressure=-1.0) == 8  # free drafting: as long as allowed
+    assert ctl.k_for(state, pressure=1.0) < neutral
+    # Pressure also moves the off switch: a marginal request stops drafting under load.
+    ctl, state = settled(0.3, hysteresis=0.0)
+    assert ctl.k_for(state) >= 1 and ctl.k_for(state, pressure=1.0) == 0
+
+
+def test_bounds_override_settings():
+    ctl, low = settled(0.05)
+    assert ctl.k_for(low, bounds=(2, 3)) == 2
+    ctl, high = settled(0.97)
+    assert ctl.k_for(high, bounds=(2, 3)) == 3
+    assert ctl.k_for(high, bounds=(0, 0)) == 0
+    ctl, high = settled(0.97, hysteresis=0.0)
+    assert ctl.k_for(high, bounds=(10, 12)) == 12  # beyond k_max: the controller's bounds win
+    fresh = SpeculationController(SpecSettings(k_init=4)).new_request()
+    assert SpeculationController(SpecSettings(k_init=4)).k_for(fresh, bounds=(0, 2)) == 2  # warm-up clamped
+    with pytest.raises(InvalidParameterError):
+        ctl.k_for(high, bounds=(3, 2))
+
+
+def test_off_and_fixed_modes():
+    ctl, state = settled(0.97)
+    assert ctl.k_for(state, mode="off") == 0
+    assert ctl.k_for(state, mode="fixed", fixed_k=3) == 3
+    assert ctl.k_for(state, mode="fixed", fixed_k=3, bounds=(5, 6), pressure=1.0) == 3
+    assert ctl.k_for(state, mode="fixed") == ctl.settings.k_init
+    with pytest.raises(InvalidParameterError):
+        ctl.k_for(state, mode="turbo")
+    with pytest.raises(InvalidParameterError):
+        ctl.k_for(state, mode="fixed", fixed_k=-1)
+
+
+def test_switched_off_requests_probe_and_recover():
+    ctl = SpeculationController(SpecSettings(probe_every=5))
+    state = ctl.new_request()
+    for _ in range(10):
+        state.observe(4, 0)
+    ks = [ctl.k_for(state) for _ in range(10)]
+    assert ks.count(0) == 8 and ks[4] > 0 and ks[9] > 0
+    for _ in range(4):  # the drafter got good (e.g. the text turned predictable)
+        state.observe(ks[9], ks[9])
+    assert ctl.k_for(state) > 0
+
+
+def test_balance_is_bounded_smooth_and_monotone():
+    ctl = SpeculationController()
+    assert ctl.balance(0.8, 0, 0) == pytest.approx(0.0)
+    assert ctl.balance(0.0, 0, 0) < -0.8  # idle verifier: lengthen
+    assert ctl.balance(1.0, 0, 20) > 0.9  # saturated with drafts piling up: shorten
+    values = [ctl.balance(0.9, 0, n) for n in range(0, 64)]
+    assert all(-1 <= v <= 1 for v in values)
+    assert values == sorted(values)
+    busy = [ctl.balance(b / 100, 0, 0) for b in range(101)]
+    assert busy == sorted(busy)
+    assert max(abs(a - b) for a, b in zip(busy, busy[1:])) < 0.1  # no jumps
+    assert ctl.balance(1.7, 0, 0) == ctl.balance(1.0, 0, 0)  # utilisation is clamped
+    with pytest.raises(InvalidParameterError):
+        ctl.balance(0.5, -1, 0)
+
+
+def test_cap_total_shortens_the_longest_first():
+    ks = {"a": 8, "b": 4, "c": 2}
+    assert cap_total(ks, None, 100) == ks
+    out = cap_total(ks, None, 13)  # 3 roots + 14 drafts = 17: four steps off the longest
+    assert out == {"a": 4, "b": 4, "c": 2}
+    assert sum(1 + k for k in out.values()) == 13
+    out = cap_total(ks, None, 10)
+    assert sum(1 + k for k in out.values()) <= 10 and out["c"] == 2 and abs(out["a"] - out["b"]) <= 1
+    assert ks == {"a": 8, "b": 4, "c": 2}  # the input is not modified
+
+
+def test_cap_total_counts_tree_width_and_never_goes_negative():
+    out = cap_total({"chain": 4, "tree": 2}, {"tree": 3}, 9)  # 2 + 4 + 6 = 12 > 9: the tree has more candidates
+    assert out == {"chain": 4, "tree": 1}
+    assert cap_total({"a": 3, "b": 3, "c": 3}, None, 2) == {"a": 0, "b": 0, "c": 0}
+    with pytest.raises(InvalidParameterError):
+        cap_total({"a": -1}, None, 10)
+    with pytest.raises(InvalidParameterError):
+        cap_total({"a": 1}, {"a": 0}, 10)
+    assert SpeculationController.cap_total({"a": 5}, None, 3) == {"a": 2}
+
+
+def test_settings_are_validated():
+    with pytest.raises(InvalidParameterError) as err:
+        SpecSettings(k_init=9)
+    assert err.value.field == "k_init"
+    with pytest.raises(InvalidParameterError):
+        SpecSettings(k_min=5, k_max=3)
+    with pytest.raises(InvalidParameterError):
+        SpecSettings(ewma=0.0)
+    with pytest.raises(InvalidParameterError):
+        SpecSettings(off_below=1.5)
+    with pytest.raises(InvalidParameterError):
+        SpecSettings(hysteresis=-0.1)
