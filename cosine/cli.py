@@ -152,6 +152,47 @@ def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, m
             click.echo("README.md updated")
 
 
+@bench.command("ablation")
+@click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
+@click.option("--system", "systems", multiple=True, default=None,
+              help="Systems to run (repeatable) [default: cosine, each no-<mechanism>, plain-dsd, coupled, "
+                   "target-only].")
+@click.option("--concurrency", type=int, multiple=True, default=(1, 4, 8, 16), show_default=True,
+              help="Closed-loop concurrency levels.")
+@click.option("--rates", type=(float, float), default=(0.5, 2.5), show_default=True,
+              help="Low and high Poisson arrival rates (requests/s); the fluctuating run alternates them.")
+@click.option("--open-requests", type=int, default=16, show_default=True, help="Requests per open-loop run.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--k", type=int, default=4, show_default=True, help="k where speculation length is fixed.")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
+@click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
+def bench_ablation(zoo_path, systems, concurrency, rates, open_requests, max_new_tokens, k, out,
+                   update_readme) -> None:
+    """Full CoSine vs each mechanism switched off, plain distributed speculative decoding (one fixed
+    drafter, fixed k), the coupled single-process path and target-only, under closed-loop and Poisson load."""
+    from cosine.bench.ablation import AblationConfig, ablation_markdown, ablation_plots, run_ablation
+    from cosine.bench.report import update_readme as write_readme
+    from cosine.bench.report import write_results
+
+    cfg = AblationConfig(zoo=zoo_path, concurrency=tuple(concurrency), rates=tuple(rates),
+                         open_requests=open_requests, max_new_tokens=max_new_tokens, k=k)
+    if systems:
+        cfg.systems = tuple(systems)
+    payload = run_ablation(cfg)
+    md = ablation_markdown(payload)
+    js, mdf = write_results(pathlib.Path(out), "ablation", payload, md)
+    png = str(js).replace(".json", ".png")
+    ablation_plots(payload, png)
+    click.echo(md)
+    click.echo(f"\nwrote {js}, {mdf} and {png}")
+    if update_readme:
+        docs = REPO_ROOT / "docs"
+        docs.mkdir(exist_ok=True)
+        shutil.copy(png, docs / "bench-ablation.png")
+        if write_readme(REPO_ROOT / "README.md", "ablation", md + "\n\n![ablations](docs/bench-ablation.png)"):
+            click.echo("README.md updated")
+
+
 @bench.command("engine")
 @click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
 @click.option("--prompts-per-domain", type=int, default=8, show_default=True)
@@ -245,8 +286,11 @@ def worker() -> None:
 @click.option("--batch-max", type=int, default=None, help="Jobs per batched drafting pass.")
 @click.option("--window-ms", type=float, default=None, help="Wait this long for more jobs after the first.")
 @click.option("--block-ms", type=int, default=None, help="Blocking read when idle.")
+@click.option("--lookahead/--no-lookahead", default=None,
+              help="While idle, draft each request's next round ahead (assuming its draft is accepted whole).  "
+                   "[default: on]")
 def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                   threads, name, model, batch_max, window_ms, block_ms) -> None:
+                   threads, name, model, batch_max, window_ms, block_ms, lookahead) -> None:
     """Host drafter models: consume this worker's draft jobs, reply with draft trees."""
     from cosine.service.drafter import DrafterSettings
     from cosine.zoo import paths
@@ -262,7 +306,8 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
         root = paths.zoo_dir(zoo_path)
         table = {d: str(paths.drafter_dir(d, root)) for d in paths.drafter_domains(root)}
     settings = DrafterSettings(worker_id=name or _default_name("drafter"))
-    for attr, value in (("batch_max", batch_max), ("window_ms", window_ms), ("block_ms", block_ms)):
+    for attr, value in (("batch_max", batch_max), ("window_ms", window_ms), ("block_ms", block_ms),
+                        ("lookahead", lookahead)):
         if value is not None:
             setattr(settings, attr, value)
     drafter_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
@@ -284,14 +329,26 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 @click.option("--draft-budget-factor", type=float, default=None, help="Budget = factor x p90 draft round trip.")
 @click.option("--reclaim-min-idle-s", type=float, default=None, help="Reclaim a dead verifier's requests after this.")
 @click.option("--max-deliveries", type=int, default=None, help="Dead-letter a request delivered this often.")
+@click.option("--cost-model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Verification cost model written by `cosine profile` [default: built-in CPU numbers].")
+@click.option("--routing/--no-routing", default=True, show_default=True,
+              help="Expertise routing (off: each request keeps the one drafter its prompt fits best).")
+@click.option("--fusion/--no-fusion", default=True, show_default=True,
+              help="Several drafters per request in lockstep, fused into one token tree (off: one drafter).")
+@click.option("--scheduling/--no-scheduling", default=True, show_default=True,
+              help="Cost-model batch scheduling (off: verify every ready request by priority).")
+@click.option("--adaptive/--no-adaptive", default=True, show_default=True,
+              help="Adaptive speculation length per request (off: always --k).")
 def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                    threads, name, model, **overrides) -> None:
+                    threads, name, model, routing, fusion, scheduling, adaptive, **overrides) -> None:
     """Own requests: verify drafts with the target model and stream the committed tokens."""
+    from cosine.service.steering import Switches
     from cosine.service.verifier import VerifierSettings
     from cosine.zoo import paths
     from workers import verifier as verifier_worker
 
-    settings = VerifierSettings(worker_id=name or _default_name("verifier"))
+    settings = VerifierSettings(worker_id=name or _default_name("verifier"),
+                                switches=Switches(routing, fusion, scheduling, adaptive))
     for attr, value in overrides.items():
         if value is not None:
             setattr(settings, attr, value)
@@ -302,11 +359,13 @@ def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, pas
 
 # -- local deployment ---------------------------------------------------------------------------------
 def _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir=None,
-                      verifier_args=(), drafter_args=()):
+                      verifier_args=(), drafter_args=(), controller=False, controller_args=()):
     from cosine.deployment import Deployment, WorkerSpec
 
     specs = [WorkerSpec("verifier", f"verifier-{i}", list(verifier_args), threads) for i in range(verifiers)]
     specs += [WorkerSpec("drafter", f"drafter-{i}", list(drafter_args), threads) for i in range(drafters)]
+    if controller:
+        specs.append(WorkerSpec("controller", "controller", list(controller_args)))
     return Deployment(specs, redis_url=redis_url, prefix=prefix, log_dir=log_dir, device=device, dtype=dtype,
                       zoo=zoo_path)
 
@@ -322,12 +381,19 @@ def _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, d
 @click.option("--dtype", default=None)
 @click.option("--zoo", "zoo_path", default=None)
 @click.option("--log-dir", default="runs/up", show_default=True, help="Worker logs.")
-def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir) -> None:
-    """Start a whole local deployment (Redis, verifiers, drafters) until Ctrl-C / SIGTERM."""
+@click.option("--controller/--no-controller", default=True, show_default=True,
+              help="Also start the controller (adaptive speculation length, cooperating drafters, batch limits).")
+@click.option("--control-interval-ms", type=click.IntRange(50, 5000), default=None,
+              help="The controller's sampling interval [default: `cosine controller`'s].")
+def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir, controller,
+       control_interval_ms) -> None:
+    """Start a whole local deployment (Redis, verifiers, drafters, a controller) until Ctrl-C / SIGTERM."""
     from cosine.service.loop import stop_on_signals
 
     stop = stop_on_signals()
-    dep = _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir)
+    controller_args = ["--interval-ms", str(control_interval_ms)] if control_interval_ms else []
+    dep = _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir,
+                            controller=controller, controller_args=controller_args)
     with dep:
         click.echo(f"CoSine is up: {dep.url} (prefix {prefix}); workers: {', '.join(dep.procs)}; logs in {log_dir}")
         click.echo(f"try: cosine generate --redis-url {dep.url} --stream 'def main('")
@@ -340,11 +406,58 @@ def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path,
         click.echo("stopping ...")
 
 
+# -- controller ---------------------------------------------------------------------------------------
+def controller_options(f):
+    """The controller's own options, defaults from :mod:`cosine.defaults`."""
+    from cosine import defaults
+
+    for opt in reversed([
+        click.option("--name", default=None, help="Controller id in heartbeats and the control log [default: "
+                     "controller-<host>-<pid>]."),
+        click.option("--interval-ms", type=click.IntRange(50, 5000), default=defaults.CONTROL_INTERVAL_MS,
+                     show_default=True, help="Sample queue depths and worker load, and decide, this often "
+                     "(100-500 ms is sensible)."),
+        click.option("--lease-ms", type=click.IntRange(100, 600_000), default=defaults.CONTROL_LEASE_MS,
+                     show_default=True, help="Lock lease: a standby controller takes over this long after the "
+                     "active one dies (at once after a clean stop)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@redis_options
+@controller_options
+def controller(redis_url, prefix, sentinels, sentinel_master, username, password, name, interval_ms,
+               lease_ms) -> None:
+    """Run the controller: adaptive speculation control for a deployment.
+
+    Every interval it samples each stream's depth (lag + pending from XINFO GROUPS, age of the oldest
+    pending entry), the workers' heartbeats and stats, and decides the speculation length bounds
+    (k_min..k_max), how many drafters cooperate on a request and the verifiers' batch limits: longer
+    drafts and more drafters when the verifier idles, shorter ones when drafts pile up, bigger verifier
+    batches when the verifier is the bottleneck. Decisions go to the versioned <prefix>:control hash that
+    workers apply within one round, and to the <prefix>:control:log stream with the inputs they were based
+    on (see `cosine status`).
+
+    Run one or more: one is active (a lock in Redis), the others stand by and take over if it dies. If no
+    controller runs, workers keep the last decision. Stops cleanly on SIGTERM / Ctrl-C.
+    """
+    from cosine.controller import ControllerService, ControllerSettings
+    from cosine.service.loop import stop_on_signals
+
+    stop = stop_on_signals()
+    settings = ControllerSettings(worker_id=name or _default_name("controller"), interval_ms=interval_ms,
+                                  lease_ms=lease_ms)
+    ControllerService(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
+                      settings).run(stop)
+
+
 @cli.command()
 @redis_options
 @click.option("--json", "as_json", is_flag=True)
 def status(redis_url, prefix, sentinels, sentinel_master, username, password, as_json) -> None:
-    """Workers with heartbeat ages, and every stream's depth (lag + pending)."""
+    """Workers with heartbeat ages, every stream's depth (lag + pending) and the controller's decision."""
     from cosine.status import collect_status, format_status
 
     snap = collect_status(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password))

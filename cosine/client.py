@@ -71,10 +71,16 @@ def build_request(
     timeout: float | None = defaults.CLIENT_TIMEOUT_S,
     priority: int = 0,
     drafter: str | None = None,
+    drafters: Sequence[str] = (),
+    speculation: str | int = "adaptive",
     ignore_eos: bool = False,
     request_id: str | None = None,
 ) -> GenerationRequest:
-    """Validate parameters (typed errors naming the field) and build the wire message."""
+    """Validate parameters (typed errors naming the field) and build the wire message.
+
+    ``speculation``: "adaptive" (default: length chosen per round from the request's acceptance and the
+    cluster's load), "off" or 0 (plain decoding by the target) or an int (that many draft positions per round).
+    ``drafter`` pins one drafter model; ``drafters`` restricts routing to these models."""
     if isinstance(stop, str):
         stop = [stop]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -106,6 +112,9 @@ def build_request(
         priority=priority,
         deadline_ms=created + int(timeout * 1000) if timeout is not None else None,
         drafter=drafter,
+        drafters=list(drafters),
+        speculation=("fixed" if speculation else "off") if _is_int(speculation) else str(speculation),
+        spec_k=int(speculation) if _is_int(speculation) and speculation else None,
         created_ms=created,
     )
     try:
@@ -114,6 +123,10 @@ def build_request(
         name, _, rest = exc.reason.partition(": ")
         raise InvalidParameterError(name if rest else "request", rest or exc.reason) from exc
     return msg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class _Assembler:
@@ -253,7 +266,8 @@ class Client:
     def generate(self, prompt: str | Sequence[int], *, timeout: float | None = defaults.CLIENT_TIMEOUT_S,
                  **params) -> GenerationResult:
         """Generate to completion. Parameters: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``,
-        ``top_k``, ``stop``, ``stop_token_ids``, ``seed``, ``priority``, ``drafter``; ``timeout`` in seconds."""
+        ``top_k``, ``stop``, ``stop_token_ids``, ``seed``, ``priority``, ``drafter``, ``drafters``, ``speculation``
+        (see :func:`build_request`); ``timeout`` in seconds."""
         rid = self.submit(prompt, timeout=timeout, **params)
         return self.result(rid, timeout)
 

@@ -53,7 +53,24 @@ DRAFTER_BATCH_MAX = 64  # draft jobs taken into one batched drafting pass
 DRAFTER_WINDOW_MS = 1.0  # after the first job arrives, wait at most this long for more
 DRAFTER_BLOCK_MS = 100  # blocking read when idle
 DRAFTER_IDLE_EVICT_S = 120.0  # a request's drafter KV rows are dropped after this long without a job
+# Lookahead: after replying, an idle drafter drafts the next round too, assuming the draft it just sent is
+# accepted whole and the target's bonus token is its own guess; a next job that matches is answered at once.
+DRAFTER_LOOKAHEAD = True
 
 # -- client -----------------------------------------------------------------------------------------------
 CLIENT_TIMEOUT_S = 120.0  # generate()/stream() give up (and cancel) after this long
 CLIENT_READ_BLOCK_MS = 1000  # one XREAD BLOCK on the output stream
+
+# -- controller -------------------------------------------------------------------------------------------
+CONTROL_INTERVAL_MS = 250  # the controller samples depths and heartbeats and decides this often (100-500 ms)
+# Workers check the control version (one HGET) at most this often, so a new decision is in use within one
+# controller interval; the whole hash is re-read only when the version changed.
+CONTROL_REFRESH_MS = 100
+# The active controller's lock (SET NX PX on lock:controller, renewed every interval). A standby controller
+# takes over this long after the active one dies; a clean stop hands over at once.
+CONTROL_LEASE_MS = 3000
+CONTROL_LOG_MAXLEN = 5000  # decisions kept in the control:log timeline (MAXLEN ~)
+# An unchanged decision is still logged with its inputs this often, so the dashboard's timeline stays alive
+# (changed decisions are always logged).
+CONTROL_LOG_EVERY_S = 2.0
+CONTROL_BUSY_WINDOW_S = 2.0  # a worker's busy share is measured over its stats of the last this many seconds

@@ -32,6 +32,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_NAME_CHARS = 128
 MAX_Q_TOP = 256  # probabilities per drafted token in sampled drafts
+MAX_EXPERTS = 16  # drafter models named in one request or draft job
+MAX_SPEC_K = 64  # draft positions per round
+SPECULATION_MODES = ("adaptive", "off", "fixed")
 
 
 class ProtocolError(CosineError):
@@ -93,6 +96,35 @@ def _tokens(v: Any, name: str, vocab: int | None, max_len: int, allow_empty: boo
     return v
 
 
+def _names(v: Any, name: str) -> list[str]:
+    if not isinstance(v, list) or len(v) > MAX_EXPERTS:
+        raise ProtocolError(f"{name}: expected a list of at most {MAX_EXPERTS} names")
+    return [_ident(n, name) for n in v]
+
+
+def _weights(v: Any) -> list[float]:
+    if not isinstance(v, list) or len(v) > MAX_EXPERTS:
+        raise ProtocolError(f"expert_weights: expected a list of at most {MAX_EXPERTS} numbers")
+    return [_float(w, "expert_weights", 1e-6, 1.0) for w in v]
+
+
+def _votes(v: Any, vocab: int | None) -> dict[str, list[int]]:
+    if not isinstance(v, dict) or len(v) > MAX_EXPERTS:
+        raise ProtocolError(f"votes: expected a map of at most {MAX_EXPERTS} experts")
+    return {_ident(k, "votes"): _tokens(t, "votes", vocab, MAX_SPEC_K) for k, t in v.items()}
+
+
+def _vote_conf(v: Any) -> dict[str, list[float]]:
+    if not isinstance(v, dict) or len(v) > MAX_EXPERTS:
+        raise ProtocolError(f"vote_conf: expected a map of at most {MAX_EXPERTS} experts")
+    out = {}
+    for k, c in v.items():
+        if not isinstance(c, list) or len(c) > MAX_SPEC_K:
+            raise ProtocolError(f"vote_conf: expected at most {MAX_SPEC_K} confidences per expert")
+        out[_ident(k, "vote_conf")] = [_float(x, "vote_conf", 0.0, 1.0) for x in c]
+    return out
+
+
 def _opt(v: Any, check, *args, **kwargs):
     return None if v is None else check(v, *args, **kwargs)
 
@@ -129,6 +161,9 @@ class GenerationRequest(Message):
     priority: int = 0
     deadline_ms: int | None = None  # absolute, ms since the epoch
     drafter: str | None = None  # pin a drafter model by name
+    drafters: list[str] = field(default_factory=list)  # restrict routing to these drafter models
+    speculation: str = "adaptive"  # "adaptive" (the controller's choice), "off" (plain decoding) or "fixed"
+    spec_k: int | None = None  # draft positions per round when speculation is "fixed"
     created_ms: int = 0
 
     def sampling_params(self) -> SamplingParams:
@@ -169,8 +204,17 @@ class GenerationRequest(Message):
             priority=_int(d.get("priority", 0), "priority", -1000, 1000),
             deadline_ms=_opt(d.get("deadline_ms"), _int, "deadline_ms", 0, 2**53),
             drafter=_opt(d.get("drafter"), _ident, "drafter"),
+            drafters=_names(d.get("drafters", []), "drafters"),
+            speculation=_str(d.get("speculation", "adaptive"), "speculation", 16),
+            spec_k=_opt(d.get("spec_k"), _int, "spec_k", 1, MAX_SPEC_K),
             created_ms=_int(d.get("created_ms", 0), "created_ms", 0, 2**53),
         )
+        if msg.speculation not in SPECULATION_MODES:
+            raise ProtocolError(f"speculation: {msg.speculation!r} is not one of {', '.join(SPECULATION_MODES)}")
+        if (msg.speculation == "fixed") != (msg.spec_k is not None):
+            raise ProtocolError("spec_k: required with speculation 'fixed' and only then")
+        if msg.drafter is not None and msg.drafters and msg.drafter not in msg.drafters:
+            raise ProtocolError(f"drafter: {msg.drafter!r} is pinned but not among drafters {msg.drafters}")
         try:
             msg.sampling_params()
         except InvalidParameterError as exc:
@@ -195,7 +239,9 @@ class DraftJob(Message):
     tokens: list[int]
     k: int
     width: int = 1
-    expert: str | None = None  # drafter model to use; None = the drafter worker's choice
+    # Drafter models to draft with, in lockstep with token fusion when several; empty = the worker's choice.
+    experts: list[str] = field(default_factory=list)
+    expert_weights: list[float] = field(default_factory=list)  # trust per expert in (0, 1]; empty = equal
     attempt: int = 0
     sent_ms: int = 0
     # "sampled": sample drafts from the drafter's distribution (request's temperature/top-p/top-k, keyed by
@@ -216,9 +262,10 @@ class DraftJob(Message):
             epoch=_int(d.get("epoch"), "epoch", 1, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS),
             base=_int(d.get("base"), "base", 0, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS),
             tokens=_tokens(d.get("tokens"), "tokens", vocab, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS, allow_empty=False),
-            k=_int(d.get("k"), "k", 1, 64),
+            k=_int(d.get("k"), "k", 1, MAX_SPEC_K),
             width=_int(d.get("width", 1), "width", 1, 16),
-            expert=_opt(d.get("expert"), _ident, "expert"),
+            experts=_names(d.get("experts", []), "experts"),
+            expert_weights=_weights(d.get("expert_weights", [])),
             attempt=_int(d.get("attempt", 0), "attempt", 0, 1 << 20),
             sent_ms=_int(d.get("sent_ms", 0), "sent_ms", 0, 2**53),
             proposal=_str(d.get("proposal", "onehot"), "proposal", 16),
@@ -233,6 +280,8 @@ class DraftJob(Message):
             raise ProtocolError(f"proposal: {msg.proposal!r} is not onehot or sampled")
         if msg.proposal == "sampled" and (msg.temperature <= 0 or msg.top_p <= 0 or msg.width != 1 or not msg.q_top):
             raise ProtocolError("proposal: sampled drafts need temperature > 0, top_p > 0, width 1 and q_top > 0")
+        if msg.expert_weights and len(msg.expert_weights) != len(msg.experts):
+            raise ProtocolError("expert_weights: one weight per expert required")
         if msg.base + len(msg.tokens) != msg.epoch:
             raise ProtocolError(f"epoch {msg.epoch} != base {msg.base} + {len(msg.tokens)} tokens")
         return msg
@@ -270,6 +319,12 @@ class Draft(Message):
     # Sampled drafts: per node, the tokens and probabilities of the distribution it was sampled from.
     q_ids: list[list[int]] = field(default_factory=list)
     q_probs: list[list[float]] = field(default_factory=list)
+    # Routing feedback: each drafting expert's own top-1 token and confidence per depth (given the fused
+    # prefix), and the prompt feature the router's prior is keyed by (the expert with the lowest prompt loss).
+    votes: dict[str, list[int]] = field(default_factory=dict)
+    vote_conf: dict[str, list[float]] = field(default_factory=dict)
+    feature: str = ""
+    lookahead: bool = False  # served from a draft prepared ahead (the previous draft fully accepted)
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> Draft:
@@ -311,6 +366,10 @@ class Draft(Message):
             draft_ms=_float(d.get("draft_ms", 0.0), "draft_ms", 0.0, 1e9),
             q_ids=q_ids,
             q_probs=q_probs,
+            votes=_votes(d.get("votes", {}), vocab),
+            vote_conf=_vote_conf(d.get("vote_conf", {})),
+            feature=_str(d.get("feature", ""), "feature", MAX_NAME_CHARS),
+            lookahead=_bool(d.get("lookahead", False), "lookahead"),
         )
 
 

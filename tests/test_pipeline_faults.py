@@ -10,6 +10,7 @@ import pytest
 from cosine.client import Client
 from cosine.errors import RequestError
 from cosine.local_redis import LocalRedis
+from cosine.protocol import Chunk, decode_entry
 from cosine.sampling_params import SamplingParams
 
 from .helpers import greedy_divergences
@@ -58,6 +59,17 @@ class _Collector:
             t.join(300)
 
 
+def _in_progress_on(s, ids: list[str], verifier: str) -> int:
+    """Unfinished requests a given verifier has already written tokens for (a takeover must resume them)."""
+    count = 0
+    for rid in ids:
+        chunks = [decode_entry(fields, (Chunk,)) for _eid, fields in s.r.xrange(s.keys.out(rid))]
+        if any(c.finished for c in chunks):
+            continue
+        count += any(c.verifier == verifier and c.token_ids for c in chunks)
+    return count
+
+
 def test_drafter_killed_mid_run(zoo_engine, zoo_prompts, tmp_path, capsys):
     items = _work(zoo_prompts)
     with LocalRedis() as srv, deployment(srv.url, verifiers=1, drafters=2, log_dir=str(tmp_path)) as dep:
@@ -88,7 +100,7 @@ def test_verifier_killed_mid_run(zoo_engine, zoo_prompts, tmp_path, capsys):
         def victim_progress():
             owned = [p for p in s.r.xpending_range(s.keys.requests, "verifiers", "-", "+", 1000)
                      if p["consumer"] == b"verifier-0"]
-            return owned and committed_tokens(srv.url, ids) >= 60
+            return owned and committed_tokens(srv.url, ids) >= 60 and _in_progress_on(s, ids, "verifier-0") >= 1
 
         wait_for(victim_progress, 120, what="verifier-0 to own requests and make progress")
         dep.kill("verifier-0", signal.SIGKILL)

@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-
-from cosine.engine.agreement import agreement_scores, mean_confidence, solo_acceptance
 from cosine.policy.routing import (
     PriorTable,
     RequestRouter,
     RoundFeedback,
     RoutingSettings,
+    agreement,
     harmonic,
     length_to_score,
+    mean_confidence,
+    round_feedback,
+    solo_acceptance,
 )
 
 NAMES = ["code", "prose", "records"]
@@ -203,17 +204,19 @@ def test_prior_table_round_trip():
         PriorTable.from_dict({"version": 99})
 
 
-def test_agreement_scores():
-    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [2.0, 0.0]])
-    votes = {"same": [0, 1], "opposite": [2, 1], "orthogonal": [1, 0], "scaled": [3], "empty": []}
-    scores = agreement_scores(emb, votes, [0, 1, 2])
-    assert scores["same"] == pytest.approx(1.0)
-    assert scores["opposite"] == pytest.approx(0.5)  # (0 + 1) / 2: one opposite, one equal
-    assert scores["orthogonal"] == pytest.approx(0.5)
-    assert scores["scaled"] == pytest.approx(1.0)  # cosine ignores length; only depth 0 is compared
-    assert "empty" not in scores
-    assert agreement_scores(emb, {}, [0]) == {}
-    assert agreement_scores(emb, {"a": [0]}, []) == {}
+def test_agreement_is_the_share_of_votes_the_target_committed():
+    votes = {"all": [0, 1], "half": [2, 1], "none": [1, 0], "short": [0], "empty": []}
+    scores = agreement(votes, [0, 1, 2])
+    assert scores == {"all": 1.0, "half": 0.5, "none": 0.0, "short": 1.0}  # only depths both lists have
+    assert agreement({}, [0]) == {}
+    assert agreement({"a": [0]}, []) == {}
+
+
+def test_round_feedback():
+    fb = round_feedback({"a": [1, 2], "b": [1, 3]}, {"a": [0.5, 0.5], "b": [0.9, 0.1]}, [1, 2, 5], accepted=2)
+    assert fb.agreement == {"a": 1.0, "b": 0.5}
+    assert fb.confidence == {"a": 0.5, "b": pytest.approx(0.5)}
+    assert fb.acceptance_length == 3.0
 
 
 def test_solo_acceptance():

@@ -94,7 +94,7 @@ def summarize(timings: list[RequestTiming], wall: float, stats: SpecStats) -> di
     }
 
 
-def _prompts(zoo, n: int) -> list[str]:
+def mixed_prompts(zoo, n: int) -> list[str]:
     by_domain = paths.load_prompts(zoo)
     mixed = [texts[i] for i in range(max(len(t) for t in by_domain.values())) for _, texts in sorted(by_domain.items())
              if i < len(texts)]
@@ -139,7 +139,25 @@ def run_inprocess(engine: SpeculativeEngine, prompts: list[str], concurrency: in
     return summarize(list(timing.values()), time.perf_counter() - t0, stats)
 
 
-def run_pipeline(url: str, prompts: list[str], concurrency: int, params: SamplingParams) -> dict:
+def stream_one(client, prompt, params: SamplingParams, **request) -> tuple[RequestTiming, dict]:
+    """Send one request through the producer client and time it; returns its timing and final stats."""
+    t = RequestTiming(time.perf_counter())
+    final: dict = {}
+    for chunk in client.stream(prompt, max_new_tokens=params.max_new_tokens, ignore_eos=params.ignore_eos, **request):
+        if chunk.token_ids and t.first is None:
+            t.first = time.perf_counter()
+        t.tokens += len(chunk.token_ids)
+        if chunk.finished:
+            final = chunk.stats or {}
+    t.end = time.perf_counter()
+    return t, final
+
+
+def spec_stats(final: dict) -> SpecStats:
+    return SpecStats(drafts=final.get("drafts", 0), drafted=final.get("drafted", 0), accepted=final.get("accepted", 0))
+
+
+def run_pipeline(url: str, prompts: list[str], concurrency: int, params: SamplingParams, **request) -> dict:
     """Closed loop through the producer client: ``concurrency`` threads, each streaming its requests."""
     from cosine.client import Client
 
@@ -153,21 +171,10 @@ def run_pipeline(url: str, prompts: list[str], concurrency: int, params: Samplin
         try:
             with Client(url) as c:
                 for p in mine:
-                    t = RequestTiming(time.perf_counter())
-                    final = None
-                    for chunk in c.stream(p, max_new_tokens=params.max_new_tokens, ignore_eos=params.ignore_eos):
-                        if chunk.token_ids and t.first is None:
-                            t.first = time.perf_counter()
-                        t.tokens += len(chunk.token_ids)
-                        if chunk.finished:
-                            final = chunk.stats
-                    t.end = time.perf_counter()
+                    t, final = stream_one(c, p, params, **request)
                     with lock:
                         timings.append(t)
-                        if final:
-                            s = SpecStats(drafts=final.get("drafts", 0), drafted=final.get("drafted", 0),
-                                          accepted=final.get("accepted", 0))
-                            stats.merge(s)
+                        stats.merge(spec_stats(final))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -182,7 +189,7 @@ def run_pipeline(url: str, prompts: list[str], concurrency: int, params: Samplin
     return summarize(timings, time.perf_counter() - t0, stats)
 
 
-def _worker_counters(url: str) -> dict[str, dict]:
+def worker_counters(url: str) -> dict[str, dict]:
     from cosine.broker import RedisSettings, Streams, connect
     from cosine.keys import Keys
 
@@ -190,7 +197,7 @@ def _worker_counters(url: str) -> dict[str, dict]:
     return s.live_workers()
 
 
-def _delta(before: dict, after: dict, key: str) -> float:
+def delta(before: dict, after: dict, key: str) -> float:
     return float(after.get(key, 0) or 0) - float(before.get(key, 0) or 0)
 
 
@@ -206,14 +213,14 @@ def run_e2e_bench(cfg: E2EBenchConfig, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.inproc_threads)
         engine = SpeculativeEngine.from_zoo(zoo, device="cpu", dtype="float32",
                                             config=SpecConfig(k=cfg.k, tree_width=cfg.tree_width))
-        warm = _prompts(zoo, 2)
+        warm = mixed_prompts(zoo, 2)
         engine.generate(warm, SamplingParams(max_new_tokens=8))
         for path in ("target-only", "coupled"):
             if path not in cfg.paths:
                 continue
             for c in cfg.concurrency:
                 bar.set_postfix_str(f"{path} c={c}")
-                row = run_inprocess(engine, _prompts(zoo, n_for[c]), c, params, speculative=path == "coupled")
+                row = run_inprocess(engine, mixed_prompts(zoo, n_for[c]), c, params, speculative=path == "coupled")
                 results.append({"path": path, "concurrency": c, "threads": cfg.inproc_threads, **row})
                 bar.update(1)
         del engine
@@ -227,27 +234,27 @@ def run_e2e_bench(cfg: E2EBenchConfig, progress: bool = True) -> dict:
             WorkerSpec("drafter", "drafter-0", [], cfg.worker_threads),
         ]
         with Deployment(specs, device="cpu", dtype="float32", zoo=cfg.zoo) as dep:
-            run_pipeline(dep.url, _prompts(zoo, 4), 2, SamplingParams(max_new_tokens=8))  # warm-up
+            run_pipeline(dep.url, mixed_prompts(zoo, 4), 2, SamplingParams(max_new_tokens=8))  # warm-up
             for c in cfg.concurrency:
                 bar.set_postfix_str(f"pipeline c={c}")
-                before = _worker_counters(dep.url)
+                before = worker_counters(dep.url)
                 t0 = time.perf_counter()
-                row = run_pipeline(dep.url, _prompts(zoo, n_for[c]), c, params)
+                row = run_pipeline(dep.url, mixed_prompts(zoo, n_for[c]), c, params)
                 elapsed = time.perf_counter() - t0
-                after = _worker_counters(dep.url)
+                after = worker_counters(dep.url)
                 v0, v1 = before.get("verifier-0", {}), after.get("verifier-0", {})
                 d0, d1 = before.get("drafter-0", {}), after.get("drafter-0", {})
-                busy = _delta(v0, v1, "busy_s")
-                messaging = _delta(v0, v1, "messaging_s")
-                rounds = _delta(v0, v1, "rounds")
+                busy = delta(v0, v1, "busy_s")
+                messaging = delta(v0, v1, "messaging_s")
+                rounds = delta(v0, v1, "rounds")
                 row.update({
                     "verifier_busy": round(busy / elapsed, 3),
-                    "drafter_busy": round(_delta(d0, d1, "busy_s") / elapsed, 3),
+                    "drafter_busy": round(delta(d0, d1, "busy_s") / elapsed, 3),
                     "messaging_share_of_step": round(messaging / busy, 4) if busy else None,
                     "messaging_ms_per_round": round(1000 * messaging / rounds, 3) if rounds else None,
                     "verify_ms_per_round": round(1000 * busy / rounds, 3) if rounds else None,
-                    "late_drafts": int(_delta(v0, v1, "late_drafts")),
-                    "stale_drafts": int(_delta(v0, v1, "stale_drafts")),
+                    "late_drafts": int(delta(v0, v1, "late_drafts")),
+                    "stale_drafts": int(delta(v0, v1, "stale_drafts")),
                 })
                 results.append({"path": "pipeline", "concurrency": c, "threads": cfg.worker_threads, **row})
                 bar.update(1)

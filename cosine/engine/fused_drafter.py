@@ -35,6 +35,9 @@ class FusedRequest:
     width: int = 1  # candidates each expert offers per position
     # Most alternatives per position (None: every distinct candidate, len(experts) * width - 1).
     max_alternatives: int | None = None
+    # Trust per expert (the router's relative scores, best = 1): a candidate's confidence is scaled by its
+    # expert's trust when the spine is chosen, so an overconfident out-of-domain drafter does not take over.
+    weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -96,7 +99,11 @@ class FusedDrafter:
             for sid, cands in candidates.items():
                 req, draft = by_id[sid], out[sid]
                 cap = req.max_alternatives if req.max_alternatives is not None else len(req.experts) * req.width - 1
-                fused = fuse_position(cands, cap)
+                if req.weights:
+                    ranked = {e: [(t, p * req.weights.get(e, 1.0)) for t, p in c] for e, c in cands.items()}
+                else:
+                    ranked = cands
+                fused = fuse_position(ranked, cap)
                 for e, c in cands.items():
                     draft.votes[e].append(c[0][0])
                     draft.vote_confidence[e].append(c[0][1])

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cosine.engine.agreement import agreement_scores, mean_confidence, solo_acceptance
 from cosine.engine.drafter import PROPOSALS, Drafter, DraftRequest
 from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
 from cosine.engine.models import check_same_vocabulary, load_model, load_tokenizer
@@ -33,7 +32,7 @@ from cosine.engine.stopping import apply_stop_strings, visible_text
 from cosine.engine.tree import DraftTree
 from cosine.engine.verifier import StepResult, TargetVerifier
 from cosine.errors import InvalidParameterError
-from cosine.policy.routing import PriorTable, RequestRouter, RoundFeedback, RoutingSettings
+from cosine.policy.routing import PriorTable, RequestRouter, RoutingSettings, round_feedback, solo_acceptance
 from cosine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -220,13 +219,7 @@ class SpeculativeEngine:
     def _feedback(self, res: StepResult, draft: FusedDraft) -> None:
         """Tell a routed sequence's router (and the prior table) how its experts did this round."""
         router, feature = self._routers[res.seq.seq_id]
-        embedding = self.verifier.runner.model.get_input_embeddings().weight
-        fb = RoundFeedback(
-            confidence=mean_confidence(draft.vote_confidence),
-            agreement=agreement_scores(embedding, draft.votes, res.new_tokens),
-            acceptance_length=res.accepted + 1.0,
-        )
-        router.observe(fb)
+        router.observe(round_feedback(draft.votes, draft.vote_confidence, res.new_tokens, res.accepted))
         # The prior table learns what each expert would have reached alone, not the ensemble's length.
         for name, length in solo_acceptance(draft.votes, res.new_tokens).items():
             self.priors.update(feature, name, length)
@@ -245,7 +238,9 @@ class SpeculativeEngine:
             experts = self._round_experts(seq)
             sampled = cfg.proposal == "sampled" and not seq.params.greedy
             if experts and not sampled:
-                fused_requests.append(FusedRequest(seq.seq_id, seq.tokens, k, experts, cfg.tree_width))
+                routed = self._routers.get(seq.seq_id)
+                fused_requests.append(FusedRequest(seq.seq_id, seq.tokens, k, experts, cfg.tree_width,
+                                                   weights=routed[0].trust(experts) if routed else None))
                 continue
             groups.setdefault(experts[0] if experts else seq.drafter, []).append(
                 DraftRequest(

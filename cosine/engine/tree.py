@@ -73,3 +73,31 @@ class DraftTree:
             q=[self.q[i] for i in keep] if self.q is not None else None,
         )
         return out
+
+    def spine(self) -> list[int]:
+        """Node indices of the spine: from the root, always the first child (a chain's nodes in order)."""
+        path: list[int] = []
+        node = -1
+        while True:
+            kids = self.children(node)
+            if not kids:
+                return path
+            node = kids[0]
+            path.append(node)
+
+    def below(self, node: int) -> DraftTree:
+        """The nodes under ``node`` as a tree of their own (``node``'s children become roots)."""
+        inside = {node}
+        keep: list[int] = []
+        for i, p in enumerate(self.parents):
+            if p in inside:
+                inside.add(i)
+                keep.append(i)
+        remap = {old: new for new, old in enumerate(keep)}
+        return DraftTree(
+            tokens=[self.tokens[i] for i in keep],
+            parents=[remap.get(self.parents[i], -1) for i in keep],
+            confidences=[self.confidences[i] for i in keep],
+            sources=[self.sources[i] for i in keep],
+            q=[self.q[i] for i in keep] if self.q is not None else None,
+        )

@@ -1,11 +1,19 @@
 """The drafter service: consume this worker's draft-job stream in batches, draft, reply to verifiers.
 
-One worker hosts one or more drafter models (experts). Per request it keeps the committed tokens it was
-told (jobs carry only the tokens after ``base``) and which expert drafts for it; the engine's drafters
-keep the KV rows. A job whose ``base`` the worker cannot honour (it restarted, or evicted the request) is
-answered with ``resync`` and the verifier resends the whole sequence. Replies and the acknowledgement of
-the jobs they answer go out in one MULTI; malformed jobs go to the dead-letter stream; a failure while
-drafting answers the batch with empty drafts (the verifier then decodes alone) and never kills the worker.
+One worker hosts one or more drafter models (experts). A job names the experts to draft with (the
+verifier's router decides); several draft in lockstep with confidence-based token fusion (one reply, a
+spine plus alternatives). Per request the worker keeps the committed tokens it was told (jobs carry only
+the tokens after ``base``) and the request's prompt feature (the expert with the lowest loss on the
+prompt's tail), which replies carry for the router's prior. A job whose ``base`` the worker cannot honour
+(it restarted, or evicted the request) is answered with ``resync`` and the verifier resends everything.
+
+Lookahead: with nothing else queued, the worker drafts each request's next round right after replying,
+assuming the whole draft is accepted and the target's bonus token is the drafter's own guess; a next job
+whose tokens match is answered from that at once (hits and misses are counted).
+
+Replies and the acknowledgement of the jobs they answer go out in one MULTI; malformed jobs go to the
+dead-letter stream; a failure while drafting answers the batch with empty drafts (the verifier then decodes
+alone) and never kills the worker.
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import redis
 import torch
@@ -22,7 +31,9 @@ import torch
 from cosine import defaults
 from cosine.broker import RedisSettings, Streams, connect, is_nogroup
 from cosine.engine.drafter import Drafter, DraftRequest
+from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
 from cosine.engine.prompt_scoring import best_by_prompt_loss
+from cosine.engine.tree import DraftTree
 from cosine.keys import DRAFTERS_GROUP, Keys
 from cosine.protocol import Draft, DraftClose, DraftJob, ProtocolError, decode_entry, entry
 from cosine.sampling_params import SamplingParams
@@ -39,48 +50,70 @@ class DrafterSettings:
     window_ms: float = defaults.DRAFTER_WINDOW_MS
     block_ms: int = defaults.DRAFTER_BLOCK_MS
     idle_evict_s: float = defaults.DRAFTER_IDLE_EVICT_S
+    lookahead: bool = defaults.DRAFTER_LOOKAHEAD
+
+
+@dataclass
+class _Ahead:
+    """A draft prepared for the round after the one just sent."""
+
+    expected: list[int]  # the committed tokens it assumes
+    draft: FusedDraft
 
 
 @dataclass
 class _Known:
     tokens: list[int]
-    expert: str
-    seen: float
+    feature: str = ""  # the expert with the lowest loss on the prompt's tail
+    experts: list[str] = field(default_factory=list)
+    weights: dict[str, float] | None = None  # trust per expert when several draft together
+    seen: float = 0.0
+    ahead: _Ahead | None = None
 
 
-def _draft_request(job: DraftJob, tokens: list[int]) -> DraftRequest:
-    if job.proposal == "sampled":
-        params = SamplingParams(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
-        return DraftRequest(job.request_id, tokens, job.k, 1, params, job.seed, job.position, "sampled", job.q_top)
-    return DraftRequest(job.request_id, tokens, job.k, job.width)
+def _sampled_request(job: DraftJob, tokens: list[int]) -> DraftRequest:
+    params = SamplingParams(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
+    return DraftRequest(job.request_id, tokens, job.k, 1, params, job.seed, job.position, "sampled", job.q_top)
 
 
 class DrafterService:
     def __init__(self, redis_settings: RedisSettings, settings: DrafterSettings, drafters: dict[str, Drafter],
-                 vocab_size: int) -> None:
+                 vocab_size: int, fused: FusedDrafter | None = None,
+                 features: Callable[[list[list[int]]], list[str]] | None = None) -> None:
+        """``drafters`` are the expert models; ``fused`` drafts with them in lockstep and ``features``
+        names, per prompt, the expert whose loss on its tail is lowest (both derived from ``drafters``
+        unless given, e.g. by the cluster simulation)."""
         self.settings = settings
         self.keys = Keys(redis_settings.prefix)
         self.streams = Streams(connect(redis_settings), self.keys)
         self.drafters = drafters
+        self.fused = fused or FusedDrafter(drafters)
+        self.features = features or (lambda prompts: best_by_prompt_loss(
+            {n: d.runner.model for n, d in drafters.items()}, prompts))
         self.vocab = vocab_size
         self.stream = self.keys.draft(settings.worker_id)
         self.requests: dict[str, _Known] = {}
+        self._last_draft: dict[str, DraftTree] = {}  # the tree last sent per request (for lookahead)
         self.started = time.monotonic()
         self.busy_s = 0.0
         self.jobs = 0
         self.batches = 0
         self.resyncs = 0
+        self.lookahead_hits = 0
+        self.lookahead_misses = 0
         self.heartbeat = Heartbeat(Streams(connect(redis_settings), self.keys), settings.worker_id, self.info)
 
     def info(self) -> dict:
         up = max(time.monotonic() - self.started, 1e-9)
         return {
             "role": "drafter",
-            "experts": ",".join(sorted(self.drafters)),
+            "experts": ",".join(sorted(self.fused.drafters)),
             "active": len(self.requests),
             "jobs": self.jobs,
             "batches": self.batches,
             "resyncs": self.resyncs,
+            "lookahead_hits": self.lookahead_hits,
+            "lookahead_misses": self.lookahead_misses,
             "busy": round(self.busy_s / up, 4),
             "busy_s": round(self.busy_s, 4),
             "pid": os.getpid(),
@@ -91,7 +124,7 @@ class DrafterService:
         self.heartbeat.beat()
         self.heartbeat.start()
         backoff = Backoff()
-        log.info("drafter %s serving experts %s on %s", self.settings.worker_id, sorted(self.drafters), self.stream)
+        log.info("drafter %s serving experts %s on %s", self.settings.worker_id, sorted(self.fused.drafters), self.stream)
         try:
             first = True
             while not stop.is_set():
@@ -152,9 +185,11 @@ class DrafterService:
             pipe.xadd(self.keys.verify(job.verifier), entry(reply), maxlen=defaults.STREAM_MAXLEN, approximate=True)
         Streams.ack_delete(pipe, self.stream, DRAFTERS_GROUP, done_ids)
         pipe.execute()
-        self.busy_s += time.perf_counter() - t0
         self.jobs += len(latest)
         self.batches += 1
+        if self.settings.lookahead and replies and not self.streams.r.xlen(self.stream):
+            self.look_ahead([job for job, reply in replies if reply.tokens and not reply.q_ids])
+        self.busy_s += time.perf_counter() - t0
 
     def draft_all(self, jobs: list[DraftJob]) -> list[tuple[DraftJob, Draft]]:
         replies: list[tuple[DraftJob, Draft]] = []
@@ -166,39 +201,117 @@ class DrafterService:
                 replies.append((job, self._reply(job, resync=True)))
             else:
                 runnable.append((job, tokens))
-        new = [(job, toks) for job, toks in runnable if self.requests[job.request_id].expert == ""]
-        if new:
-            chosen = best_by_prompt_loss({n: d.runner.model for n, d in self.drafters.items()}, [t for _, t in new])
-            for (job, _), name in zip(new, chosen):
-                self.requests[job.request_id].expert = name
-        by_expert: dict[str, list[tuple[DraftJob, list[int]]]] = {}
+        self._learn_features([(job.request_id, toks) for job, toks in runnable])
+        fused: list[tuple[DraftJob, FusedRequest]] = []
         for job, toks in runnable:
-            by_expert.setdefault(self.requests[job.request_id].expert, []).append((job, toks))
-        for name, group in by_expert.items():
-            drafter = self.drafters[name]
+            known = self.requests[job.request_id]
+            hosted = [(e, w) for e, w in zip(job.experts, job.expert_weights or [1.0] * len(job.experts))
+                      if e in self.fused.drafters]
+            known.experts = [e for e, _ in hosted] or [known.feature]
+            known.weights = dict(hosted) if len(hosted) > 1 else None
+            ahead, known.ahead = known.ahead, None
+            if ahead is not None and ahead.expected == toks and ahead.draft.tree.depth >= job.k:
+                self.lookahead_hits += 1
+                d = ahead.draft
+                if d.tree.depth > job.k:
+                    d = FusedDraft(d.tree.truncated(job.k), {e: v[: job.k] for e, v in d.votes.items()},
+                                   {e: c[: job.k] for e, c in d.vote_confidence.items()})
+                replies.append((job, self._fill(self._reply(job), d, lookahead=True)))
+            elif job.proposal == "sampled":
+                if ahead is not None:
+                    self.lookahead_misses += 1
+                replies.append((job, self._sampled(job, toks, known.experts[0])))
+            else:
+                if ahead is not None:
+                    self.lookahead_misses += 1
+                fused.append((job, FusedRequest(job.request_id, toks, job.k, known.experts, job.width,
+                                                weights=known.weights)))
+        if fused:
             try:
-                trees = drafter.draft([_draft_request(job, toks) for job, toks in group])
+                drafts = self.fused.draft([req for _, req in fused])
             except Exception:  # a drafting failure must cost speed, never the worker
-                log.exception("drafting failed for %d requests on %s; replying with empty drafts", len(group), name)
-                drafter.release([job.request_id for job, _ in group])
-                trees = {}
-            for job, _ in group:
-                tree = trees.get(job.request_id)
+                log.exception("drafting failed for %d requests; replying with empty drafts", len(fused))
+                self.fused.release([req.seq_id for _, req in fused])
+                drafts = {}
+            for job, req in fused:
                 reply = self._reply(job)
-                if tree is not None:
-                    reply.tokens, reply.parents = tree.tokens, tree.parents
-                    reply.confidences = [min(1.0, max(0.0, c)) for c in tree.confidences]
-                    reply.sources = list(tree.sources)
-                    if tree.q is not None:  # sampled drafts: send the (truncated) proposal distributions
-                        for q in tree.q:
-                            nz = torch.nonzero(q, as_tuple=False).flatten()
-                            reply.q_ids.append(nz.tolist())
-                            reply.q_probs.append([min(1.0, float(v)) for v in q[nz]])
+                if req.seq_id in drafts:
+                    self._fill(reply, drafts[req.seq_id])
                 replies.append((job, reply))
         return replies
 
+    def look_ahead(self, jobs: list[DraftJob]) -> None:
+        """Draft the round after each just-answered job, assuming its whole draft is accepted."""
+        reqs: list[FusedRequest] = []
+        for job in jobs:
+            known = self.requests.get(job.request_id)
+            if known is None or known.ahead is not None:
+                continue
+            last = self._last_draft.get(job.request_id)
+            if last is None:
+                continue
+            spine = [last.tokens[i] for i in last.spine()]
+            reqs.append(FusedRequest(job.request_id, known.tokens + spine, job.k + 1, known.experts, job.width,
+                                     weights=known.weights))
+        if not reqs:
+            return
+        try:
+            drafts = self.fused.draft(reqs)
+        except Exception:
+            log.exception("lookahead drafting failed for %d requests", len(reqs))
+            self.fused.release([r.seq_id for r in reqs])
+            return
+        for req in reqs:
+            d = drafts.get(req.seq_id)
+            if d is None or not d.tree.tokens:
+                continue
+            guess = d.tree.spine()[0]  # the bonus token the target is assumed to add
+            nxt = FusedDraft(d.tree.below(guess), {e: v[1:] for e, v in d.votes.items()},
+                             {e: c[1:] for e, c in d.vote_confidence.items()})
+            self.requests[req.seq_id].ahead = _Ahead(req.tokens + [d.tree.tokens[guess]], nxt)
+
+    def _fill(self, reply: Draft, d: FusedDraft, lookahead: bool = False) -> Draft:
+        tree = d.tree
+        reply.tokens, reply.parents = tree.tokens, tree.parents
+        reply.confidences = [min(1.0, max(0.0, c)) for c in tree.confidences]
+        reply.sources = list(tree.sources)
+        reply.votes = {e: list(v) for e, v in d.votes.items()}
+        reply.vote_conf = {e: [min(1.0, max(0.0, c)) for c in v] for e, v in d.vote_confidence.items()}
+        reply.lookahead = lookahead
+        self._last_draft[reply.request_id] = tree
+        return reply
+
+    def _sampled(self, job: DraftJob, tokens: list[int], expert: str) -> Draft:
+        """A draft sampled from one expert, with the proposal distributions for rejection sampling."""
+        reply = self._reply(job)
+        try:
+            tree = self.drafters[expert].draft([_sampled_request(job, tokens)]).get(job.request_id)
+        except Exception:
+            log.exception("sampled drafting failed for %s on %s; replying with an empty draft", job.request_id, expert)
+            self.drafters[expert].release([job.request_id])
+            return reply
+        if tree is not None:
+            reply.tokens, reply.parents = tree.tokens, tree.parents
+            reply.confidences = [min(1.0, max(0.0, c)) for c in tree.confidences]
+            reply.sources = list(tree.sources)
+            for q in tree.q or []:  # send the (truncated) proposal distributions, sparse
+                nz = torch.nonzero(q, as_tuple=False).flatten()
+                reply.q_ids.append(nz.tolist())
+                reply.q_probs.append([min(1.0, float(v)) for v in q[nz]])
+        return reply
+
+    def _learn_features(self, seqs: list[tuple[str, list[int]]]) -> None:
+        """New requests: which expert has the lowest loss on the prompt's tail (one forward per expert)."""
+        new = [(rid, toks) for rid, toks in seqs if not self.requests[rid].feature]
+        if new:
+            chosen = self.features([t for _, t in new])
+            for (rid, _), name in zip(new, chosen):
+                self.requests[rid].feature = name
+
     def _reply(self, job: DraftJob, resync: bool = False) -> Draft:
-        return Draft(job.request_id, self.settings.worker_id, job.epoch, resync=resync, job_sent_ms=job.sent_ms)
+        known = self.requests.get(job.request_id)
+        return Draft(job.request_id, self.settings.worker_id, job.epoch, resync=resync, job_sent_ms=job.sent_ms,
+                     feature=known.feature if known is not None and not resync else "")
 
     def _sequence(self, job: DraftJob) -> list[int] | None:
         """The request's committed tokens, rebuilt from what this worker knows plus the job's tokens."""
@@ -209,16 +322,16 @@ class DrafterService:
             tokens = known.tokens[: job.base] + list(job.tokens)
         else:
             return None
-        expert = job.expert if job.expert in self.drafters else (known.expert if known else "")
-        if known is not None and expert != known.expert and known.expert:
-            self.drafters[known.expert].release([job.request_id])
-        self.requests[job.request_id] = _Known(tokens, expert, time.monotonic())
+        if known is None:
+            known = self.requests[job.request_id] = _Known(tokens)
+        known.tokens = tokens
+        known.seen = time.monotonic()
         return tokens
 
     def release(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
-        for d in self.drafters.values():
-            d.release([request_id])
+        self._last_draft.pop(request_id, None)
+        self.fused.release([request_id])
 
     def evict_idle(self) -> None:
         cutoff = time.monotonic() - self.settings.idle_evict_s

@@ -43,8 +43,12 @@ from cosine.protocol import (
     entry,
     peek_request_id,
 )
+from cosine.policy.cost_model import CostModel
+from cosine.policy.scheduling import Candidate
+from cosine.service.control import ControlView
 from cosine.service.heartbeat import Heartbeat
 from cosine.service.loop import Backoff
+from cosine.service.steering import RequestSteer, Steering, Switches
 from cosine.service.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,8 @@ class VerifierSettings:
     max_deliveries: int = defaults.MAX_DELIVERIES
     output_ttl_s: float = defaults.OUTPUT_TTL_S
     drain_timeout_s: float = defaults.VERIFIER_DRAIN_TIMEOUT_S
+    switches: Switches = field(default_factory=Switches)  # CoSine's mechanisms, each can be turned off
+    cost_model: str | None = None  # a profile written by `cosine profile`; None = built-in defaults
 
 
 @dataclass
@@ -97,10 +103,20 @@ class Active:
     late: int = 0
     resyncs: int = 0
     drafters_used: set[str] = field(default_factory=set)
+    steer: RequestSteer | None = None
+    plain: bool = False  # the next round is a plain target step (speculation 0)
+    lookahead_hits: int = 0
 
     @property
     def rid(self) -> str:
         return self.msg.request_id
+
+
+def _depth(parents: list[int]) -> int:
+    depths: list[int] = []
+    for p in parents:
+        depths.append(1 if p < 0 else depths[p] + 1)
+    return max(depths, default=0)
 
 
 def request_seed(msg: GenerationRequest) -> int:
@@ -138,6 +154,9 @@ class VerifierService:
         self.completed = 0
         self.counters = collections.Counter()
         self.heartbeat = Heartbeat(Streams(connect(redis_settings), self.keys), self.me, self.info)
+        cost = CostModel.load(settings.cost_model) if settings.cost_model else None
+        self.steering = Steering(settings.switches, settings.k, cost)
+        self.control = ControlView(self.streams.r, self.keys)
 
     # -- observability --------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -153,6 +172,7 @@ class VerifierService:
             "busy_s": round(self.busy_s, 4),
             "uptime_s": round(up, 3),
             "draft_budget_ms": round(self.draft_budget_ms(), 2),
+            "control_version": self.steering.control.version if self.steering.control else 0,
             "pid": os.getpid(),
             **{k: v for k, v in self.counters.items()},
         }
@@ -329,7 +349,7 @@ class VerifierService:
             self._finish_with_error(pipe, msg, eid, last_seq + 1, len(output), str(exc), "invalid_request")
             return None
         seq.output_ids = output
-        st = Active(msg, eid, seq, admitted, chunk_seq=last_seq + 1, sent=len(output))
+        st = Active(msg, eid, seq, admitted, chunk_seq=last_seq + 1, sent=len(output), steer=self.steering.new())
         st.text.emitted = emitted
         if output:
             self.counters["resumed"] += 1
@@ -387,29 +407,41 @@ class VerifierService:
                 st.resyncs += 1
                 self.counters["resyncs"] += 1
                 continue
+            self.steering.learn_feature(st.steer, msg.feature, self._hosted(st.drafter))
+            if msg.lookahead:
+                st.lookahead_hits += 1
+                self.counters["lookahead_hits"] += 1
             st.draft = msg
 
     def pick_ready(self, now: float) -> list[Active]:
-        """Requests to verify now: draft in hand, no drafter, or draft late. Highest priority first."""
+        """Requests to verify now, chosen by the scheduler among those with a draft in hand, a late draft,
+        no drafter or a plain step due."""
         budget = self.draft_budget_ms() / 1000
-        ready: list[Active] = []
-        tokens = 0
-        for st in sorted(self.active.values(), key=lambda s: -s.msg.priority):
-            if st.draft is None and st.drafter is not None and st.waiting_epoch is not None:
+        wall = now_ms()
+        cands: list[Candidate] = []
+        late: set[str] = set()
+        for st in self.active.values():
+            if st.draft is None and st.drafter is not None and st.waiting_epoch is not None and not st.plain:
                 if now - st.job_sent < budget:
                     continue
-                st.late += 1
-                self.counters["late_drafts"] += 1
+                late.add(st.rid)
+            depth = _depth(st.draft.parents) if st.draft else 0
             size = 1 + (len(st.draft.tokens) if st.draft else 0)
-            if ready and tokens + size > self.settings.max_batch_tokens:
-                break
-            ready.append(st)
-            tokens += size
-        # Requests that need a job (new drafter, resync) get one now.
-        needy = [st for st in self.active.values() if st.waiting_epoch is None and st.draft is None]
+            deadline = None if st.msg.deadline_ms is None else float(st.msg.deadline_ms - wall)
+            cands.append(Candidate(st.rid, size, self.steering.expected(st.steer, depth), len(st.seq),
+                                   st.msg.priority, deadline, (now - st.job_sent) * 1000, st.draft is not None))
+        chosen = set(self.steering.pick(cands, self.settings.max_active, self.settings.max_batch_tokens)) if cands else set()
+        for rid in chosen & late:
+            self.active[rid].late += 1
+            self.counters["late_drafts"] += 1
+        self._dispatch_needy()
+        return [st for st in self.active.values() if st.rid in chosen]
+
+    def _dispatch_needy(self) -> None:
+        """Requests that need a job (new drafter, resync) get one now."""
+        needy = [st for st in self.active.values() if st.waiting_epoch is None and st.draft is None and not st.plain]
         if needy:
             self.dispatch(needy)
-        return ready
 
     # -- verification ---------------------------------------------------------------------------------
     def verify(self, ready: list[Active]) -> None:
@@ -432,6 +464,11 @@ class VerifierService:
         self.rounds += 1
         t1 = time.perf_counter()
         added = {r.seq.seq_id: len(r.new_tokens) for r in results}
+        for r in results:
+            st = self.active[r.seq.seq_id]
+            d = st.draft
+            self.steering.observe(st.steer, r.depth, r.accepted, r.new_tokens, d.votes if d else {},
+                                  d.vote_conf if d else {})
         pipe = self.streams.r.pipeline(transaction=True)
         finished: list[Active] = []
         continuing: list[Active] = []
@@ -499,6 +536,8 @@ class VerifierService:
                 "resyncs": st.resyncs,
                 "verifier": self.me,
                 "drafter_workers": sorted(st.drafters_used),
+                "lookahead_hits": st.lookahead_hits,
+                "prompt_feature": st.steer.feature if st.steer else "",
             }
         )
         return s
@@ -554,19 +593,28 @@ class VerifierService:
             self._jobs_sent(jobs)
 
     def _queue_jobs(self, pipe, sts: list[Active]) -> list[tuple[Active, int]]:
-        """Queue the next draft job of each request (choosing a live drafter); returns (state, epoch)."""
+        """Queue the next draft job of each request (length and drafter models from the policies, a live
+        drafter worker); a request given 0 positions takes a plain target step. Returns (state, epoch)."""
         jobs = []
         self._refresh_drafters()
+        msgs = {st.rid: st.msg for st in sts}
+        ks = {st.rid: self.steering.k_for(st.steer, msgs[st.rid].speculation, msgs[st.rid].spec_k,
+                                          self.engine.room(st.seq)) for st in sts}
+        ks = self.steering.cap(ks, self.settings.tree_width, self.settings.max_batch_tokens)
         for st in sts:
-            k = min(self.settings.k, self.engine.room(st.seq))
-            drafter = self._drafter_for(st)
-            if k <= 0 or drafter is None:
+            k = ks[st.rid]
+            drafter = self._drafter_for(st) if k > 0 else None
+            st.plain = k <= 0 or drafter is None
+            if st.plain:
                 continue
+            experts, weights = self.steering.experts_for(st.steer, self._hosted(drafter), st.msg.drafter,
+                                                         st.msg.drafters)
+            st.steer.k, st.steer.experts = k, experts
             tokens = st.seq.tokens
             epoch = len(tokens)
             base = st.known if 0 < st.known <= epoch - 1 else 0
             job = DraftJob(st.rid, self.me, epoch, base, tokens[base:], k, self.settings.tree_width,
-                           expert=st.msg.drafter, sent_ms=now_ms())
+                           experts=experts, expert_weights=weights, sent_ms=now_ms())
             params = st.seq.params
             if self.settings.proposal == "sampled" and not params.greedy:
                 job.proposal, job.width, job.q_top = "sampled", 1, self.settings.q_top
@@ -575,6 +623,11 @@ class VerifierService:
             pipe.xadd(self.keys.draft(drafter), entry(job), maxlen=defaults.STREAM_MAXLEN, approximate=True)
             jobs.append((st, epoch))
         return jobs
+
+    def _hosted(self, drafter: str | None) -> list[str]:
+        """The drafter models a drafter worker hosts (from its heartbeat)."""
+        info = self.drafters.get(drafter or "", {})
+        return [e for e in str(info.get("experts", "")).split(",") if e]
 
     def _jobs_sent(self, jobs: list[tuple[Active, int]]) -> None:
         now = time.monotonic()
@@ -593,8 +646,8 @@ class VerifierService:
         """The request's drafter worker: sticky while alive, else the least loaded one that fits."""
         if st.drafter in self.drafters:
             return st.drafter
-        fits = [w for w, info in self.drafters.items()
-                if st.msg.drafter is None or st.msg.drafter in info.get("experts", "").split(",")]
+        wanted = [st.msg.drafter] if st.msg.drafter else st.msg.drafters
+        fits = [w for w in self.drafters if not wanted or set(wanted) & set(self._hosted(w))]
         if not fits:
             if st.drafter is not None:
                 log.info("request %s lost drafter %s; decoding alone until one is back", st.rid, st.drafter)
@@ -611,6 +664,7 @@ class VerifierService:
 
     # -- maintenance ----------------------------------------------------------------------------------
     def maintenance(self, now: float, admit: bool) -> None:
+        self.steering.control = self.control.current()
         if now >= self._cancels_at:
             self._cancels_at = now + defaults.CANCEL_POLL_S
             self._poll_cancels()

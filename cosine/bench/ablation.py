@@ -1,0 +1,313 @@
+"""``cosine bench ablation``: what each of CoSine's mechanisms is worth, on the same cores in one run.
+
+Systems compared (each a fresh local deployment: one verifier, one drafter worker hosting the zoo's
+expert drafters, 1 thread each, and the controller, over a private Redis):
+
+* ``cosine``          — everything on: routing, fusion, scheduling, adaptive speculation, lookahead;
+* ``no-routing`` … ``no-lookahead`` — one mechanism off at a time;
+* ``plain-dsd``       — plain distributed speculative decoding: one fixed drafter for every request, fixed
+                        k, no scheduling, no lookahead, no controller;
+* ``coupled`` and ``target-only`` — the single-process engine, 2 threads (as in ``cosine bench e2e``).
+
+Workloads (mixed-domain held-out prompts, greedy, end-of-text ignored): closed loop at the given
+concurrency levels, and open loop with Poisson arrivals at a low, a high and a fluctuating rate (the rate
+switches between low and high every ``fluctuate_s`` seconds). Reported per system and workload:
+throughput, per-token latency p50/p99, time to first token, mean acceptance length, and the counters
+that explain them (lookahead hits, late drafts, controller decisions).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+from cosine.bench.e2e_bench import (
+    RequestTiming,
+    delta,
+    mixed_prompts,
+    run_inprocess,
+    run_pipeline,
+    spec_stats,
+    stream_one,
+    summarize,
+    worker_counters,
+)
+from cosine.bench.report import environment
+from cosine.engine.sequence import SpecStats
+from cosine.markdown import table
+from cosine.sampling_params import SamplingParams
+from cosine.zoo import paths
+
+log = logging.getLogger(__name__)
+
+# System -> (verifier flags, drafter flags, controller on).
+SYSTEMS: dict[str, tuple[list[str], list[str], bool]] = {
+    "cosine": ([], [], True),
+    "no-routing": (["--no-routing"], [], True),
+    "no-fusion": (["--no-fusion"], [], True),
+    "no-scheduling": (["--no-scheduling"], [], True),
+    "no-adaptive": (["--no-adaptive"], [], True),
+    "no-lookahead": ([], ["--no-lookahead"], True),
+    "plain-dsd": (["--no-routing", "--no-fusion", "--no-scheduling", "--no-adaptive"], ["--no-lookahead"], False),
+}
+IN_PROCESS = ("coupled", "target-only")
+
+
+@dataclass
+class AblationConfig:
+    zoo: str | None = None
+    systems: tuple[str, ...] = (*SYSTEMS, *IN_PROCESS)
+    concurrency: tuple[int, ...] = (1, 4, 8, 16)
+    requests_per_client: int = 2
+    min_requests: int = 6
+    rates: tuple[float, float] = (0.5, 2.5)  # low and high Poisson arrival rates (requests/s)
+    open_requests: int = 16  # requests per open-loop run
+    fluctuate_s: float = 4.0
+    max_new_tokens: int = 48
+    k: int = 4
+    plain_drafter: str | None = None  # plain-dsd's fixed drafter; default: the zoo's best on average
+    worker_threads: int = 1
+    inproc_threads: int = 2
+    seed: int = 0
+
+
+def best_single_drafter(zoo) -> str:
+    """The drafter with the highest mean acceptance length averaged over domains (from the zoo's card)."""
+    evaluation = paths.load_manifest(zoo).get("evaluation", {})
+    matrix = evaluation.get("acceptance_matrix", {}).get("mean_acceptance_length", {})  # drafter -> domain
+    if not matrix:
+        return paths.drafter_domains(zoo)[0]
+    return max(matrix, key=lambda d: sum(matrix[d].values()) / len(matrix[d]))
+
+
+def run_open_loop(url: str, prompts: list[str], rate_at, params: SamplingParams, seed: int) -> dict:
+    """Poisson arrivals: request ``i`` is sent at the arrival time drawn for it, whatever is in flight."""
+    from cosine.client import Client
+
+    rng = random.Random(seed)
+    timings: list[RequestTiming] = []
+    stats = SpecStats()
+    lock = threading.Lock()
+    errors: list[Exception] = []
+    client = Client(url)
+
+    def one(p: str) -> None:
+        try:
+            t, final = stream_one(client, p, params)
+            with lock:
+                timings.append(t)
+                stats.merge(spec_stats(final))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = []
+    t0 = time.perf_counter()
+    at = 0.0
+    for p in prompts:
+        at += rng.expovariate(rate_at(at))
+        time.sleep(max(0.0, t0 + at - time.perf_counter()))
+        th = threading.Thread(target=one, args=(p,))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    client.close()
+    if errors:
+        raise errors[0]
+    return summarize(timings, time.perf_counter() - t0, stats)
+
+
+def _workloads(cfg: AblationConfig) -> list[tuple[str, object]]:
+    low, high = cfg.rates
+    return ([(f"closed c={c}", c) for c in cfg.concurrency]
+            + [(f"poisson {low}/s", lambda t: low), (f"poisson {high}/s", lambda t: high),
+               ("poisson fluctuating", lambda t: low if int(t / cfg.fluctuate_s) % 2 == 0 else high)])
+
+
+def _run_workload(url: str, zoo, cfg: AblationConfig, load, params: SamplingParams) -> dict:
+    if isinstance(load, int):
+        n = max(cfg.min_requests, cfg.requests_per_client * load)
+        return run_pipeline(url, mixed_prompts(zoo, n), load, params)
+    return run_open_loop(url, mixed_prompts(zoo, cfg.open_requests), load, params, cfg.seed)
+
+
+def run_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
+    from cosine.deployment import Deployment, WorkerSpec
+
+    v_args, d_args, controller = SYSTEMS[name]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, ignore_eos=True)
+    if name == "plain-dsd":
+        one = cfg.plain_drafter or best_single_drafter(zoo)
+        d_args = [*d_args, "--model", f"{one}={paths.drafter_dir(one, zoo)}"]
+    specs = [WorkerSpec("verifier", "verifier-0", ["--k", str(cfg.k), *v_args], cfg.worker_threads),
+             WorkerSpec("drafter", "drafter-0", d_args, cfg.worker_threads)]
+    if controller:
+        specs.append(WorkerSpec("controller", "controller-0", []))
+    rows = []
+    with Deployment(specs, device="cpu", dtype="float32", zoo=cfg.zoo) as dep:
+        run_pipeline(dep.url, mixed_prompts(zoo, 4), 2, SamplingParams(max_new_tokens=8))  # warm-up
+        for label, load in _workloads(cfg):
+            bar.set_postfix_str(f"{name}: {label}")
+            before = worker_counters(dep.url)
+            row = _run_workload(dep.url, zoo, cfg, load, params)
+            after = worker_counters(dep.url)
+            v0, v1 = before.get("verifier-0", {}), after.get("verifier-0", {})
+            d0, d1 = before.get("drafter-0", {}), after.get("drafter-0", {})
+            row.update({
+                "lookahead_hits": int(delta(d0, d1, "lookahead_hits")),
+                "lookahead_misses": int(delta(d0, d1, "lookahead_misses")),
+                "late_drafts": int(delta(v0, v1, "late_drafts")),
+                "control_version": int(v1.get("control_version", 0) or 0),
+            })
+            rows.append({"system": name, "workload": label, **row})
+            bar.update(1)
+    return rows
+
+
+def run_inprocess_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
+    import torch
+
+    from cosine.engine.speculative import SpecConfig, SpeculativeEngine
+
+    torch.set_num_threads(cfg.inproc_threads)
+    engine = SpeculativeEngine.from_zoo(zoo, device="cpu", dtype="float32", config=SpecConfig(k=cfg.k))
+    engine.generate(mixed_prompts(zoo, 2), SamplingParams(max_new_tokens=8))
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, ignore_eos=True)
+    rows = []
+    for label, load in _workloads(cfg):
+        if not isinstance(load, int):
+            bar.update(1)  # the single-process engine has no arrival process: closed loop only
+            continue
+        bar.set_postfix_str(f"{name}: {label}")
+        n = max(cfg.min_requests, cfg.requests_per_client * load)
+        row = run_inprocess(engine, mixed_prompts(zoo, n), load, params, speculative=name == "coupled")
+        rows.append({"system": name, "workload": label, **row})
+        bar.update(1)
+    return rows
+
+
+def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
+    zoo = paths.zoo_dir(cfg.zoo)
+    unknown = [s for s in cfg.systems if s not in SYSTEMS and s not in IN_PROCESS]
+    if unknown:
+        from cosine.errors import InvalidParameterError
+
+        raise InvalidParameterError("systems", f"unknown {unknown}; choose from {[*SYSTEMS, *IN_PROCESS]}")
+    bar = tqdm(total=len(cfg.systems) * len(_workloads(cfg)), desc="ablation", unit="run", disable=not progress)
+    results: list[dict] = []
+    for name in cfg.systems:
+        results += (run_inprocess_system if name in IN_PROCESS else run_system)(name, cfg, zoo, bar)
+    bar.close()
+    return {
+        "benchmark": "ablation",
+        "environment": environment(),
+        "config": {**asdict(cfg), "zoo": str(zoo), "plain_drafter": cfg.plain_drafter or best_single_drafter(zoo)},
+        "results": results,
+        "targets": ablation_targets(results, cfg),
+    }
+
+
+def _get(results: list[dict], system: str, workload: str, key: str):
+    return next((r.get(key) for r in results if r["system"] == system and r["workload"] == workload), None)
+
+
+def _ratio(a, b) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def ablation_targets(results: list[dict], cfg: AblationConfig) -> dict:
+    """The issue's targets, checked on this run's numbers (mean acceptance length pooled over workloads)."""
+    def mal(system: str) -> float | None:
+        vals = [r["mean_acceptance_length"] for r in results if r["system"] == system and r["mean_acceptance_length"]]
+        return sum(vals) / len(vals) if vals else None
+
+    out: dict[str, dict] = {}
+    plain, no_fusion, full = mal("plain-dsd"), mal("no-fusion"), mal("cosine")
+    if plain and no_fusion:
+        v = _ratio(no_fusion, plain)
+        out["routing_acceptance_gain"] = {"value": v, "target": 1.2, "met": v >= 1.2,
+                                          "what": "mean acceptance length, routing without fusion / one fixed drafter"}
+    if full and no_fusion:
+        v = _ratio(full, no_fusion)
+        out["fusion_acceptance_gain"] = {"value": v, "target": 1.1, "met": v >= 1.1,
+                                         "what": "mean acceptance length, with fusion / without"}
+    fl = "poisson fluctuating"
+    a_tp, f_tp = _get(results, "cosine", fl, "throughput_tok_s"), _get(results, "no-adaptive", fl, "throughput_tok_s")
+    a_p99, f_p99 = _get(results, "cosine", fl, "tpot_p99_ms"), _get(results, "no-adaptive", fl, "tpot_p99_ms")
+    if a_tp and f_tp and a_p99 and f_p99:
+        out["adaptive_fluctuating"] = {"value": f"{_ratio(a_tp, f_tp)}x throughput, {_ratio(a_p99, f_p99)}x p99",
+                                       "target": "> 1x throughput, < 1x p99", "met": a_tp > f_tp and a_p99 < f_p99,
+                                       "what": f"adaptive vs fixed k={cfg.k} under fluctuating load"}
+    la, pl = _get(results, "cosine", "closed c=1", "tpot_p50_ms"), _get(results, "plain-dsd", "closed c=1", "tpot_p50_ms")
+    if la and pl:
+        v = _ratio(la, pl)
+        out["lookahead_latency_c1"] = {"value": v, "target": 0.75, "met": v <= 0.75,
+                                       "what": "per-token latency p50 at c=1, CoSine / plain DSD"}
+    c8 = "closed c=8"
+    full8, plain8 = _get(results, "cosine", c8, "throughput_tok_s"), _get(results, "plain-dsd", c8, "throughput_tok_s")
+    if full8 and plain8:
+        v = _ratio(full8, plain8)
+        out["throughput_c8"] = {"value": v, "target": 1.3, "met": v >= 1.3,
+                                "what": "throughput at c=8, CoSine / plain DSD"}
+    return out
+
+
+def ablation_markdown(payload: dict) -> str:
+    env, cfg = payload["environment"], payload["config"]
+    workloads = list(dict.fromkeys(r["workload"] for r in payload["results"]))
+    systems = list(dict.fromkeys(r["system"] for r in payload["results"]))
+
+    def cell(system, workload, key, fmt="{:.0f}"):
+        v = _get(payload["results"], system, workload, key)
+        return "—" if v is None else fmt.format(v)
+
+    tp = table(["system", *workloads], [[s, *(cell(s, w, "throughput_tok_s") for w in workloads)] for s in systems])
+    lat = table(["system", *workloads],
+                [[s, *(f"{cell(s, w, 'tpot_p50_ms')} / {cell(s, w, 'tpot_p99_ms')}" for w in workloads)]
+                 for s in systems])
+    mal = table(["system", *workloads],
+                [[s, *(cell(s, w, "mean_acceptance_length", "{:.2f}") for w in workloads)] for s in systems])
+    tg = table(["target", "what", "measured", "goal", "met"],
+               [[k, v["what"], v["value"], v["target"], "yes" if v["met"] else "**no**"]
+                for k, v in payload["targets"].items()])
+    note = (f"{cfg['max_new_tokens']} new tokens per request (greedy, end-of-text ignored), mixed-domain held-out "
+            f"prompts; k={cfg['k']} where fixed; Poisson rates {cfg['rates'][0]} and {cfg['rates'][1]} requests/s "
+            f"(fluctuating: switching every {cfg['fluctuate_s']} s), {cfg['open_requests']} requests per open-loop run; "
+            f"plain DSD drafts with `{cfg['plain_drafter']}` only; workers 1 thread each, in-process paths "
+            f"{cfg['inproc_threads']} threads; {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}; "
+            f"git {env['git_sha']}, {env['time']}.")
+    return (f"Throughput (tokens/s)\n\n{tp}\n\nPer-token latency p50 / p99 (ms)\n\n{lat}\n\n"
+            f"Mean acceptance length\n\n{mal}\n\n{tg}\n\n{note}")
+
+
+def ablation_plots(payload: dict, out_png: str) -> None:
+    """Throughput and per-token latency p99 per system for every workload (grouped bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = payload["results"]
+    workloads = list(dict.fromkeys(r["workload"] for r in results))
+    systems = list(dict.fromkeys(r["system"] for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(16, 4.8))
+    width = 0.8 / max(1, len(systems))
+    for i, system in enumerate(systems):
+        xs = [j + i * width for j in range(len(workloads))]
+        for ax, key in zip(axes, ("throughput_tok_s", "tpot_p99_ms")):
+            ax.bar(xs, [_get(results, system, w, key) or 0 for w in workloads], width, label=system)
+    for ax, title in zip(axes, ("throughput (tokens/s)", "per-token latency p99 (ms)")):
+        ax.set_title(title)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(workloads))], workloads, rotation=20, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    env = payload["environment"]
+    fig.suptitle(f"CoSine ablations ({env['cpu']}, git {env['git_sha']})")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

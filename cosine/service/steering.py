@@ -1,0 +1,143 @@
+"""Steering: the verifier's use of CoSine's policies for the requests it owns.
+
+Per request it keeps a router (which drafters, how many cooperate) and a speculation state (how many
+positions to draft); per round it turns the verified draft into feedback for both, and it asks the
+scheduler which ready requests to verify together. The controller's latest decision (bounds, cooperating
+drafters, batch limits, pressure) is applied here. Each mechanism can be switched off on its own
+(:class:`Switches`), which is how ``cosine bench`` measures what each is worth.
+
+Pure glue over ``cosine.policy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cosine.policy.control import ControlDecision
+from cosine.policy.cost_model import CostModel
+from cosine.policy.routing import PriorTable, RequestRouter, RoutingSettings, round_feedback, solo_acceptance
+from cosine.policy.scheduling import Candidate, SchedulerSettings, choose_batch, expected_tokens
+from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationController
+
+
+@dataclass
+class Switches:
+    """Which of CoSine's mechanisms are on (all by default; the ablations turn one off)."""
+
+    routing: bool = True  # off: each request keeps the drafter its prompt fits best, one drafter
+    fusion: bool = True  # off: one drafter per round (no lockstep cooperation, no fused siblings)
+    scheduling: bool = True  # off: verify every ready request, highest priority first, up to the token cap
+    adaptive: bool = True  # off: every request drafts the fixed k
+
+
+@dataclass
+class RequestSteer:
+    """A request's policy state."""
+
+    spec: RequestSpec
+    router: RequestRouter | None = None
+    feature: str = ""
+    k: int = 0  # positions asked for in the outstanding job
+    experts: list[str] = field(default_factory=list)
+
+
+class Steering:
+    def __init__(self, switches: Switches, k: int, cost: CostModel | None = None,
+                 scheduler: SchedulerSettings | None = None, spec: SpecSettings | None = None,
+                 routing: RoutingSettings | None = None) -> None:
+        self.switches = switches
+        self.k = k
+        self.cost = cost or CostModel.default()
+        self.scheduler = scheduler or SchedulerSettings()
+        self.spec_settings = spec or SpecSettings(k_init=k)
+        self.controller = SpeculationController(self.spec_settings)
+        self.routing = routing or RoutingSettings()
+        self.priors = PriorTable()
+        self.control: ControlDecision | None = None
+
+    def new(self) -> RequestSteer:
+        return RequestSteer(RequestSpec(self.spec_settings))
+
+    # -- what to draft ------------------------------------------------------------------------------------
+    def k_for(self, steer: RequestSteer, mode: str, fixed_k: int | None, room: int) -> int:
+        """Draft positions for the request's next round (0 = a plain target step)."""
+        if mode == "off" or self.k == 0:  # a verifier started with k=0 never speculates
+            return 0
+        if mode == "fixed":
+            return max(0, min(fixed_k or 0, room))
+        if not self.switches.adaptive:
+            return max(0, min(self.k, room))
+        c = self.control
+        bounds = (c.k_min, c.k_max) if c is not None else None
+        k = self.controller.k_for(steer.spec, bounds=bounds, pressure=c.pressure if c is not None else 0.0)
+        return max(0, min(k, room))
+
+    def cap(self, ks: dict[str, int], width: int, token_cap: int) -> dict[str, int]:
+        """Shorten the longest drafts first when the round's draft tokens would exceed the verifier's cap."""
+        if not self.switches.adaptive:
+            return ks
+        return self.controller.cap_total(ks, {rid: width for rid in ks}, token_cap)
+
+    def experts_for(self, steer: RequestSteer, hosted: list[str], pinned: str | None,
+                    allowed: list[str]) -> tuple[list[str], list[float]]:
+        """The drafter models for the next job, best first, with their trust (relative router scores);
+        no models = the drafter worker's choice (its prompt feature)."""
+        if pinned is not None:
+            return ([pinned], []) if pinned in hosted else ([], [])
+        pool = [e for e in hosted if not allowed or e in allowed]
+        if not pool:
+            return [], []
+        if not self.switches.routing or steer.router is None:
+            if steer.feature in pool:
+                return [steer.feature], []
+            return ([], []) if not allowed else (pool[:1], [])
+        most = self.control.max_cooperating if self.control is not None else self.routing.max_cooperating
+        if not self.switches.fusion:
+            most = 1
+        chosen = steer.router.choose(pool, max_cooperating=most)
+        trust = steer.router.trust(chosen)
+        return chosen, [trust[e] for e in chosen] if trust else []
+
+    def learn_feature(self, steer: RequestSteer, feature: str, hosted: list[str]) -> None:
+        """The drafter worker told us the request's prompt feature: start its router from the prior."""
+        if steer.feature or not feature:
+            return
+        steer.feature = feature
+        if self.switches.routing:
+            steer.router = RequestRouter(hosted, self.routing, self.priors.prior(feature, hosted))
+
+    # -- feedback -----------------------------------------------------------------------------------------
+    def observe(self, steer: RequestSteer, depth: int, accepted: int, committed: list[int],
+                votes: dict[str, list[int]], vote_conf: dict[str, list[float]]) -> None:
+        """One verified round: acceptance for speculation control, each expert's votes for routing."""
+        if depth > 0:
+            steer.spec.observe(depth, accepted)
+        if not votes:
+            return
+        if steer.feature:  # the prior learns what each expert alone would have reached, not the ensemble
+            for expert, solo in solo_acceptance(votes, committed).items():
+                self.priors.update(steer.feature, expert, solo)
+        if steer.router is not None:
+            steer.router.observe(round_feedback(votes, vote_conf, committed, accepted))
+
+    # -- what to verify together ----------------------------------------------------------------------------
+    def expected(self, steer: RequestSteer, depth: int) -> float:
+        """Tokens a round with a draft of ``depth`` positions is expected to commit (bonus included)."""
+        return expected_tokens(steer.spec.acceptance_rate, depth) if depth else 1.0
+
+    def pick(self, cands: list[Candidate], max_batch: int, token_cap: int) -> list[str]:
+        """Which ready requests to verify together. Without scheduling: by priority, up to the token cap."""
+        c = self.control
+        if c is not None:
+            max_batch = min(max_batch, c.verifier_max_batch) if c.verifier_max_batch else max_batch
+            token_cap = min(token_cap, c.verifier_token_cap) if c.verifier_token_cap else token_cap
+        if not self.switches.scheduling:
+            chosen, tokens = [], 0
+            for cand in sorted(cands, key=lambda x: -x.priority):
+                if chosen and (tokens + cand.tree_tokens > token_cap or len(chosen) >= max_batch):
+                    break
+                chosen.append(cand.rid)
+                tokens += cand.tree_tokens
+            return chosen
+        settings = SchedulerSettings(**{**self.scheduler.__dict__, "token_cap": token_cap, "max_batch": max_batch})
+        return choose_batch(cands, self.cost, settings)
