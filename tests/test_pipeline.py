@@ -82,6 +82,42 @@ def test_concurrent_mixed_requests_match_the_target(client, zoo_engine, zoo_prom
         assert {"queue_ms", "drafting_ms", "verifying_ms", "tokens_by_drafter", "mean_acceptance_length"} <= set(r.stats)
 
 
+def test_per_request_speculation_and_drafter_choice_keep_the_output(client, zoo_engine, zoo_prompts, capsys):
+    """Speculation off, fixed, adaptive; a pinned drafter and a restricted pool: all give the target's output."""
+    prompt = zoo_prompts["code"][6]
+    runs = {
+        "off": client.generate(prompt, max_new_tokens=32, speculation="off"),
+        "fixed 2": client.generate(prompt, max_new_tokens=32, speculation=2),
+        "adaptive": client.generate(prompt, max_new_tokens=32),
+        "pinned prose": client.generate(prompt, max_new_tokens=32, drafter="prose"),
+        "only records": client.generate(prompt, max_new_tokens=32, drafters=["records"]),
+    }
+    prompts, refs = reference(zoo_engine, [prompt], [32])
+    for name, r in runs.items():
+        ties, failures = greedy_divergences(zoo_engine.verifier.runner.model, prompts, [r.token_ids], refs)
+        with capsys.disabled():
+            for _i, j, gap in ties:
+                print(f"\n[near-tie] {name}: first difference at {j}, top-2 gap {gap:.2e}")
+        assert not failures, (name, failures)
+    assert runs["off"].stats["drafts"] == 0 and runs["off"].stats["plain_steps"] >= 31
+    fixed = runs["fixed 2"].stats
+    assert fixed["drafts"] > 0 and fixed["drafted"] <= 2 * fixed["drafts"]
+    assert set(runs["pinned prose"].stats["tokens_by_drafter"]) <= {"prose"}
+    assert set(runs["only records"].stats["tokens_by_drafter"]) <= {"records"}
+    assert runs["adaptive"].stats["prompt_feature"] in ("code", "prose", "records")
+
+
+def test_routing_and_lookahead_at_work(cluster, client, zoo_prompts):
+    """Mixed domains reach different drafters; an idle drafter's lookahead drafts get used."""
+    prompts = [zoo_prompts[d][i] for d in sorted(zoo_prompts) for i in (7, 8)]
+    results = [client.generate(p, max_new_tokens=32, ignore_eos=True) for p in prompts]
+    used = {name for r in results for name in r.stats["tokens_by_drafter"]}
+    assert len(used) >= 2, used
+    assert sum(r.stats["lookahead_hits"] for r in results) > 0
+    info = streams(cluster.url).live_workers("drafter")["drafter-0"]
+    assert int(info["lookahead_hits"]) > 0 and int(info["lookahead_misses"]) >= 0
+
+
 def test_seeded_sampling_is_reproducible(client, zoo_prompts):
     prompts = [zoo_prompts[d][3] for d in sorted(zoo_prompts)]
     kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.95)

@@ -14,6 +14,7 @@ from cosine.policy.scheduling import (
     SchedulerSettings,
     choose_batch,
     expected_tokens,
+    hold_ms,
     objective,
 )
 
@@ -255,3 +256,17 @@ def test_settings_are_validated():
         Candidate("x", 0, 1.0, 10)
     with pytest.raises(InvalidParameterError):
         Candidate("x", 2, 1.0, 10, waited_ms=-1.0)
+
+
+def test_hold_for_coming_drafts_only_when_the_pass_barely_grows():
+    ready = [Candidate(f"r{i}", 5, 3.0, 100) for i in range(4)]
+    coming = [(Candidate(f"c{i}", 5, 3.0, 100), 5.0) for i in range(4)]
+    flat = CostModel(verify_base_ms=30.0, verify_token_ms=0.01)  # a big target: the batch is almost free
+    steep = CostModel(verify_base_ms=1.0, verify_token_ms=1.0)  # a small one: every token costs
+    assert hold_ms(ready, coming, flat) == 5.0
+    assert hold_ms(ready, coming, steep) == 0.0
+    assert hold_ms(ready, [(c, 80.0) for c, _ in coming], flat) == 0.0  # past max_hold_ms
+    assert hold_ms([], coming, flat) == 0.0
+    urgent = [Candidate("u", 5, 3.0, 100, deadline_in_ms=10.0)]
+    assert hold_ms(urgent, coming, flat) == 0.0
+    assert hold_ms(ready, coming, flat, SchedulerSettings(max_batch=4)) == 0.0

@@ -96,6 +96,8 @@ class SchedulerSettings:
     starvation_ms: float = 500.0  # a candidate that waited this long always goes (space permitting)
     urgent_ms: float = 200.0  # a deadline closer than this sends the candidate first
     priority_base: float = 2.0  # each priority level multiplies a candidate's latency weight by this
+    # Hold the pass for drafts still on their way (see hold_ms) at most this long; 0 = never hold.
+    max_hold_ms: float = 50.0
 
     def __post_init__(self) -> None:
         if not _finite(self.latency_weight) or not 0.0 <= self.latency_weight <= 1.0:
@@ -110,6 +112,8 @@ class SchedulerSettings:
             raise InvalidParameterError("urgent_ms", f"must be a number >= 0, got {self.urgent_ms!r}")
         if not _finite(self.priority_base) or self.priority_base < 1:
             raise InvalidParameterError("priority_base", f"must be a number >= 1, got {self.priority_base!r}")
+        if not _finite(self.max_hold_ms) or self.max_hold_ms < 0:
+            raise InvalidParameterError("max_hold_ms", f"must be a number >= 0, got {self.max_hold_ms!r}")
 
 
 def _finite(x) -> bool:
@@ -303,3 +307,37 @@ def choose_batch(cands: list[Candidate], cost: CostModel, settings: SchedulerSet
         take(best_c)
     log.debug("scheduled %d of %d candidates (%d tokens): %s", chosen.n, len(cands), chosen.tokens, order)
     return order
+
+
+def hold_ms(ready: list[Candidate], coming: list[tuple[Candidate, float]], cost: CostModel,
+            settings: SchedulerSettings | None = None) -> float:
+    """How long to hold the next pass for drafts still on their way (0 = verify now).
+
+    ``coming`` pairs a request whose draft has not arrived with the ms until it is expected. Verifying now
+    commits ``E(ready)`` tokens in ``V(ready)`` ms; holding ``t`` ms for the drafts due by then commits
+    ``E(ready) + E(due)`` in ``t + V(ready + due)`` ms. Hold for the arrival time that gives the most tokens
+    per ms, if that beats going now: a forward whose cost hardly grows with the batch (a large target on a
+    GPU) is worth waiting a little to fill; one that grows with every token (a small one on a CPU) is not.
+    Never held: with nothing ready (the caller blocks anyway), with an urgent or starving candidate ready,
+    past ``max_hold_ms``, or when the batch is already full.
+    """
+    settings = settings or SchedulerSettings()
+    if not ready or not coming or settings.max_hold_ms <= 0:
+        return 0.0
+    if any(is_urgent(c, settings) or is_starving(c, settings) for c in ready):
+        return 0.0
+    n, ctx = len(ready), max(c.context for c in ready)
+    tokens, gain = sum(c.tree_tokens for c in ready), sum(c.expected_tokens for c in ready)
+    if n >= settings.max_batch or tokens >= settings.token_cap:
+        return 0.0
+    best_rate, best_wait = gain / max(cost.verify_ms(n, ctx, tokens), _MIN_MS), 0.0
+    for cand, eta in sorted(coming, key=lambda x: x[1]):
+        eta = max(0.0, eta)
+        if eta > settings.max_hold_ms or n >= settings.max_batch or tokens + cand.tree_tokens > settings.token_cap:
+            break
+        n, ctx = n + 1, max(ctx, cand.context)
+        tokens, gain = tokens + cand.tree_tokens, gain + cand.expected_tokens
+        rate = gain / (eta + max(cost.verify_ms(n, ctx, tokens), _MIN_MS))
+        if rate > best_rate:
+            best_rate, best_wait = rate, eta
+    return best_wait

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from cosine.policy.control import ControlDecision
 from cosine.policy.cost_model import CostModel
 from cosine.policy.routing import PriorTable, RequestRouter, RoutingSettings, round_feedback, solo_acceptance
-from cosine.policy.scheduling import Candidate, SchedulerSettings, choose_batch, expected_tokens
+from cosine.policy.scheduling import Candidate, SchedulerSettings, choose_batch, expected_tokens, hold_ms
 from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationController
 
 
@@ -125,19 +125,29 @@ class Steering:
         """Tokens a round with a draft of ``depth`` positions is expected to commit (bonus included)."""
         return expected_tokens(steer.spec.acceptance_rate, depth) if depth else 1.0
 
-    def pick(self, cands: list[Candidate], max_batch: int, token_cap: int) -> list[str]:
-        """Which ready requests to verify together. Without scheduling: by priority, up to the token cap."""
+    def _limits(self, max_batch: int, token_cap: int) -> SchedulerSettings:
         c = self.control
         if c is not None:
             max_batch = min(max_batch, c.verifier_max_batch) if c.verifier_max_batch else max_batch
             token_cap = min(token_cap, c.verifier_token_cap) if c.verifier_token_cap else token_cap
+        return SchedulerSettings(**{**self.scheduler.__dict__, "token_cap": token_cap, "max_batch": max_batch})
+
+    def pick(self, cands: list[Candidate], max_batch: int, token_cap: int) -> list[str]:
+        """Which ready requests to verify together. Without scheduling: by priority, up to the token cap."""
+        settings = self._limits(max_batch, token_cap)
         if not self.switches.scheduling:
             chosen, tokens = [], 0
             for cand in sorted(cands, key=lambda x: -x.priority):
-                if chosen and (tokens + cand.tree_tokens > token_cap or len(chosen) >= max_batch):
+                if chosen and (tokens + cand.tree_tokens > settings.token_cap or len(chosen) >= settings.max_batch):
                     break
                 chosen.append(cand.rid)
                 tokens += cand.tree_tokens
             return chosen
-        settings = SchedulerSettings(**{**self.scheduler.__dict__, "token_cap": token_cap, "max_batch": max_batch})
         return choose_batch(cands, self.cost, settings)
+
+    def hold(self, ready: list[Candidate], coming: list[tuple[Candidate, float]], max_batch: int,
+             token_cap: int) -> float:
+        """ms to hold the next pass for drafts on their way (0 = go now; never without scheduling)."""
+        if not self.switches.scheduling:
+            return 0.0
+        return hold_ms(ready, coming, self.cost, self._limits(max_batch, token_cap))

@@ -146,6 +146,7 @@ class VerifierService:
         self._reclaim_at = 0.0
         self._cancels_at = 0.0
         self.cancel_cursor = "$"
+        self.hold_until = 0.0  # the scheduler holds the next pass until then for drafts on their way
         # metrics
         self.started = time.monotonic()
         self.rounds = 0
@@ -274,9 +275,12 @@ class VerifierService:
             self.consumed = []
 
     def block_ms(self, now: float) -> int | None:
-        """Block only while nothing can be verified, and not past the earliest draft budget."""
+        """Block only while nothing can be verified (or the pass is held for drafts on their way), and not
+        past the earliest draft budget; a draft arriving ends the block."""
         if not self.active:
             return self.settings.idle_block_ms
+        if self.hold_until > now:
+            return max(1, int((self.hold_until - now) * 1000))
         budget = self.draft_budget_ms() / 1000
         wait = self.settings.idle_block_ms / 1000
         for st in self.active.values():
@@ -419,23 +423,43 @@ class VerifierService:
         budget = self.draft_budget_ms() / 1000
         wall = now_ms()
         cands: list[Candidate] = []
+        coming: list[tuple[Candidate, float]] = []
         late: set[str] = set()
+        eta = self.draft_eta_ms()
         for st in self.active.values():
-            if st.draft is None and st.drafter is not None and st.waiting_epoch is not None and not st.plain:
-                if now - st.job_sent < budget:
-                    continue
-                late.add(st.rid)
-            depth = _depth(st.draft.parents) if st.draft else 0
-            size = 1 + (len(st.draft.tokens) if st.draft else 0)
+            waiting = st.draft is None and st.drafter is not None and st.waiting_epoch is not None and not st.plain
+            if waiting and now - st.job_sent >= budget:
+                late.add(st.rid)  # verified without its draft (a plain step); the draft is dropped when it comes
+                waiting = False
+            depth = _depth(st.draft.parents) if st.draft else (st.steer.k if waiting else 0)
+            size = 1 + (len(st.draft.tokens) if st.draft else depth)
             deadline = None if st.msg.deadline_ms is None else float(st.msg.deadline_ms - wall)
-            cands.append(Candidate(st.rid, size, self.steering.expected(st.steer, depth), len(st.seq),
-                                   st.msg.priority, deadline, (now - st.job_sent) * 1000, st.draft is not None))
-        chosen = set(self.steering.pick(cands, self.settings.max_active, self.settings.max_batch_tokens)) if cands else set()
+            cand = Candidate(st.rid, size, self.steering.expected(st.steer, depth), len(st.seq), st.msg.priority,
+                             deadline, (now - st.job_sent) * 1000, depth > 0)
+            if waiting:
+                coming.append((cand, eta - (now - st.job_sent) * 1000))
+            else:
+                cands.append(cand)
+        self._dispatch_needy()
+        if not cands:
+            return []
+        hold = self.steering.hold(cands, coming, self.settings.max_active, self.settings.max_batch_tokens)
+        if hold > 0:
+            self.hold_until = now + hold / 1000
+            self.counters["held_passes"] += 1
+            return []
+        chosen = set(self.steering.pick(cands, self.settings.max_active, self.settings.max_batch_tokens))
         for rid in chosen & late:
             self.active[rid].late += 1
             self.counters["late_drafts"] += 1
-        self._dispatch_needy()
         return [st for st in self.active.values() if st.rid in chosen]
+
+    def draft_eta_ms(self) -> float:
+        """When a draft is expected after its job was sent: the median recent round trip."""
+        if not self.rtts:
+            return 0.0
+        ordered = sorted(self.rtts)
+        return ordered[len(ordered) // 2]
 
     def _dispatch_needy(self) -> None:
         """Requests that need a job (new drafter, resync) get one now."""
