@@ -115,6 +115,29 @@ def bench(ctx: click.Context) -> None:
         ctx.invoke(bench_e2e)
 
 
+def _report(name: str, payload: dict, md: str, out: str, update_readme: bool, plot=None, caption: str = "") -> None:
+    """Write a benchmark's JSON and markdown (and plot), print the tables, optionally put them in README.md."""
+    from cosine.bench.report import update_readme as write_readme
+    from cosine.bench.report import write_results
+
+    js, mdf = write_results(pathlib.Path(out), name, payload, md)
+    png = None
+    if plot is not None:
+        png = str(js).replace(".json", ".png")
+        plot(payload, png)
+    click.echo(md)
+    click.echo(f"\nwrote {js}, {mdf}" + (f" and {png}" if png else ""))
+    if not update_readme:
+        return
+    if png is not None:
+        docs = REPO_ROOT / "docs"
+        docs.mkdir(exist_ok=True)
+        shutil.copy(png, docs / f"bench-{name}.png")
+        md += f"\n\n![{caption or name}](docs/bench-{name}.png)"
+    if write_readme(REPO_ROOT / "README.md", name, md):
+        click.echo("README.md updated")
+
+
 @bench.command("e2e")
 @click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
 @click.option("--concurrency", "concurrency", type=int, multiple=True, default=(1, 4, 8, 16), show_default=True)
@@ -132,24 +155,11 @@ def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, m
     """Closed-loop concurrency sweep: target-only and coupled (in-process, 2 threads) vs the pipeline
     (drafter and verifier processes, 1 thread each, over a private Redis)."""
     from cosine.bench.e2e_bench import E2EBenchConfig, e2e_markdown, e2e_plots, run_e2e_bench
-    from cosine.bench.report import update_readme as write_readme
-    from cosine.bench.report import write_results
 
     cfg = E2EBenchConfig(zoo=zoo_path, concurrency=tuple(concurrency), requests_per_client=requests_per_client,
                          max_new_tokens=max_new_tokens, k=k, tree_width=tree_width, paths=tuple(paths_))
     payload = run_e2e_bench(cfg)
-    md = e2e_markdown(payload)
-    js, mdf = write_results(pathlib.Path(out), "e2e", payload, md)
-    png = str(js).replace(".json", ".png")
-    e2e_plots(payload, png)
-    click.echo(md)
-    click.echo(f"\nwrote {js}, {mdf} and {png}")
-    if update_readme:
-        docs = REPO_ROOT / "docs"
-        docs.mkdir(exist_ok=True)
-        shutil.copy(png, docs / "bench-e2e.png")
-        if write_readme(REPO_ROOT / "README.md", "e2e", md + "\n\n![end-to-end benchmark](docs/bench-e2e.png)"):
-            click.echo("README.md updated")
+    _report("e2e", payload, e2e_markdown(payload), out, update_readme, e2e_plots, "end-to-end benchmark")
 
 
 @bench.command("ablation")
@@ -171,26 +181,66 @@ def bench_ablation(zoo_path, systems, concurrency, rates, open_requests, max_new
     """Full CoSine vs each mechanism switched off, plain distributed speculative decoding (one fixed
     drafter, fixed k), the coupled single-process path and target-only, under closed-loop and Poisson load."""
     from cosine.bench.ablation import AblationConfig, ablation_markdown, ablation_plots, run_ablation
-    from cosine.bench.report import update_readme as write_readme
-    from cosine.bench.report import write_results
 
     cfg = AblationConfig(zoo=zoo_path, concurrency=tuple(concurrency), rates=tuple(rates),
                          open_requests=open_requests, max_new_tokens=max_new_tokens, k=k)
     if systems:
         cfg.systems = tuple(systems)
     payload = run_ablation(cfg)
-    md = ablation_markdown(payload)
-    js, mdf = write_results(pathlib.Path(out), "ablation", payload, md)
-    png = str(js).replace(".json", ".png")
-    ablation_plots(payload, png)
-    click.echo(md)
-    click.echo(f"\nwrote {js}, {mdf} and {png}")
-    if update_readme:
-        docs = REPO_ROOT / "docs"
-        docs.mkdir(exist_ok=True)
-        shutil.copy(png, docs / "bench-ablation.png")
-        if write_readme(REPO_ROOT / "README.md", "ablation", md + "\n\n![ablations](docs/bench-ablation.png)"):
-            click.echo("README.md updated")
+    _report("ablation", payload, ablation_markdown(payload), out, update_readme, ablation_plots, "ablations")
+
+
+@bench.command("sim")
+@click.option("--verifiers", type=int, default=2, show_default=True)
+@click.option("--drafters", type=int, default=16, show_default=True, help="Drafter workers.")
+@click.option("--system", "systems", multiple=True, default=None,
+              help="Systems to run (repeatable) [default: all, as in `cosine bench ablation`].")
+@click.option("--concurrency", type=int, multiple=True, default=(1, 8, 32), show_default=True)
+@click.option("--rates", type=(float, float), default=(4.0, 16.0), show_default=True,
+              help="Low and high Poisson arrival rates (requests/s).")
+@click.option("--requests", type=int, default=48, show_default=True, help="Requests per run.")
+@click.option("--time-scale", type=float, default=1.0, show_default=True,
+              help="Scale every simulated forward (timings mean something only at 1).")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
+@click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
+def bench_sim(verifiers, drafters, systems, concurrency, rates, requests, time_scale, out, update_readme) -> None:
+    """The ablation table at cluster scale: real workers, Redis, controller and policies in one process,
+    model forwards replaced by cost models (a 70B target on 4xA100, 68M drafters on consumer GPUs)."""
+    from cosine.bench.sim_bench import SimBenchConfig, run_sim_bench, sim_markdown
+
+    cfg = SimBenchConfig(verifiers=verifiers, drafters=drafters, concurrency=tuple(concurrency), rates=tuple(rates),
+                         requests=requests, time_scale=time_scale)
+    if systems:
+        cfg.systems = tuple(systems)
+    payload = run_sim_bench(cfg)
+    _report("sim", payload, sim_markdown(payload), out, update_readme)
+
+
+@cli.command()
+@click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
+@click.option("--model", default=None, help="Target model folder [default: the zoo's target].")
+@click.option("--drafter", "drafter_models", multiple=True, metavar="NAME=PATH",
+              help="Drafter models to time (repeatable) [default: the zoo's drafters].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default=None, help="Model dtype [default: float32 on CPU, bfloat16 on CUDA].")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads (as the verifier runs).")
+@click.option("--time-budget-s", type=float, default=60.0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="cost-model.json", show_default=True)
+def profile(zoo_path, model, drafter_models, device, dtype, threads, time_budget_s, out) -> None:
+    """Time real target and drafter forwards on this hardware and fit the scheduler's cost model (verify time
+    by batch, context and tree tokens; draft time by batch and steps). Give it to verifiers with
+    `cosine worker verifier --cost-model PATH`."""
+    from cosine.profiling import run_profile
+    from cosine.zoo import paths
+
+    root = paths.zoo_dir(zoo_path)
+    drafters = dict(item.split("=", 1) for item in drafter_models) or {
+        d: str(paths.drafter_dir(d, root)) for d in paths.drafter_domains(root)}
+    cost = run_profile(model or str(paths.target_dir(root)), drafters, device=device, dtype=dtype, threads=threads,
+                       time_budget_s=time_budget_s)
+    cost.save(out)
+    click.echo(f"verify ms = {cost.verify_coefficients()}; draft ms = {cost.draft_coefficients()}")
+    click.echo(f"wrote {out}")
 
 
 @bench.command("engine")
@@ -210,18 +260,11 @@ def bench_engine(zoo_path, prompts_per_domain, max_new_tokens, k, tree_width, ba
                  update_readme) -> None:
     """Target-only vs HF assisted generation vs the engine's coupled speculative path (chain, tree)."""
     from cosine.bench.engine_bench import EngineBenchConfig, engine_markdown, run_engine_bench
-    from cosine.bench.report import update_readme as write_readme
-    from cosine.bench.report import write_results
 
     cfg = EngineBenchConfig(zoo_path, prompts_per_domain, max_new_tokens, k, tree_width, tuple(batches), threads,
                             device, dtype, hf)
     payload = run_engine_bench(cfg)
-    md = engine_markdown(payload)
-    js, mdf = write_results(pathlib.Path(out), "engine", payload, md)
-    click.echo(md)
-    click.echo(f"\nwrote {js} and {mdf}")
-    if update_readme and write_readme(REPO_ROOT / "README.md", "engine", md):
-        click.echo("README.md updated")
+    _report("engine", payload, engine_markdown(payload), out, update_readme)
 
 
 # -- shared options -----------------------------------------------------------------------------------

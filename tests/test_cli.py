@@ -12,7 +12,8 @@ from cosine.cli import cli
 
 
 @pytest.mark.parametrize("args", [[], ["zoo"], ["zoo", "build"], ["bench", "engine"], ["demo"], ["generate"],
-                                  ["worker"], ["worker", "drafter"], ["worker", "verifier"], ["up"], ["status"]])
+                                  ["worker"], ["worker", "drafter"], ["worker", "verifier"], ["up"], ["status"],
+                                  ["controller"], ["profile"], ["bench", "ablation"], ["bench", "sim"]])
 def test_help(args):
     result = CliRunner().invoke(cli, args + ["--help"])
     assert result.exit_code == 0, result.output

@@ -28,3 +28,34 @@ def test_engine_bench_small(tmp_path, zoo_root):
         if r["identical_to_target_only"]:
             done, total = map(int, r["identical_to_target_only"].split("/"))
             assert done == total
+
+
+@pytest.mark.slow
+def test_ablation_bench_small(tmp_path, zoo_root):
+    """Two systems, one closed-loop level and a short open loop: rows, targets and the tables come out."""
+    result = CliRunner().invoke(
+        cli,
+        ["bench", "ablation", "--system", "cosine", "--system", "plain-dsd", "--concurrency", "1",
+         "--open-requests", "2", "--rates", "2", "4", "--max-new-tokens", "8", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    [js] = list(tmp_path.glob("ablation-*.json"))
+    payload = json.loads(js.read_text())
+    assert {(r["system"], r["workload"]) for r in payload["results"]} >= {("cosine", "closed c=1"),
+                                                                         ("plain-dsd", "poisson fluctuating")}
+    assert all(r["tokens"] == 8 * r["requests"] for r in payload["results"])
+    assert "lookahead_latency_c1" in payload["targets"] and "Mean acceptance length" in result.output
+
+
+def test_sim_bench_small(tmp_path):
+    """The simulated cluster bench (fast clock): every output equals the simulated target's."""
+    result = CliRunner().invoke(
+        cli,
+        ["bench", "sim", "--system", "cosine", "--system", "plain-dsd", "--drafters", "4", "--concurrency", "1",
+         "--concurrency", "8", "--requests", "8", "--time-scale", "0.02", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    [js] = list(tmp_path.glob("sim-*.json"))
+    payload = json.loads(js.read_text())
+    assert all(r["lossless"] for r in payload["results"])
+    assert {"throughput_c8", "lookahead_latency_c1"} <= set(payload["targets"])

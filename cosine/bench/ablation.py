@@ -257,7 +257,7 @@ def ablation_targets(results: list[dict], cfg: AblationConfig) -> dict:
     return out
 
 
-def ablation_markdown(payload: dict) -> str:
+def ablation_markdown(payload: dict, note: bool = True) -> str:
     env, cfg = payload["environment"], payload["config"]
     workloads = list(dict.fromkeys(r["workload"] for r in payload["results"]))
     systems = list(dict.fromkeys(r["system"] for r in payload["results"]))
@@ -275,14 +275,17 @@ def ablation_markdown(payload: dict) -> str:
     tg = table(["target", "what", "measured", "goal", "met"],
                [[k, v["what"], v["value"], v["target"], "yes" if v["met"] else "**no**"]
                 for k, v in payload["targets"].items()])
-    note = (f"{cfg['max_new_tokens']} new tokens per request (greedy, end-of-text ignored), mixed-domain held-out "
+    tables = (f"Throughput (tokens/s)\n\n{tp}\n\nPer-token latency p50 / p99 (ms)\n\n{lat}\n\n"
+              f"Mean acceptance length\n\n{mal}\n\n{tg}")
+    if not note:
+        return f"{tables}\n\ngit {env['git_sha']}, {env['time']}."
+    text = (f"{cfg['max_new_tokens']} new tokens per request (greedy, end-of-text ignored), mixed-domain held-out "
             f"prompts; k={cfg['k']} where fixed; Poisson rates {cfg['rates'][0]} and {cfg['rates'][1]} requests/s "
             f"(fluctuating: switching every {cfg['fluctuate_s']} s), {cfg['open_requests']} requests per open-loop run; "
             f"plain DSD drafts with `{cfg['plain_drafter']}` only; workers 1 thread each, in-process paths "
             f"{cfg['inproc_threads']} threads; {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}; "
             f"git {env['git_sha']}, {env['time']}.")
-    return (f"Throughput (tokens/s)\n\n{tp}\n\nPer-token latency p50 / p99 (ms)\n\n{lat}\n\n"
-            f"Mean acceptance length\n\n{mal}\n\n{tg}\n\n{note}")
+    return f"{tables}\n\n{text}"
 
 
 def ablation_plots(payload: dict, out_png: str) -> None:

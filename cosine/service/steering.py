@@ -11,7 +11,7 @@ Pure glue over ``cosine.policy``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cosine.policy.control import ControlDecision
 from cosine.policy.cost_model import CostModel
@@ -38,7 +38,6 @@ class RequestSteer:
     router: RequestRouter | None = None
     feature: str = ""
     k: int = 0  # positions asked for in the outstanding job
-    experts: list[str] = field(default_factory=list)
 
 
 class Steering:

@@ -633,7 +633,7 @@ class VerifierService:
                 continue
             experts, weights = self.steering.experts_for(st.steer, self._hosted(drafter), st.msg.drafter,
                                                          st.msg.drafters)
-            st.steer.k, st.steer.experts = k, experts
+            st.steer.k = k
             tokens = st.seq.tokens
             epoch = len(tokens)
             base = st.known if 0 < st.known <= epoch - 1 else 0

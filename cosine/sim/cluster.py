@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -265,12 +266,14 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else round(1000 * v, 2)
 
 
-def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None = None, rate: float | None = None,
+def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None = None,
+                 rate: float | Callable[[float], float] | None = None,
                  domain_mix: dict[str, float] | None = None, max_new_tokens: int = 64,
                  prompt_len: tuple[int, int] = (32, 128), seed: int = 0, timeout: float = 300.0,
                  **request) -> dict:
     """Send ``n_requests`` through the producer client, closed loop at ``concurrency`` (each client sends its
-    next request when the previous ends) or open loop at ``rate`` requests/s (Poisson arrivals).
+    next request when the previous ends) or open loop at ``rate`` requests/s (Poisson arrivals; a function
+    of the seconds since the start for a rate that changes).
 
     Returns throughput, TTFT p50, per-token latency p50/p99 (ms), mean acceptance length overall and per
     domain, worker counters over the run, and ``lossless`` (every output equals the target-only
@@ -321,7 +324,9 @@ def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None =
         for th in threads:
             th.start()
     else:
-        assert rate is not None and rate > 0, "rate must be > 0 requests/s"
+        rate_at = rate if callable(rate) else (lambda _t: rate)
+        if not callable(rate) and not rate > 0:
+            raise ValueError("rate must be > 0 requests/s")
         rng = random.Random(seed + 1)
         at = 0.0
 
@@ -330,7 +335,7 @@ def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None =
                 one(c, i)
 
         for i in range(n_requests):
-            at += rng.expovariate(rate)
+            at += rng.expovariate(rate_at(at))
             delay = t0 + at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
@@ -369,7 +374,7 @@ def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None =
         "requests": n_requests,
         "completed": len(done) - len(errors),
         "errors": errors[:10],
-        "mode": f"closed loop, concurrency {concurrency}" if concurrency is not None else f"open loop, {rate} req/s",
+        "mode": f"closed loop, concurrency {concurrency}" if concurrency is not None else "open loop",
         "max_new_tokens": max_new_tokens,
         "tokens": tokens,
         "wall_s": round(wall, 3),
