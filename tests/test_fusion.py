@@ -12,7 +12,7 @@ from cosine.engine.speculative import ROUTE, SpecConfig
 from cosine.policy.fusion import fuse_position
 from cosine.sampling_params import SamplingParams
 
-from .helpers import greedy_divergences
+from .helpers import MAX_NEAR_TIE_SHARE, greedy_divergences
 
 EXPERTS = ["code", "prose", "records"]
 NEW_TOKENS = 32
@@ -170,7 +170,7 @@ def reference(zoo_engine, mixed_ids):
 def _assert_lossless(engine, prompts, outputs, refs):
     ties, failures = greedy_divergences(engine.verifier.runner.model, prompts, outputs, refs)
     assert not failures, f"divergences that are not near-ties (prompt, position, gap): {failures}"
-    assert len(ties) <= 1, ties
+    assert len(ties) <= max(1, MAX_NEAR_TIE_SHARE * len(prompts)), ties  # 16-bit types round logits to ties
 
 
 @pytest.mark.slow
