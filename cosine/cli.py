@@ -169,9 +169,9 @@ def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, m
                    "target-only].")
 @click.option("--concurrency", type=int, multiple=True, default=(1, 4, 8, 16), show_default=True,
               help="Closed-loop concurrency levels.")
-@click.option("--rates", type=(float, float), default=(0.5, 2.5), show_default=True,
+@click.option("--rates", type=(float, float), default=(1.0, 8.0), show_default=True,
               help="Low and high Poisson arrival rates (requests/s); the fluctuating run alternates them.")
-@click.option("--open-requests", type=int, default=16, show_default=True, help="Requests per open-loop run.")
+@click.option("--open-requests", type=int, default=24, show_default=True, help="Requests per open-loop run.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--k", type=int, default=4, show_default=True, help="k where speculation length is fixed.")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)

@@ -45,7 +45,7 @@ def run(policy: ControlPolicy, decision: ControlDecision, n: int, **kw) -> list[
 
 @pytest.fixture
 def policy():
-    return ControlPolicy(ControlSettings(hysteresis_samples=3, drift_samples=10))
+    return ControlPolicy(ControlSettings(k_max_default=4, hysteresis_samples=3, drift_samples=10))
 
 
 @pytest.fixture

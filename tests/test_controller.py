@@ -47,7 +47,7 @@ def settings(url, prefix, **kw) -> RedisSettings:
 def controller(url, prefix, hysteresis=1, **kw) -> ControllerService:
     kw.setdefault("interval_ms", 50)
     return ControllerService(settings(url, prefix), ControllerSettings(**kw),
-                             ControlPolicy(ControlSettings(hysteresis_samples=hysteresis, drift_samples=1000)))
+                             ControlPolicy(ControlSettings(k_max_default=4, hysteresis_samples=hysteresis, drift_samples=1000)))
 
 
 def streams(url, prefix) -> Streams:

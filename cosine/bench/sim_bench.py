@@ -20,16 +20,18 @@ from cosine.service.steering import Switches
 
 log = logging.getLogger(__name__)
 
-# System -> (switches, drafter lookahead, controller on, one fixed expert).
-SIM_SYSTEMS: dict[str, tuple[Switches, bool, bool, bool]] = {
-    "cosine": (Switches(), True, True, False),
-    "no-routing": (Switches(routing=False), True, True, False),
-    "no-fusion": (Switches(fusion=False), True, True, False),
-    "no-scheduling": (Switches(scheduling=False), True, True, False),
-    "no-adaptive": (Switches(adaptive=False), True, True, False),
-    "no-lookahead": (Switches(), False, True, False),
-    "plain-dsd": (Switches(False, False, False, False), False, False, True),
-    "target-only": (Switches(), False, False, False),
+# System -> (switches, drafter lookahead, controller on, one fixed expert, fixed k (None: the run's k)).
+SIM_SYSTEMS: dict[str, tuple[Switches, bool, bool, bool, int | None]] = {
+    "cosine": (Switches(), True, True, False, None),
+    "no-routing": (Switches(routing=False), True, True, False, None),
+    "no-fusion": (Switches(fusion=False), True, True, False, None),
+    "no-scheduling": (Switches(scheduling=False), True, True, False, None),
+    "no-adaptive": (Switches(adaptive=False), True, True, False, None),
+    "fixed-k2": (Switches(adaptive=False), True, True, False, 2),
+    "fixed-k6": (Switches(adaptive=False), True, True, False, 6),
+    "no-lookahead": (Switches(), False, True, False, None),
+    "plain-dsd": (Switches(False, False, False, False), False, False, True, None),
+    "target-only": (Switches(), False, False, False, None),
 }
 
 
@@ -65,11 +67,11 @@ def run_sim_bench(cfg: SimBenchConfig, progress: bool = True) -> dict:
     results: list[dict] = []
     with LocalRedis() as srv:
         for name in cfg.systems:
-            switches, lookahead, controller, fixed = SIM_SYSTEMS[name]
+            switches, lookahead, controller, fixed, k = SIM_SYSTEMS[name]
             experts = (cfg.plain_expert,) if fixed else ("code", "prose", "records")
             cluster = SimCluster(srv.url, verifiers=cfg.verifiers, drafters=cfg.drafters,
                                  experts_per_drafter=experts, verifier_switches=switches, controller=controller,
-                                 time_scale=cfg.time_scale, verifier_settings={"k": cfg.k},
+                                 time_scale=cfg.time_scale, verifier_settings={"k": k or cfg.k},
                                  drafter_settings={"lookahead": lookahead})
             request = {"speculation": "off"} if name == "target-only" else {}
             with cluster:

@@ -16,6 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+def depth_of(parents: list[int]) -> int:
+    """The longest root-to-leaf path of a parents-first tree given by its parent indices."""
+    depths: list[int] = []
+    for p in parents:
+        depths.append(1 if p < 0 else depths[p] + 1)
+    return max(depths, default=0)
+
+
 @dataclass
 class DraftTree:
     tokens: list[int] = field(default_factory=list)
@@ -30,10 +38,7 @@ class DraftTree:
     @property
     def depth(self) -> int:
         """Number of draft positions (length of the longest root-to-leaf path)."""
-        depths: list[int] = []
-        for p in self.parents:
-            depths.append(1 if p < 0 else depths[p] + 1)
-        return max(depths, default=0)
+        return depth_of(self.parents)
 
     def children(self, node: int) -> list[int]:
         """Children of ``node`` (``-1`` = the root) in proposal order."""

@@ -185,7 +185,9 @@ class ControlSettings:
     # speculation length: k_max moves within [k_max_lowest, k_max_highest]; k_min is fixed (<= k_max)
     k_min: int = 0  # per-request policies may shorten drafts down to this (0: they may switch a request's
     # speculation off when its drafts are rarely accepted)
-    k_max_default: int = defaults.SPEC_K  # where k_max starts and drifts back to
+    # where k_max starts and drifts back to: above the fixed default k, so adaptive requests with good
+    # acceptance may draft longer, with room left for the idle-verifier rule
+    k_max_default: int = 6
     k_max_lowest: int = 1  # shortening stops here (0 would turn speculation off under pressure)
     k_max_highest: int = 8  # lengthening stops here
     k_step: int = 1  # k_max change per action

@@ -48,7 +48,9 @@ class Steering:
         self.k = k
         self.cost = cost or CostModel.default()
         self.scheduler = scheduler or SchedulerSettings()
-        self.spec_settings = spec or SpecSettings(k_init=k)
+        # The drafter/target step ratio that speculation control weighs drafts by: the profiled one.
+        ratio = self.cost.draft_cost_ratio()
+        self.spec_settings = spec or SpecSettings(k_init=k, **({"draft_cost_ratio": ratio} if 0 < ratio < 1 else {}))
         self.controller = SpeculationController(self.spec_settings)
         self.routing = routing or RoutingSettings()
         self.priors = PriorTable()

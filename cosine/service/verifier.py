@@ -27,7 +27,7 @@ from cosine import defaults
 from cosine.broker import RedisSettings, Streams, connect, is_nogroup, now_ms
 from cosine.engine.sequence import FinishReason, Sequence
 from cosine.engine.stopping import apply_stop_strings
-from cosine.engine.tree import DraftTree
+from cosine.engine.tree import DraftTree, depth_of
 from cosine.engine.verifier import TargetVerifier
 from cosine.errors import InvalidParameterError
 from cosine.keys import VERIFIERS_GROUP, Keys
@@ -110,13 +110,6 @@ class Active:
     @property
     def rid(self) -> str:
         return self.msg.request_id
-
-
-def _depth(parents: list[int]) -> int:
-    depths: list[int] = []
-    for p in parents:
-        depths.append(1 if p < 0 else depths[p] + 1)
-    return max(depths, default=0)
 
 
 def request_seed(msg: GenerationRequest) -> int:
@@ -431,7 +424,7 @@ class VerifierService:
             if waiting and now - st.job_sent >= budget:
                 late.add(st.rid)  # verified without its draft (a plain step); the draft is dropped when it comes
                 waiting = False
-            depth = _depth(st.draft.parents) if st.draft else (st.steer.k if waiting else 0)
+            depth = depth_of(st.draft.parents) if st.draft else (st.steer.k if waiting else 0)
             size = 1 + (len(st.draft.tokens) if st.draft else depth)
             deadline = None if st.msg.deadline_ms is None else float(st.msg.deadline_ms - wall)
             cand = Candidate(st.rid, size, self.steering.expected(st.steer, depth), len(st.seq), st.msg.priority,
