@@ -18,12 +18,17 @@ def _workload(zoo_path: str | None, per_domain: int) -> list[tuple[str, str]]:
 
 
 def run_demo(zoo_path: str | None, per_domain: int, max_new_tokens: int, drafters: int, log_dir: str) -> None:
+    from cosine.broker import connect
     from cosine.client import Client
     from cosine.deployment import Deployment, WorkerSpec
+    from cosine.keys import Keys
+    from cosine.service.control import ControlView
 
     work = _workload(zoo_path, per_domain)
     specs = [WorkerSpec("verifier", "verifier-0")] + [WorkerSpec("drafter", f"drafter-{i}") for i in range(drafters)]
-    click.echo(f"starting a private Redis, 1 verifier and {drafters} drafter process(es); logs in {log_dir}")
+    specs.append(WorkerSpec("controller", "controller"))
+    click.echo(f"starting a private Redis, 1 verifier, {drafters} drafter process(es) and the controller; "
+               f"logs in {log_dir}")
     t_start = time.perf_counter()
     with Deployment(specs, log_dir=log_dir, zoo=zoo_path) as dep:
         click.echo(f"up in {time.perf_counter() - t_start:.1f} s at {dep.url}; submitting {len(work)} requests")
@@ -54,6 +59,12 @@ def run_demo(zoo_path: str | None, per_domain: int, max_new_tokens: int, drafter
         click.echo(f"acceptance   : mean length {1 + accepted / max(drafts, 1):.2f}, "
                    f"rate {accepted / max(drafted, 1):.2f}")
         click.echo("expert share : " + ", ".join(f"{k} {v / total_share:.0%}" for k, v in sorted(shares.items())))
+        hits = sum(r.stats.get("lookahead_hits", 0) for r in results)
+        click.echo(f"lookahead    : {hits} of {drafts} drafts were ready before their job arrived")
+        decision = ControlView(connect(dep.redis_settings()), Keys(dep.prefix)).current()
+        if decision is not None:
+            click.echo(f"controller   : decision v{decision.version}: k {decision.k_min}..{decision.k_max}, up to "
+                       f"{decision.max_cooperating} drafters cooperating ({decision.reason})")
         click.echo("stopping the deployment ...")
     click.echo("done")
 
