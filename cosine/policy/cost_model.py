@@ -170,31 +170,24 @@ class CostModel:
     def fit_verify(self, samples: list[tuple[int, int, int, float]]) -> CostModel:
         """Fit the verification coefficients to ``(batch, max_context, tree_tokens, ms)`` samples (in place)."""
         rows = self._samples("samples", samples, 4)
-        x = np.array([[1.0, b, t, b * c] for b, c, t, _ in rows])
-        y = np.array([r[3] for r in rows], dtype=np.float64)
-        if len(rows) < x.shape[1]:
-            log.warning("fitting 4 verification coefficients to only %d samples", len(rows))
-        coef, stats = _fit(x, y)
-        for name, value in zip(VERIFY_FIELDS, coef):
-            setattr(self, name, float(value))
-        self.metadata["verify_samples"] = len(rows)
-        self.metadata["verify_fit"] = stats
-        log.info("verify cost fit on %d samples: %s (%s)", len(rows), self.verify_coefficients(), stats)
-        return self
+        return self._fit_fields("verify", VERIFY_FIELDS, [[1.0, b, t, b * c] for b, c, t, _ in rows],
+                                [r[3] for r in rows])
 
     def fit_draft(self, samples: list[tuple[int, int, float]]) -> CostModel:
         """Fit the drafting coefficients to ``(batch, steps, ms)`` samples (in place)."""
         rows = self._samples("samples", samples, 3)
-        x = np.array([[1.0, s, s * b] for b, s, _ in rows])
-        y = np.array([r[2] for r in rows], dtype=np.float64)
-        if len(rows) < x.shape[1]:
-            log.warning("fitting 3 drafting coefficients to only %d samples", len(rows))
+        return self._fit_fields("draft", DRAFT_FIELDS, [[1.0, s, s * b] for b, s, _ in rows], [r[2] for r in rows])
+
+    def _fit_fields(self, kind: str, names: tuple[str, ...], features: list[list[float]], ms: list[float]) -> CostModel:
+        x, y = np.array(features, dtype=np.float64), np.array(ms, dtype=np.float64)
+        if len(y) < x.shape[1]:
+            log.warning("fitting %d %s coefficients to only %d samples", x.shape[1], kind, len(y))
         coef, stats = _fit(x, y)
-        for name, value in zip(DRAFT_FIELDS, coef):
+        for name, value in zip(names, coef):
             setattr(self, name, float(value))
-        self.metadata["draft_samples"] = len(rows)
-        self.metadata["draft_fit"] = stats
-        log.info("draft cost fit on %d samples: %s (%s)", len(rows), self.draft_coefficients(), stats)
+        self.metadata[f"{kind}_samples"] = len(y)
+        self.metadata[f"{kind}_fit"] = stats
+        log.info("%s cost fit on %d samples: %s (%s)", kind, len(y), dict(zip(names, coef.tolist())), stats)
         return self
 
     @staticmethod

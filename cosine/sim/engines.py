@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cosine.engine.fused_drafter import FusedDraft, FusedRequest
-from cosine.engine.sequence import Sequence, validate_prompt
+from cosine.engine.sequence import Sequence
 from cosine.engine.tree import DraftTree
-from cosine.engine.verifier import StepResult
+from cosine.engine.verifier import StepResult, TargetVerifier
 from cosine.policy.fusion import fuse_position
 from cosine.sim.costs import DOMAINS, A100X4_70B, RTX3090_68M, AcceptanceModel, DrafterCost, TargetCost
 
@@ -93,26 +93,18 @@ class SimRunner:
 
 
 # -- target ---------------------------------------------------------------------------------------------
-class SimTarget:
-    """:class:`cosine.engine.verifier.TargetVerifier`'s interface over :class:`SimModel` and a cost model."""
+class SimTarget(TargetVerifier):
+    """:class:`cosine.engine.verifier.TargetVerifier` over :class:`SimModel` and a cost model: the same
+    bookkeeping (sequences, room, validation), simulated forwards."""
 
     def __init__(self, model: SimModel | None = None, cost: TargetCost = A100X4_70B, time_scale: float = 1.0,
                  max_positions: int = 4096, eos_id: int | None = None) -> None:
         self.model = model or SimModel()
-        self.runner = SimRunner(self.model.vocab_size, max_positions)
+        super().__init__(SimRunner(self.model.vocab_size, max_positions), eos_id)  # type: ignore[arg-type]
         self.cost = cost
         self.time_scale = time_scale
-        self.eos_id = eos_id
-        self.seqs: dict[str, Sequence] = {}
         self.forwards = 0
         self.simulated_ms = 0.0  # model time slept (before time_scale)
-
-    @property
-    def max_len(self) -> int:
-        return self.runner.max_positions
-
-    def validate(self, seq: Sequence) -> None:
-        validate_prompt(seq.prompt_ids, self.runner.vocab_size, self.max_len)
 
     def admit(self, seqs: list[Sequence]) -> None:
         t0 = time.perf_counter()
@@ -125,9 +117,6 @@ class SimTarget:
     def release(self, seq_ids: list[str]) -> None:
         for sid in seq_ids:
             self.seqs.pop(sid, None)
-
-    def room(self, seq: Sequence) -> int:
-        return max(0, min(seq.remaining - 1, self.max_len - len(seq) - 1))
 
     def _spend(self, t0: float, ms: float) -> None:
         self.simulated_ms += ms
