@@ -7,7 +7,6 @@ import logging
 import pathlib
 import shutil
 import sys
-import time
 
 import click
 

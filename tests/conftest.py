@@ -6,8 +6,6 @@ e.g. ``scripts/gpu_check.sh`` runs them on CUDA in bfloat16.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from transformers import LlamaForCausalLM

@@ -15,7 +15,6 @@ from cosine.sampling_params import SamplingParams
 from .helpers import NEAR_TIE_CDF, NUCLEUS_EDGE, first_divergence
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("width", [1, 2])
 def test_seeded_speculative_sampling_equals_target_only(zoo_engine, zoo_prompts, width, capsys):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cosine.engine.stopping import visible_text
 from cosine.engine.sequence import Sequence
+from cosine.engine.stopping import visible_text
 
 
 @dataclass

@@ -31,6 +31,8 @@ from cosine.engine.tree import DraftTree, depth_of
 from cosine.engine.verifier import TargetVerifier
 from cosine.errors import InvalidParameterError
 from cosine.keys import VERIFIERS_GROUP, Keys
+from cosine.policy.cost_model import CostModel
+from cosine.policy.scheduling import Candidate
 from cosine.protocol import (
     Cancel,
     Chunk,
@@ -43,8 +45,6 @@ from cosine.protocol import (
     entry,
     peek_request_id,
 )
-from cosine.policy.cost_model import CostModel
-from cosine.policy.scheduling import Candidate
 from cosine.service.control import ControlView
 from cosine.service.heartbeat import Heartbeat
 from cosine.service.loop import Backoff

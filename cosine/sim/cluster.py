@@ -41,8 +41,8 @@ from cosine.service.drafter import DrafterService, DrafterSettings
 from cosine.service.steering import Switches
 from cosine.service.verifier import VerifierService, VerifierSettings
 from cosine.sim.costs import (
-    DOMAINS,
     A100X4_70B,
+    DOMAINS,
     RTX3090_68M,
     AcceptanceModel,
     DrafterCost,

@@ -33,7 +33,7 @@ from cosine.engine.sequence import Sequence
 from cosine.engine.tree import DraftTree
 from cosine.engine.verifier import StepResult, TargetVerifier
 from cosine.policy.fusion import fuse_position
-from cosine.sim.costs import DOMAINS, A100X4_70B, RTX3090_68M, AcceptanceModel, DrafterCost, TargetCost
+from cosine.sim.costs import A100X4_70B, DOMAINS, RTX3090_68M, AcceptanceModel, DrafterCost, TargetCost
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import pathlib
 
 from cosine.markdown import table as _table
 
-
 STEP_RATIO_GOAL = 0.2  # a drafter step should cost at most this share of a target step
 
 
