@@ -498,12 +498,15 @@ def controller(redis_url, prefix, sentinels, sentinel_master, username, password
 @cli.command()
 @redis_options
 @click.option("--json", "as_json", is_flag=True)
-def status(redis_url, prefix, sentinels, sentinel_master, username, password, as_json) -> None:
+@click.option("--timeline", type=int, default=0, show_default=True,
+              help="Also show the controller's last N decisions, oldest first, with what it saw.")
+def status(redis_url, prefix, sentinels, sentinel_master, username, password, as_json, timeline) -> None:
     """Workers with heartbeat ages, every stream's depth (lag + pending) and the controller's decision."""
-    from cosine.status import collect_status, format_status
+    from cosine.status import collect_status, format_status, format_timeline
 
-    snap = collect_status(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password))
-    click.echo(json.dumps(snap, indent=1) if as_json else format_status(snap))
+    snap = collect_status(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
+                          timeline)
+    click.echo(json.dumps(snap, indent=1) if as_json else format_status(snap) + format_timeline(snap))
 
 
 @cli.command()
@@ -518,6 +521,8 @@ def status(redis_url, prefix, sentinels, sentinel_master, username, password, as
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds.")
 @click.option("--priority", type=int, default=0, show_default=True)
 @click.option("--drafter", default=None, help="Pin a drafter model by name.")
+@click.option("--speculation", default="adaptive", show_default=True,
+              help="adaptive, off, or a number of draft positions per round.")
 @click.option("--stream", "as_stream", is_flag=True, help="Print text as it commits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (text, token ids, stats) as JSON.")
 def generate(prompt, redis_url, prefix, sentinels, sentinel_master, username, password, as_stream, as_json,
@@ -526,6 +531,8 @@ def generate(prompt, redis_url, prefix, sentinels, sentinel_master, username, pa
     from cosine.client import Client
 
     params["stop"] = list(params["stop"])
+    spec = params["speculation"]
+    params["speculation"] = int(spec) if spec.isdigit() else spec
     with Client(settings=_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)) as c:
         if as_stream:
             stats = None

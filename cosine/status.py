@@ -30,7 +30,21 @@ def _group_depths(r, stream: str) -> list[dict]:
     return out
 
 
-def collect_status(settings: RedisSettings) -> dict:
+def control_timeline(r, keys: Keys, n: int) -> list[dict]:
+    """The controller's last ``n`` decisions (starts, changes, stops; periodic samples left out), oldest first."""
+    out: list[dict] = []
+    for eid, fields in r.xrevrange(keys.control_log, count=max(1, 8 * n)):
+        entry = {k.decode(): v.decode() for k, v in fields.items()}
+        if entry.get("kind") == "sample":
+            continue
+        entry.pop("inputs", None)
+        out.append({"id": eid.decode(), **entry})
+        if len(out) >= n:
+            break
+    return out[::-1]
+
+
+def collect_status(settings: RedisSettings, timeline: int = 0) -> dict:
     keys = Keys(settings.prefix)
     r = connect(settings)
     streams = Streams(r, keys)
@@ -61,6 +75,7 @@ def collect_status(settings: RedisSettings) -> dict:
         "streams": depths,
         "dead_letters": int(r.xlen(keys.dlq)) if r.exists(keys.dlq) else 0,
         "control": control,
+        "timeline": control_timeline(r, keys, timeline) if timeline > 0 else [],
     }
 
 
@@ -89,3 +104,16 @@ def format_status(snap: dict) -> str:
     )
     return (f"Redis {snap['redis']} (prefix {snap['prefix']})\n\n{workers}\n\n{streams}\n\n"
             f"dead letters: {snap['dead_letters']}\n{format_control(snap.get('control'))}")
+
+
+def format_timeline(snap: dict) -> str:
+    rows = snap.get("timeline") or []
+    if not rows:
+        return ""
+    body = table(
+        ["time", "kind", "version", "k", "cooperating", "batch", "pressure", "reason"],
+        [[time.strftime("%H:%M:%S", time.localtime(int(e["id"].split("-")[0]) / 1000)), e.get("kind", ""),
+          e.get("version", ""), f"{e.get('k_min', '?')}..{e.get('k_max', '?')}", e.get("max_cooperating", ""),
+          e.get("verifier_max_batch", ""), e.get("pressure", ""), e.get("reason", "")] for e in rows],
+    )
+    return f"\n\ncontroller timeline\n\n{body}"

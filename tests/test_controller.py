@@ -21,7 +21,7 @@ from cosine.keys import DRAFTERS_GROUP, VERIFIERS_GROUP, Keys
 from cosine.local_redis import LocalRedis, free_port
 from cosine.policy.control import ControlDecision, ControlPolicy, ControlSettings
 from cosine.service.control import ControlView
-from cosine.status import collect_status, format_status
+from cosine.status import collect_status, format_status, format_timeline
 
 from .pipeline_helpers import wait_for
 
@@ -163,6 +163,9 @@ def test_idle_verifier_leads_to_a_logged_decision(srv, prefix):
     sig = json.loads(entry["signals"])
     assert sig["verifier_busy"] == 0.05 and sig["drafters"] == 1
     assert json.loads(entry["inputs"])["drafters"][0]["worker_id"] == "d0"
+    snap = collect_status(settings(srv.url, prefix), timeline=5)
+    assert [e["version"] for e in snap["timeline"]][-2:] == ["1", "2"]  # oldest first, samples left out
+    assert "controller timeline" in format_timeline(snap) and "idle" in format_timeline(snap)
 
 
 def test_unchanged_decisions_are_logged_now_and_then(srv, prefix):
