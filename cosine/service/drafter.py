@@ -284,11 +284,14 @@ class DrafterService:
     def _sampled(self, job: DraftJob, tokens: list[int], expert: str) -> Draft:
         """A draft sampled from one expert, with the proposal distributions for rejection sampling."""
         reply = self._reply(job)
+        drafter = self.drafters.get(expert)
+        if drafter is None:  # no model to sample from (e.g. simulated experts): the verifier decodes alone
+            return reply
         try:
-            tree = self.drafters[expert].draft([_sampled_request(job, tokens)]).get(job.request_id)
+            tree = drafter.draft([_sampled_request(job, tokens)]).get(job.request_id)
         except Exception:
             log.exception("sampled drafting failed for %s on %s; replying with an empty draft", job.request_id, expert)
-            self.drafters[expert].release([job.request_id])
+            drafter.release([job.request_id])
             return reply
         if tree is not None:
             reply.tokens, reply.parents = tree.tokens, tree.parents
