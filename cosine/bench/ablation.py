@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +29,6 @@ from dataclasses import asdict, dataclass
 from tqdm.auto import tqdm
 
 from cosine.bench.e2e_bench import (
-    RequestTiming,
     delta,
     mixed_prompts,
     run_inprocess,
@@ -41,6 +39,7 @@ from cosine.bench.e2e_bench import (
     worker_counters,
 )
 from cosine.bench.report import environment
+from cosine.bench.timing import RequestTiming, poisson_arrivals
 from cosine.engine.sequence import SpecStats
 from cosine.markdown import table
 from cosine.sampling_params import SamplingParams
@@ -96,7 +95,6 @@ def run_open_loop(url: str, prompts: list[str], rate_at, params: SamplingParams,
     """Poisson arrivals: request ``i`` is sent at the arrival time drawn for it, whatever is in flight."""
     from cosine.client import Client
 
-    rng = random.Random(seed)
     timings: list[RequestTiming] = []
     stats = SpecStats()
     lock = threading.Lock()
@@ -112,17 +110,7 @@ def run_open_loop(url: str, prompts: list[str], rate_at, params: SamplingParams,
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = []
-    t0 = time.perf_counter()
-    at = 0.0
-    for p in prompts:
-        at += rng.expovariate(rate_at(at))
-        time.sleep(max(0.0, t0 + at - time.perf_counter()))
-        th = threading.Thread(target=one, args=(p,))
-        th.start()
-        threads.append(th)
-    for th in threads:
-        th.join()
+    t0 = poisson_arrivals(len(prompts), rate_at, lambda i: one(prompts[i]), seed)
     client.close()
     if errors:
         raise errors[0]

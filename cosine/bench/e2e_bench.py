@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cosine.bench.report import environment
+from cosine.bench.timing import RequestTiming, percentile
 from cosine.engine.sequence import Sequence, SpecStats
 from cosine.engine.speculative import SpecConfig, SpeculativeEngine
 from cosine.markdown import table
@@ -52,31 +53,6 @@ class E2EBenchConfig:
     paths: tuple[str, ...] = PATHS
 
 
-@dataclass
-class RequestTiming:
-    start: float
-    first: float | None = None
-    end: float | None = None
-    tokens: int = 0
-
-    @property
-    def ttft(self) -> float:
-        return (self.first or self.end or self.start) - self.start
-
-    @property
-    def tpot(self) -> float | None:
-        if self.tokens < 2 or self.first is None or self.end is None:
-            return None
-        return (self.end - self.first) / (self.tokens - 1)
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def summarize(timings: list[RequestTiming], wall: float, stats: SpecStats) -> dict:
     tokens = sum(t.tokens for t in timings)
     tpots = [t.tpot for t in timings if t.tpot is not None]
@@ -87,8 +63,8 @@ def summarize(timings: list[RequestTiming], wall: float, stats: SpecStats) -> di
         "wall_s": round(wall, 3),
         "throughput_tok_s": round(tokens / wall, 2) if wall else 0.0,
         "ttft_p50_ms": round(1000 * statistics.median(ttfts), 2) if ttfts else None,
-        "tpot_p50_ms": round(1000 * _pct(tpots, 0.5), 2) if tpots else None,
-        "tpot_p99_ms": round(1000 * _pct(tpots, 0.99), 2) if tpots else None,
+        "tpot_p50_ms": round(1000 * percentile(tpots, 0.5), 2) if tpots else None,
+        "tpot_p99_ms": round(1000 * percentile(tpots, 0.99), 2) if tpots else None,
         "mean_acceptance_length": round(stats.mean_acceptance_length, 3) if stats.drafts else None,
         "acceptance_rate": round(stats.acceptance_rate, 3) if stats.drafts else None,
     }

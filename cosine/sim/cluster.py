@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 import pathlib
-import random
 import statistics
 import tempfile
 import threading
@@ -32,8 +31,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
 
+from cosine.bench.timing import RequestTiming, percentile, poisson_arrivals
 from cosine.broker import RedisSettings, Streams, connect
 from cosine.engine.sequence import SpecStats
 from cosine.keys import Keys
@@ -237,31 +236,6 @@ class SimCluster:
 
 
 # -- driving a workload ---------------------------------------------------------------------------------
-@dataclass
-class _Timing:
-    """Per request, as ``cosine bench`` measures: time to first token, time per output token after it."""
-
-    start: float
-    first: float | None = None
-    end: float | None = None
-    tokens: list[int] = field(default_factory=list)
-
-    @property
-    def tpot(self) -> float | None:
-        if len(self.tokens) < 2 or self.first is None or self.end is None:
-            return None
-        return (self.end - self.first) / (len(self.tokens) - 1)
-
-    @property
-    def ttft(self) -> float:
-        return (self.first or self.end or self.start) - self.start
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def _ms(v: float | None) -> float | None:
     return None if v is None else round(1000 * v, 2)
 
@@ -284,18 +258,20 @@ def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None =
         raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
     workload = SimWorkload(domain_mix or {d: 1.0 for d in DOMAINS}, prompt_len, cluster.model.vocab_size, seed)
     prompts = workload.prompts(n_requests)
-    timings: list[_Timing | None] = [None] * n_requests
+    timings: list[RequestTiming | None] = [None] * n_requests
+    outputs: list[list[int]] = [[] for _ in range(n_requests)]
     finals: list[dict] = [{} for _ in range(n_requests)]
     errors: list[tuple[int, str]] = []
 
     def one(client: Client, i: int) -> None:
-        t = _Timing(time.perf_counter())
+        t = RequestTiming(time.perf_counter())
         try:
             for chunk in client.stream(prompts[i].ids, max_new_tokens=max_new_tokens, ignore_eos=True,
                                        timeout=timeout, **request):
                 if chunk.token_ids and t.first is None:
                     t.first = time.perf_counter()
-                t.tokens.extend(chunk.token_ids)
+                outputs[i].extend(chunk.token_ids)
+                t.tokens += len(chunk.token_ids)
                 if chunk.finished:
                     finals[i] = chunk.stats or {}
         except Exception as exc:  # noqa: BLE001 - reported in the result
@@ -327,21 +303,12 @@ def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None =
         rate_at = rate if callable(rate) else (lambda _t: rate)
         if not callable(rate) and not rate > 0:
             raise ValueError("rate must be > 0 requests/s")
-        rng = random.Random(seed + 1)
-        at = 0.0
 
         def open_one(i: int) -> None:
             with Client(settings=cluster.redis) as c:
                 one(c, i)
 
-        for i in range(n_requests):
-            at += rng.expovariate(rate_at(at))
-            delay = t0 + at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            th = threading.Thread(target=open_one, args=(i,), name=f"sim-client-{i}")
-            th.start()
-            threads.append(th)
+        t0 = poisson_arrivals(n_requests, rate_at, open_one, seed + 1, name="sim-client")
     for th in threads:
         th.join()
     wall = time.perf_counter() - t0
@@ -354,13 +321,13 @@ def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None =
     by_domain: dict[str, SpecStats] = {}
     used: Counter = Counter()
     mismatches = []
-    for i, (p, t, final) in enumerate(zip(prompts, timings, finals)):
+    for i, (p, t, out, final) in enumerate(zip(prompts, timings, outputs, finals)):
         s = SpecStats(drafts=final.get("drafts", 0), drafted=final.get("drafted", 0),
                       accepted=final.get("accepted", 0), plain_steps=final.get("plain_steps", 0))
         total.merge(s)
         by_domain.setdefault(p.domain, SpecStats()).merge(s)
         used.update(final.get("tokens_by_drafter", {}))
-        if t is None or t.tokens != cluster.reference(p.ids, max_new_tokens):
+        if t is None or out != cluster.reference(p.ids, max_new_tokens):
             mismatches.append(i)
 
     def delta(wid: str, key: str) -> float:
@@ -369,7 +336,7 @@ def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None =
     vids = [w for w, info in after.items() if info.get("role") == "verifier"]
     dids = [w for w, info in after.items() if info.get("role") == "drafter"]
     rounds = sum(delta(w, "rounds") for w in vids)
-    tokens = sum(len(t.tokens) for t in done)
+    tokens = sum(t.tokens for t in done)
     return {
         "requests": n_requests,
         "completed": len(done) - len(errors),
@@ -380,8 +347,8 @@ def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None =
         "wall_s": round(wall, 3),
         "throughput_tok_s": round(tokens / wall, 2) if wall else 0.0,
         "ttft_p50_ms": _ms(statistics.median(ttfts)) if ttfts else None,
-        "tpot_p50_ms": _ms(_pct(tpots, 0.5)) if tpots else None,
-        "tpot_p99_ms": _ms(_pct(tpots, 0.99)) if tpots else None,
+        "tpot_p50_ms": _ms(percentile(tpots, 0.5)) if tpots else None,
+        "tpot_p99_ms": _ms(percentile(tpots, 0.99)) if tpots else None,
         "mean_acceptance_length": round(total.mean_acceptance_length, 3) if total.drafts else None,
         "acceptance_rate": round(total.acceptance_rate, 3) if total.drafts else None,
         "plain_steps": total.plain_steps,
