@@ -189,6 +189,27 @@ def bench_ablation(zoo_path, systems, concurrency, rates, open_requests, max_new
     _report("ablation", payload, ablation_markdown(payload), out, update_readme, ablation_plots, "ablations")
 
 
+@bench.command("cross-fusion")
+@click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
+@click.option("--system", "systems", multiple=True, default=None,
+              help="Systems to run (repeatable) [default: one-process, cross-process, separate].")
+@click.option("--concurrency", type=int, multiple=True, default=(1, 4, 8), show_default=True)
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
+@click.option("--update-readme", is_flag=True, help="Write the table into README.md.")
+def bench_cross_fusion(zoo_path, systems, concurrency, max_new_tokens, out, update_readme) -> None:
+    """Token fusion inside one drafter process (three experts) vs across three drafter processes (one expert
+    each, a Redis round trip per draft position), and the three without fusion: speed, acceptance and the
+    network cost."""
+    from cosine.bench.cross_fusion_bench import CrossFusionConfig, cross_fusion_markdown, run_cross_fusion_bench
+
+    cfg = CrossFusionConfig(zoo=zoo_path, concurrency=tuple(concurrency), max_new_tokens=max_new_tokens)
+    if systems:
+        cfg.systems = tuple(systems)
+    payload = run_cross_fusion_bench(cfg)
+    _report("cross-fusion", payload, cross_fusion_markdown(payload), out, update_readme)
+
+
 @bench.command("sim")
 @click.option("--verifiers", type=int, default=2, show_default=True)
 @click.option("--drafters", type=int, default=16, show_default=True, help="Drafter workers.")
@@ -331,8 +352,10 @@ def worker() -> None:
 @click.option("--lookahead/--no-lookahead", default=None,
               help="While idle, draft each request's next round ahead (assuming its draft is accepted whole).  "
                    "[default: on]")
+@click.option("--vote-timeout-ms", type=float, default=None,
+              help="Fusion across workers: wait this long per draft position for other workers' candidates.")
 def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                   threads, name, model, batch_max, window_ms, block_ms, lookahead) -> None:
+                   threads, name, model, batch_max, window_ms, block_ms, lookahead, vote_timeout_ms) -> None:
     """Host drafter models: consume this worker's draft jobs, reply with draft trees."""
     from cosine.service.drafter import DrafterSettings
     from cosine.zoo import paths
@@ -349,7 +372,7 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
         table = {d: str(paths.drafter_dir(d, root)) for d in paths.drafter_domains(root)}
     settings = DrafterSettings(worker_id=name or _default_name("drafter"))
     for attr, value in (("batch_max", batch_max), ("window_ms", window_ms), ("block_ms", block_ms),
-                        ("lookahead", lookahead)):
+                        ("lookahead", lookahead), ("vote_timeout_ms", vote_timeout_ms)):
         if value is not None:
             setattr(settings, attr, value)
     drafter_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
@@ -381,6 +404,9 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
               help="Cost-model batch scheduling (off: verify every ready request by priority).")
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="Adaptive speculation length per request (off: always --k).")
+@click.option("--cross-process-fusion/--no-cross-process-fusion", "cross_fusion", default=None,
+              help="Fuse experts hosted by different drafter workers: the job's worker leads the lockstep and "
+                   "asks the others per draft position (one Redis round trip each).  [default: off]")
 def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
                     threads, name, model, routing, fusion, scheduling, adaptive, **overrides) -> None:
     """Own requests: verify drafts with the target model and stream the committed tokens."""

@@ -56,6 +56,12 @@ DRAFTER_IDLE_EVICT_S = 120.0  # a request's drafter KV rows are dropped after th
 # Lookahead: after replying, an idle drafter drafts the next round too, assuming the draft it just sent is
 # accepted whole and the target's bonus token is its own guess; a next job that matches is answered at once.
 DRAFTER_LOOKAHEAD = True
+# Fusion across drafter workers (verifier --cross-process-fusion): a request's experts may live on several
+# workers; the one that gets the job leads the lockstep and asks the others for their candidates per depth.
+CROSS_PROCESS_FUSION = False
+VOTE_TIMEOUT_MS = 200.0  # the lead waits this long per depth for remote candidates; latecomers drop out
+VOTE_BLOCK_MS = 100  # a worker's blocking read for asks from leads
+VOTE_STREAM_MAXLEN = 10_000  # asks and votes are short-lived: their streams are trimmed to this (MAXLEN ~)
 
 # -- client -----------------------------------------------------------------------------------------------
 CLIENT_TIMEOUT_S = 120.0  # generate()/stream() give up (and cancel) after this long

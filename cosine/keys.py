@@ -5,6 +5,8 @@ Several deployments can share one Redis by using different prefixes. Names::
     {p}:requests                 stream  admission entries (group ``verifiers``); pending until the request ends
     {p}:draft:{drafter}          stream  draft jobs for one drafter worker (group ``drafters``)
     {p}:verify:{verifier}        stream  drafts coming back to one verifier worker (group ``verifiers``)
+    {p}:ask:{drafter}            stream  fusion across drafter workers: asks for one expert's candidates
+    {p}:votes:{drafter}          stream  the candidates coming back to the drafter that leads the fusion
     {p}:out:{request}            stream  a request's output chunks, read by the client; expires after the end
     {p}:cancel                   stream  cancellation notices, read by every verifier (no group)
     {p}:cancelled:{request}      string  set with the notice, so a request admitted later is cancelled too
@@ -53,6 +55,12 @@ class Keys:
 
     def verify(self, verifier: str) -> str:
         return f"{self.prefix}:verify:{verifier}"
+
+    def ask(self, drafter: str) -> str:
+        return f"{self.prefix}:ask:{drafter}"
+
+    def votes(self, drafter: str) -> str:
+        return f"{self.prefix}:votes:{drafter}"
 
     def out(self, request_id: str) -> str:
         return f"{self.prefix}:out:{request_id}"

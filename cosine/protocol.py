@@ -125,6 +125,19 @@ def _vote_conf(v: Any) -> dict[str, list[float]]:
     return out
 
 
+def _peers(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or len(v) > MAX_EXPERTS:
+        raise ProtocolError(f"peers: expected a map of at most {MAX_EXPERTS} experts to workers")
+    return {_ident(k, "peers"): _ident(w, "peers") for k, w in v.items()}
+
+
+def _candidates(tokens: Any, probs: Any, vocab: int | None) -> tuple[list[int], list[float]]:
+    tokens = _tokens(tokens, "tokens", vocab, 16)
+    if not isinstance(probs, list) or len(probs) != len(tokens):
+        raise ProtocolError("probs: one probability per token required")
+    return tokens, [_float(p, "probs", 0.0, 1.0) for p in probs]
+
+
 def _opt(v: Any, check, *args, **kwargs):
     return None if v is None else check(v, *args, **kwargs)
 
@@ -242,6 +255,8 @@ class DraftJob(Message):
     # Drafter models to draft with, in lockstep with token fusion when several; empty = the worker's choice.
     experts: list[str] = field(default_factory=list)
     expert_weights: list[float] = field(default_factory=list)  # trust per expert in (0, 1]; empty = equal
+    # Fusion across drafter workers: the worker to ask for each expert this one does not host.
+    peers: dict[str, str] = field(default_factory=dict)
     attempt: int = 0
     sent_ms: int = 0
     # "sampled": sample drafts from the drafter's distribution (request's temperature/top-p/top-k, keyed by
@@ -266,6 +281,7 @@ class DraftJob(Message):
             width=_int(d.get("width", 1), "width", 1, 16),
             experts=_names(d.get("experts", []), "experts"),
             expert_weights=_weights(d.get("expert_weights", [])),
+            peers=_peers(d.get("peers", {})),
             attempt=_int(d.get("attempt", 0), "attempt", 0, 1 << 20),
             sent_ms=_int(d.get("sent_ms", 0), "sent_ms", 0, 2**53),
             proposal=_str(d.get("proposal", "onehot"), "proposal", 16),
@@ -374,6 +390,68 @@ class Draft(Message):
 
 
 @dataclass
+class VoteAsk(Message):
+    """Lead drafter -> ``ask:{peer}``: fusion across drafter workers, one depth of one request.
+
+    The peer's ``expert`` is asked for its next-token candidates after the request's tokens so far (its
+    committed tokens plus the spine drafted so far). The peer is expected to know the first ``base`` of
+    them from this lead's earlier asks (``base == 0`` sends all); ``ticket`` pairs the answer with the ask.
+    """
+
+    TYPE: ClassVar[str] = "vote_ask"
+    request_id: str
+    lead: str
+    ticket: int
+    expert: str
+    base: int
+    tokens: list[int]
+    width: int = 1
+    check: int = 0  # CRC32 of the ``base`` tokens the peer is assumed to know (0 when base is 0)
+
+    @classmethod
+    def validate(cls, d: dict, vocab: int | None) -> VoteAsk:
+        return cls(
+            request_id=_ident(d.get("request_id"), "request_id"),
+            lead=_ident(d.get("lead"), "lead"),
+            ticket=_int(d.get("ticket"), "ticket", 0, 2**62),
+            expert=_ident(d.get("expert"), "expert"),
+            base=_int(d.get("base"), "base", 0, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS),
+            tokens=_tokens(d.get("tokens"), "tokens", vocab, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS, allow_empty=False),
+            width=_int(d.get("width", 1), "width", 1, 16),
+            check=_int(d.get("check", 0), "check", 0, 2**32 - 1),
+        )
+
+
+@dataclass
+class Vote(Message):
+    """Peer drafter -> ``votes:{lead}``: an expert's candidates (best first) for one :class:`VoteAsk`.
+
+    ``resync`` asks the lead to send all the tokens next time (the peer does not know ``base`` of them)."""
+
+    TYPE: ClassVar[str] = "vote"
+    request_id: str
+    worker: str
+    ticket: int
+    expert: str
+    tokens: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    resync: bool = False
+
+    @classmethod
+    def validate(cls, d: dict, vocab: int | None) -> Vote:
+        tokens, probs = _candidates(d.get("tokens", []), d.get("probs", []), vocab)
+        return cls(
+            request_id=_ident(d.get("request_id"), "request_id"),
+            worker=_ident(d.get("worker"), "worker"),
+            ticket=_int(d.get("ticket"), "ticket", 0, 2**62),
+            expert=_ident(d.get("expert"), "expert"),
+            tokens=tokens,
+            probs=probs,
+            resync=_bool(d.get("resync", False), "resync"),
+        )
+
+
+@dataclass
 class Chunk(Message):
     """Verifier -> ``out:{request}``: tokens as they commit; the last chunk has ``finished`` set.
 
@@ -426,7 +504,7 @@ class Cancel(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (GenerationRequest, DraftJob, DraftClose, Draft, Chunk, Cancel)
+    cls.TYPE: cls for cls in (GenerationRequest, DraftJob, DraftClose, Draft, VoteAsk, Vote, Chunk, Cancel)
 }
 
 

@@ -42,6 +42,17 @@ class DraftRequest:
     q_top: int = 0  # sampled proposals: sample from the top-q_top of the distribution (0 = all of it)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case (one extends the other), compared at C speed
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
+
+
 class Drafter:
     def __init__(self, runner: ModelRunner, name: str, domain: str | None = None) -> None:
         self.runner = runner
@@ -66,10 +77,7 @@ class Drafter:
         feed: dict[str, list[int]] = {}
         for r in requests:
             have = self.cached[r.seq_id]
-            common = 0
-            limit = min(len(have), len(r.tokens) - 1)
-            while common < limit and have[common] == r.tokens[common]:
-                common += 1
+            common = common_prefix(have, r.tokens[:-1])
             if common < len(have):
                 self.runner.truncate(r.seq_id, common)
                 del have[common:]
@@ -97,6 +105,17 @@ class Drafter:
                     next_feed[sid] = [token]
             feed = next_feed
         return trees
+
+    def propose(self, seqs: dict[str, list[int]], widths: dict[str, int]) -> dict[str, list[tuple[int, float]]]:
+        """One draft position for each sequence: align its row with ``seqs[sid]`` (all its tokens so far), one
+        batched forward, and its top-``widths[sid]`` candidates (token, probability) for the next token."""
+        feed = self._catch_up([DraftRequest(sid, toks, 1) for sid, toks in seqs.items()])
+        out: dict[str, list[tuple[int, float]]] = {}
+        for sid, logits in self.step(feed).items():
+            probs = torch.softmax(logits.float(), dim=-1)
+            top = torch.topk(probs, min(widths.get(sid, 1), probs.shape[-1]))
+            out[sid] = list(zip(top.indices.tolist(), top.values.tolist()))
+        return out
 
     def step(self, feed: dict[str, list[int]]) -> dict[str, torch.Tensor]:
         """One batched forward that feeds and commits each row's tokens in ``feed`` (rows not in it get

@@ -1,11 +1,17 @@
-"""FusedDrafter: several expert drafters of one process drafting in lockstep, fused into one token tree.
+"""FusedDrafter: several expert drafters drafting in lockstep, fused into one token tree.
 
-Each expert keeps its own KV rows (a :class:`Drafter`). A round first aligns every expert's row with the
-request's committed tokens; then, per depth, each expert runs one batched forward over the rows of the
-requests that use it and offers its top-``width`` candidates. :func:`fuse_position` picks the spine (the
-most confident top-1 candidate), which extends the tree and is fed to *all* of the request's experts
-next, so they keep drafting from the same prefix; the candidates they disagreed on become sibling leaves
-of the spine node. With one expert this is exactly :meth:`Drafter.draft` with the same width.
+Each expert keeps its own KV rows (a :class:`Drafter`). Per depth, each expert aligns the rows of the
+requests that use it with their tokens so far (committed tokens plus the spine drafted so far), runs one
+batched forward and offers its top-``width`` candidates. :func:`fuse_position` picks the spine (the most
+confident top-1 candidate), which extends the tree and every expert's next input, so they keep drafting
+from the same prefix; the candidates they disagreed on become sibling leaves of the spine node. With one
+expert this is exactly :meth:`Drafter.draft` with the same width.
+
+Experts may live in other processes (fusion across drafter workers): a request may name experts this
+process does not host, and a :class:`RemoteExperts` asks for their candidates per depth. The remote asks
+go out before the local forwards and are collected after them, so the network round trip overlaps the
+local work; an expert whose candidates do not come back in time drops out of that draft (the tree is then
+built from the others: a weaker draft, never a wrong output).
 
 The experts' top-1 tokens at every depth (their *votes*) and confidences come back with the tree, so the
 caller can score each expert's agreement with what the target then commits (expertise routing).
@@ -15,11 +21,11 @@ Sampled proposals are not fused: the caller drafts those with a single :class:`D
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import torch
-
-from cosine.engine.drafter import Drafter, DraftRequest
+from cosine.engine.drafter import Drafter
 from cosine.engine.tree import DraftTree
 from cosine.policy.fusion import fuse_position
 
@@ -47,73 +53,101 @@ class FusedDraft:
     vote_confidence: dict[str, list[float]] = field(default_factory=dict)  # expert -> that token's probability
 
 
+class RemoteExperts(Protocol):
+    """Candidates from experts hosted elsewhere, one depth at a time (see ``cosine.service.cross_fusion``)."""
+
+    def ask(self, asks: dict[str, dict[str, list[int]]], widths: dict[str, int]) -> None:
+        """Ask, per expert, for the next-token candidates of each sequence (``asks[expert][seq_id]`` = its
+        tokens so far); must not wait for the answers."""
+
+    def collect(self) -> dict[str, dict[str, list[tuple[int, float]]]]:
+        """The answers to the last :meth:`ask`: expert -> seq_id -> candidates, best first; what did not come
+        back in time is missing."""
+
+
 class FusedDrafter:
-    def __init__(self, drafters: dict[str, Drafter]) -> None:
+    def __init__(self, drafters: dict[str, Drafter], lock: AbstractContextManager | None = None) -> None:
+        """``lock`` guards the experts' KV rows when another thread (a server of remote asks) uses them too."""
         self.drafters = drafters
+        self.lock = lock or nullcontext()
 
     def release(self, seq_ids: list[str]) -> None:
-        for d in self.drafters.values():
-            d.release(seq_ids)
+        with self.lock:
+            for d in self.drafters.values():
+                d.release(seq_ids)
 
-    def _check(self, req: FusedRequest) -> None:
+    def _check(self, req: FusedRequest, remote: bool) -> None:
         if not req.experts:
             raise ValueError(f"{req.seq_id}: a fused request needs at least one expert")
         unknown = [e for e in req.experts if e not in self.drafters]
-        if unknown:
+        if unknown and not remote:
             raise ValueError(f"{req.seq_id}: unknown experts {unknown}; have {sorted(self.drafters)}")
         if req.width < 1:
             raise ValueError(f"{req.seq_id}: width must be >= 1, got {req.width}")
 
-    def draft(self, requests: list[FusedRequest]) -> dict[str, FusedDraft]:
-        """Draft every request with its experts: per depth one forward per expert; a fused tree per sequence."""
+    def draft(self, requests: list[FusedRequest], remote: RemoteExperts | None = None) -> dict[str, FusedDraft]:
+        """Draft every request with its experts: per depth one forward per local expert (and one ask per
+        remote one); a fused tree per sequence."""
         requests = [r for r in requests if r.k > 0]
         for r in requests:
-            self._check(r)
+            self._check(r, remote is not None)
         if not requests:
             return {}
-        by_id = {r.seq_id: r for r in requests}
-        experts = sorted({e for r in requests for e in r.experts})
-        # feed[e][sid]: the tokens expert e still has to be fed for sequence sid.
-        feed: dict[str, dict[str, list[int]]] = {}
-        for e in experts:
-            mine = [DraftRequest(r.seq_id, r.tokens, r.k) for r in requests if e in r.experts]
-            feed[e] = self.drafters[e]._catch_up(mine)
+        tokens = {r.seq_id: list(r.tokens) for r in requests}  # committed tokens plus the spine so far
+        live = {r.seq_id: list(r.experts) for r in requests}  # the experts still drafting each request
+        widths = {r.seq_id: r.width for r in requests}
         out = {
             r.seq_id: FusedDraft(DraftTree(), {e: [] for e in r.experts}, {e: [] for e in r.experts})
             for r in requests
         }
         spine_parent = {r.seq_id: -1 for r in requests}
-        depth = 0
-        while any(feed.values()):
-            depth += 1
+        for depth in range(1, max(r.k for r in requests) + 1):
+            now = [r for r in requests if r.k >= depth and live[r.seq_id]]
+            if not now:
+                break
+            local: dict[str, dict[str, list[int]]] = {}
+            asks: dict[str, dict[str, list[int]]] = {}
+            for r in now:
+                for e in live[r.seq_id]:
+                    (local if e in self.drafters else asks).setdefault(e, {})[r.seq_id] = tokens[r.seq_id]
+            if asks:
+                assert remote is not None
+                remote.ask(asks, widths)
             # candidates[sid][e]: expert e's top-width (token, prob) for sequence sid at this depth.
             candidates: dict[str, dict[str, list[tuple[int, float]]]] = {}
-            for e in experts:
-                if not feed[e]:
+            for e, seqs in local.items():
+                with self.lock:
+                    proposed = self.drafters[e].propose(seqs, widths)
+                for sid, c in proposed.items():
+                    candidates.setdefault(sid, {})[e] = c
+            if asks:
+                assert remote is not None
+                answers = remote.collect()
+                for e, seqs in asks.items():
+                    for sid in seqs:
+                        c = answers.get(e, {}).get(sid)
+                        if c:
+                            candidates.setdefault(sid, {})[e] = c
+                        else:  # no answer in time: out of this draft, so its votes stay aligned by depth
+                            live[sid].remove(e)
+            for r in now:
+                sid = r.seq_id
+                cands = candidates.get(sid)
+                if not cands:
+                    live[sid] = []
                     continue
-                for sid, logits in self.drafters[e].step(feed[e]).items():
-                    probs = torch.softmax(logits.float(), dim=-1)
-                    top = torch.topk(probs, min(by_id[sid].width, probs.shape[-1]))
-                    candidates.setdefault(sid, {})[e] = list(zip(top.indices.tolist(), top.values.tolist()))
-            next_feed: dict[str, dict[str, list[int]]] = {e: {} for e in experts}
-            for sid, cands in candidates.items():
-                req, draft = by_id[sid], out[sid]
-                cap = req.max_alternatives if req.max_alternatives is not None else len(req.experts) * req.width - 1
-                if req.weights:
-                    ranked = {e: [(t, p * req.weights.get(e, 1.0)) for t, p in c] for e, c in cands.items()}
-                else:
-                    ranked = cands
+                draft = out[sid]
+                cap = r.max_alternatives if r.max_alternatives is not None else len(r.experts) * r.width - 1
+                ranked = {e: [(t, p * r.weights.get(e, 1.0)) for t, p in c] for e, c in cands.items()} \
+                    if r.weights else cands
                 fused = fuse_position(ranked, cap)
                 for e, c in cands.items():
                     draft.votes[e].append(c[0][0])
                     draft.vote_confidence[e].append(c[0][1])
                 parent = spine_parent[sid]
-                spine = draft.tree.add(fused.spine_token, parent, fused.spine_confidence, fused.spine_source)
-                spine_parent[sid] = spine
+                spine_parent[sid] = draft.tree.add(fused.spine_token, parent, fused.spine_confidence,
+                                                   fused.spine_source)
                 for tok, conf, src in fused.alternatives:
                     draft.tree.add(tok, parent, conf, src)
-                if depth < req.k:
-                    for e in req.experts:
-                        next_feed[e][sid] = [fused.spine_token]
-            feed = next_feed
+                tokens[sid].append(fused.spine_token)
         return out

@@ -11,6 +11,11 @@ Lookahead: with nothing else queued, the worker drafts each request's next round
 assuming the whole draft is accepted and the target's bonus token is the drafter's own guess; a next job
 whose tokens match is answered from that at once (hits and misses are counted).
 
+Fusion across drafter workers: a job may name experts this worker does not host, with the worker hosting
+each (``peers``); this worker then leads the lockstep and asks those peers per depth, and it answers other
+leads' asks from a thread of its own (:mod:`cosine.service.cross_fusion`). A lock keeps the two threads'
+forwards apart.
+
 Replies and the acknowledgement of the jobs they answer go out in one MULTI; malformed jobs go to the
 dead-letter stream; a failure while drafting answers the batch with empty drafts (the verifier then decodes
 alone) and never kills the worker.
@@ -37,6 +42,7 @@ from cosine.engine.tree import DraftTree
 from cosine.keys import DRAFTERS_GROUP, Keys
 from cosine.protocol import Draft, DraftClose, DraftJob, ProtocolError, decode_entry, entry
 from cosine.sampling_params import SamplingParams
+from cosine.service.cross_fusion import RedisRemoteExperts, VoteServer
 from cosine.service.heartbeat import Heartbeat
 from cosine.service.loop import Backoff
 
@@ -51,6 +57,7 @@ class DrafterSettings:
     block_ms: int = defaults.DRAFTER_BLOCK_MS
     idle_evict_s: float = defaults.DRAFTER_IDLE_EVICT_S
     lookahead: bool = defaults.DRAFTER_LOOKAHEAD
+    vote_timeout_ms: float = defaults.VOTE_TIMEOUT_MS
 
 
 @dataclass
@@ -67,6 +74,7 @@ class _Known:
     feature: str = ""  # the expert with the lowest loss on the prompt's tail
     experts: list[str] = field(default_factory=list)
     weights: dict[str, float] | None = None  # trust per expert when several draft together
+    peers: dict[str, str] = field(default_factory=dict)  # expert hosted elsewhere -> the worker hosting it
     seen: float = 0.0
     ahead: _Ahead | None = None
 
@@ -87,7 +95,8 @@ class DrafterService:
         self.keys = Keys(redis_settings.prefix)
         self.streams = Streams(connect(redis_settings), self.keys)
         self.drafters = drafters
-        self.fused = fused or FusedDrafter(drafters)
+        self.lock = threading.Lock()  # the experts' KV rows: this thread's forwards vs the vote server's
+        self.fused = fused or FusedDrafter(drafters, self.lock)
         self.features = features or (lambda prompts: best_by_prompt_loss(
             {n: d.runner.model for n, d in drafters.items()}, prompts))
         self.vocab = vocab_size
@@ -102,6 +111,11 @@ class DrafterService:
         self.lookahead_hits = 0
         self.lookahead_misses = 0
         self.heartbeat = Heartbeat(Streams(connect(redis_settings), self.keys), settings.worker_id, self.info)
+        self.remote = RedisRemoteExperts(self.streams.r, self.keys, settings.worker_id, vocab_size,
+                                         settings.vote_timeout_ms)
+        # Answers other leads' asks with this worker's models (none to offer when its drafts are simulated).
+        self.vote_server = VoteServer(redis_settings, settings.worker_id, drafters, self.lock, vocab_size,
+                                      settings.idle_evict_s) if drafters else None
 
     def info(self) -> dict:
         up = max(time.monotonic() - self.started, 1e-9)
@@ -116,6 +130,8 @@ class DrafterService:
             "lookahead_misses": self.lookahead_misses,
             "busy": round(self.busy_s / up, 4),
             "busy_s": round(self.busy_s, 4),
+            "votes_served": self.vote_server.served if self.vote_server else 0,
+            **self.remote.stats(),
             "pid": os.getpid(),
         }
 
@@ -123,6 +139,8 @@ class DrafterService:
     def run(self, stop: threading.Event) -> None:
         self.heartbeat.beat()
         self.heartbeat.start()
+        if self.vote_server is not None:
+            self.vote_server.start()
         backoff = Backoff()
         log.info("drafter %s serving experts %s on %s", self.settings.worker_id, sorted(self.fused.drafters), self.stream)
         try:
@@ -154,6 +172,8 @@ class DrafterService:
                     log.exception("drafter %s: unexpected error in the loop", self.settings.worker_id)
                     backoff.wait(stop, f"drafter {self.settings.worker_id}: recovering from an unexpected error")
         finally:
+            if self.vote_server is not None:
+                self.vote_server.stop()
             self.heartbeat.stop()
             log.info("drafter %s stopped", self.settings.worker_id)
 
@@ -206,9 +226,10 @@ class DrafterService:
         for job, toks in runnable:
             known = self.requests[job.request_id]
             hosted = [(e, w) for e, w in zip(job.experts, job.expert_weights or [1.0] * len(job.experts))
-                      if e in self.fused.drafters]
+                      if e in self.fused.drafters or e in job.peers]
             known.experts = [e for e, _ in hosted] or [known.feature]
             known.weights = dict(hosted) if len(hosted) > 1 else None
+            known.peers = {e: job.peers[e] for e in known.experts if e not in self.fused.drafters}
             ahead, known.ahead = known.ahead, None
             if ahead is not None and ahead.expected == toks and ahead.draft.tree.depth >= job.k:
                 self.lookahead_hits += 1
@@ -220,15 +241,21 @@ class DrafterService:
             elif job.proposal == "sampled":
                 if ahead is not None:
                     self.lookahead_misses += 1
-                replies.append((job, self._sampled(job, toks, known.experts[0])))
+                local = [e for e in known.experts if e in self.fused.drafters]
+                replies.append((job, self._sampled(job, toks, local[0] if local else known.feature)))
             else:
                 if ahead is not None:
                     self.lookahead_misses += 1
                 fused.append((job, FusedRequest(job.request_id, toks, job.k, known.experts, job.width,
                                                 weights=known.weights)))
         if fused:
+            peers = {job.request_id: self.requests[job.request_id].peers for job, _ in fused}
             try:
-                drafts = self.fused.draft([req for _, req in fused])
+                if any(peers.values()):
+                    self.remote.route(peers)
+                    drafts = self.fused.draft([req for _, req in fused], remote=self.remote)
+                else:
+                    drafts = self.fused.draft([req for _, req in fused])
             except Exception:  # a drafting failure must cost speed, never the worker
                 log.exception("drafting failed for %d requests; replying with empty drafts", len(fused))
                 self.fused.release([req.seq_id for _, req in fused])
@@ -251,8 +278,10 @@ class DrafterService:
             if last is None:
                 continue
             spine = [last.tokens[i] for i in last.spine()]
-            reqs.append(FusedRequest(job.request_id, known.tokens + spine, job.k + 1, known.experts, job.width,
-                                     weights=known.weights))
+            local = [e for e in known.experts if e in self.fused.drafters]  # no round trips ahead of time
+            if local:
+                reqs.append(FusedRequest(job.request_id, known.tokens + spine, job.k + 1, local, job.width,
+                                         weights=known.weights))
         if not reqs:
             return
         try:
@@ -288,10 +317,12 @@ class DrafterService:
         if drafter is None:  # no model to sample from (e.g. simulated experts): the verifier decodes alone
             return reply
         try:
-            tree = drafter.draft([_sampled_request(job, tokens)]).get(job.request_id)
+            with self.lock:
+                tree = drafter.draft([_sampled_request(job, tokens)]).get(job.request_id)
         except Exception:
             log.exception("sampled drafting failed for %s on %s; replying with an empty draft", job.request_id, expert)
-            drafter.release([job.request_id])
+            with self.lock:
+                drafter.release([job.request_id])
             return reply
         if tree is not None:
             reply.tokens, reply.parents = tree.tokens, tree.parents
@@ -334,6 +365,7 @@ class DrafterService:
     def release(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
         self._last_draft.pop(request_id, None)
+        self.remote.forget(request_id)
         self.fused.release([request_id])
 
     def evict_idle(self) -> None:

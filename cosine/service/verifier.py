@@ -16,6 +16,7 @@ import collections
 import hashlib
 import logging
 import os
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ class VerifierSettings:
     drain_timeout_s: float = defaults.VERIFIER_DRAIN_TIMEOUT_S
     switches: Switches = field(default_factory=Switches)  # CoSine's mechanisms, each can be turned off
     cost_model: str | None = None  # a profile written by `cosine profile`; None = built-in defaults
+    # Fusion across drafter workers: a request's experts may live on several workers (the job's worker leads).
+    cross_fusion: bool = defaults.CROSS_PROCESS_FUSION
 
 
 @dataclass
@@ -92,7 +95,8 @@ class Active:
     text: TextStream = field(default_factory=TextStream)
     chunk_seq: int = 0  # next chunk's sequence number
     sent: int = 0  # output tokens already written to the output stream
-    drafter: str | None = None  # drafter worker id
+    drafter: str | None = None  # drafter worker id (with fusion across workers: the lead)
+    peers: dict[str, str] = field(default_factory=dict)  # fusion across workers: expert -> worker asked
     known: int = 0  # committed tokens the drafter has been sent
     waiting_epoch: int | None = None  # epoch of the outstanding draft job
     job_sent: float = 0.0  # monotonic time the outstanding job was sent
@@ -166,6 +170,7 @@ class VerifierService:
             "busy_s": round(self.busy_s, 4),
             "uptime_s": round(up, 3),
             "draft_budget_ms": round(self.draft_budget_ms(), 2),
+            "draft_rtt_p50_ms": round(statistics.median(self.rtts), 2) if self.rtts else 0.0,
             "control_version": self.steering.control.version if self.steering.control else 0,
             "pid": os.getpid(),
             **{k: v for k, v in self.counters.items()},
@@ -404,7 +409,7 @@ class VerifierService:
                 st.resyncs += 1
                 self.counters["resyncs"] += 1
                 continue
-            self.steering.learn_feature(st.steer, msg.feature, self._hosted(st.drafter))
+            self.steering.learn_feature(st.steer, msg.feature, self._pool(st.drafter))
             if msg.lookahead:
                 st.lookahead_hits += 1
                 self.counters["lookahead_hits"] += 1
@@ -624,16 +629,21 @@ class VerifierService:
             st.plain = k <= 0 or drafter is None
             if st.plain:
                 continue
-            experts, weights = self.steering.experts_for(st.steer, self._hosted(drafter), st.msg.drafter,
+            experts, weights = self.steering.experts_for(st.steer, self._pool(drafter), st.msg.drafter,
                                                          st.msg.drafters)
+            sampled = self.settings.proposal == "sampled" and not st.seq.params.greedy
+            peers: dict[str, str] = {}
+            if self.settings.cross_fusion and experts and not sampled:
+                drafter = self._lead_for(st, experts, pipe)
+                experts, weights, peers = self._peers_for(st, drafter, experts, weights)
             st.steer.k = k
             tokens = st.seq.tokens
             epoch = len(tokens)
             base = st.known if 0 < st.known <= epoch - 1 else 0
             job = DraftJob(st.rid, self.me, epoch, base, tokens[base:], k, self.settings.tree_width,
-                           experts=experts, expert_weights=weights, sent_ms=now_ms())
+                           experts=experts, expert_weights=weights, peers=peers, sent_ms=now_ms())
             params = st.seq.params
-            if self.settings.proposal == "sampled" and not params.greedy:
+            if sampled:
                 job.proposal, job.width, job.q_top = "sampled", 1, self.settings.q_top
                 job.temperature, job.top_p, job.top_k = params.temperature, params.top_p, params.top_k
                 job.seed, job.position = st.seq.seed, len(st.seq.output_ids)
@@ -645,6 +655,52 @@ class VerifierService:
         """The drafter models a drafter worker hosts (from its heartbeat)."""
         info = self.drafters.get(drafter or "", {})
         return [e for e in str(info.get("experts", "")).split(",") if e]
+
+    def _pool(self, drafter: str | None) -> list[str]:
+        """The drafter models a request can draft with: its worker's, or with fusion across workers every
+        live worker's (its worker's first)."""
+        own = self._hosted(drafter)
+        if not self.settings.cross_fusion:
+            return own
+        others = sorted({e for w in self.drafters for e in self._hosted(w)} - set(own))
+        return own + others
+
+    def _lead_for(self, st: Active, experts: list[str], pipe) -> str | None:
+        """Fusion across workers: the request's worker leads while it hosts one of the chosen experts;
+        otherwise the lead moves to the least loaded worker hosting the best one (the old lead is told)."""
+        if st.drafter is None or set(experts) & set(self._hosted(st.drafter)):
+            return st.drafter
+        fits = [w for w in self.drafters if experts[0] in self._hosted(w)]
+        if not fits:
+            return st.drafter
+        load = collections.Counter(s.drafter for s in self.active.values())
+        choice = min(fits, key=lambda w: (load[w], w))
+        pipe.xadd(self.keys.draft(st.drafter), entry(DraftClose(st.rid)), maxlen=defaults.STREAM_MAXLEN,
+                  approximate=True)
+        log.info("request %s: lead drafter moves from %s to %s (hosts %s)", st.rid, st.drafter, choice, experts[0])
+        self.counters["drafter_moves"] += 1
+        st.drafter, st.known = choice, 0
+        return choice
+
+    def _peers_for(self, st: Active, lead: str | None, experts: list[str],
+                   weights: list[float]) -> tuple[list[str], list[float], dict[str, str]]:
+        """The worker to ask for each chosen expert the lead does not host (sticky per request while it
+        lives); experts no live worker hosts are left out."""
+        own = set(self._hosted(lead))
+        load = collections.Counter(w for s in self.active.values() for w in s.peers.values())
+        peers: dict[str, str] = {}
+        for e in experts:
+            if e in own:
+                continue
+            if st.peers.get(e) in self.drafters and e in self._hosted(st.peers[e]):
+                peers[e] = st.peers[e]
+                continue
+            fits = [w for w in self.drafters if w != lead and e in self._hosted(w)]
+            if fits:
+                peers[e] = min(fits, key=lambda w: (load[w], w))
+        st.peers = peers
+        keep = [i for i, e in enumerate(experts) if e in own or e in peers]
+        return [experts[i] for i in keep], [weights[i] for i in keep] if weights else [], peers
 
     def _jobs_sent(self, jobs: list[tuple[Active, int]]) -> None:
         now = time.monotonic()
