@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from cosine.broker import RedisSettings, connect
+from cosine.broker import RedisSettings
 from cosine.client import Client
 from cosine.deployment import Deployment, WorkerSpec
 from cosine.engine.drafter import Drafter
@@ -64,7 +64,7 @@ def _peer(url: str, prefix: str, worker: str, drafters: dict[str, Drafter], voca
 
 
 def _lead(url: str, prefix: str, vocab: int, timeout_ms: float = 2000.0) -> RedisRemoteExperts:
-    return RedisRemoteExperts(connect(RedisSettings(url=url, prefix=prefix)), Keys(prefix), "lead", vocab, timeout_ms)
+    return RedisRemoteExperts(streams(url, prefix), "lead", vocab, timeout_ms)
 
 
 def _same(a, b) -> None:

@@ -175,14 +175,15 @@ class RedisRemoteExperts:
     Used by the worker's main thread only; ``route`` names, per request, the worker hosting each remote
     expert before a draft."""
 
-    def __init__(self, r: redis.Redis, keys: Keys, worker_id: str, vocab: int,
+    def __init__(self, streams: Streams, worker_id: str, vocab: int,
                  timeout_ms: float = defaults.VOTE_TIMEOUT_MS) -> None:
-        self.r = r
-        self.keys = keys
+        self.streams = streams
+        self.r = streams.r
+        self.keys = streams.keys
         self.worker_id = worker_id
         self.vocab = vocab
         self.timeout_ms = timeout_ms
-        self.stream = keys.votes(worker_id)
+        self.stream = self.keys.votes(worker_id)
         self.peers: dict[str, dict[str, str]] = {}  # request -> expert -> worker
         self.sent: dict[tuple[str, str, str], list[int]] = {}  # (worker, request, expert) -> tokens sent
         self.ticket = 0
@@ -240,7 +241,7 @@ class RedisRemoteExperts:
                 try:
                     vote = decode_entry(fields, (Vote,), self.vocab)
                 except ProtocolError as exc:
-                    Streams(self.r, self.keys).dead_letter(self.stream, None, eid, fields, exc.reason, self.worker_id)
+                    self.streams.dead_letter(self.stream, None, eid, fields, exc.reason, self.worker_id)
                     continue
                 assert isinstance(vote, Vote)
                 key = (vote.expert, vote.request_id)

@@ -111,8 +111,7 @@ class DrafterService:
         self.lookahead_hits = 0
         self.lookahead_misses = 0
         self.heartbeat = Heartbeat(Streams(connect(redis_settings), self.keys), settings.worker_id, self.info)
-        self.remote = RedisRemoteExperts(self.streams.r, self.keys, settings.worker_id, vocab_size,
-                                         settings.vote_timeout_ms)
+        self.remote = RedisRemoteExperts(self.streams, settings.worker_id, vocab_size, settings.vote_timeout_ms)
         # Answers other leads' asks with this worker's models (none to offer when its drafts are simulated).
         self.vote_server = VoteServer(redis_settings, settings.worker_id, drafters, self.lock, vocab_size,
                                       settings.idle_evict_s) if drafters else None
