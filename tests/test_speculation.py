@@ -208,6 +208,58 @@ def test_cap_total_counts_tree_width_and_never_goes_negative():
     assert SpeculationController.cap_total({"a": 5}, None, 3) == {"a": 2}
 
 
+def test_default_hysteresis_does_not_pin_k_at_k_init():
+    # U is flat near its optimum: with a coarse hysteresis a request kept k_init (4) for good even when
+    # its acceptance called for much longer drafts; the default lets it move, and still not flap.
+    ctl = SpeculationController(SpecSettings(draft_cost_ratio=0.05))
+    assert ctl.utility(0.75, 7) < 1.06 * ctl.utility(0.75, 4)  # the flatness
+    for alpha in (0.75, 0.85):
+        ks = simulate(ctl, alpha, 60, seed=1)
+        assert max(ks[20:]) > 4 and sum(ks[20:]) / 40 > 5
+    changes = lambda ks: sum(a != b for a, b in zip(ks, ks[1:]))  # noqa: E731
+    jumpy = simulate(SpeculationController(SpecSettings(hysteresis=0.0)), 0.7, 200, 0)
+    steady = simulate(SpeculationController(SpecSettings()), 0.7, 200, 0)
+    assert changes(steady) < changes(jumpy)
+
+
+def test_align_lengthens_short_drafts_when_the_pass_barely_grows():
+    ctl = SpeculationController()
+    ks = {"a": 7, "b": 4, "c": 5, "off": 0, "other": 3}
+    rates = {"a": 0.85, "b": 0.6, "c": 0.7, "off": 0.05}  # "other": no estimate (not adaptive): left alone
+    # A large target on a GPU: a fed token adds 0.08 ms to a ~45 ms round.
+    out = ctl.align(ks, rates, token_ms=0.08, round_ms=45.0)
+    assert out == {"a": 7, "b": 7, "c": 7, "off": 0, "other": 3}
+    assert ks["b"] == 4  # the input is not modified
+    # A request's own limit (its room) holds; widths count per candidate.
+    assert ctl.align(ks, rates, 0.08, 45.0, limits={"b": 5})["b"] == 5
+    # Free drafting (pressure -1) lengthens whatever the cost; nothing goes past the longest draft.
+    out = ctl.align(ks, rates, token_ms=10.0, round_ms=45.0, pressure=-1.0)
+    assert out["b"] == out["c"] == 7 and max(out.values()) == 7
+    # Nothing to align: all equal, or nothing drafted.
+    assert ctl.align({"a": 4, "b": 4}, {"a": 0.5, "b": 0.9}, 0.08, 45.0) == {"a": 4, "b": 4}
+    assert ctl.align({"a": 0, "b": 0}, {"a": 0.5, "b": 0.9}, 0.08, 45.0) == {"a": 0, "b": 0}
+
+
+def test_align_keeps_short_drafts_when_every_token_costs():
+    ctl = SpeculationController()
+    ks = {"a": 7, "b": 2, "c": 5}
+    rates = {"a": 0.85, "b": 0.3, "c": 0.7}
+    # A small target on a CPU: a fed token adds 0.37 ms to a ~20 ms round; a poor request stays short.
+    out = ctl.align(ks, rates, token_ms=0.37, round_ms=20.0)
+    assert out["b"] == 2 and out["a"] == 7
+    # Pressure makes every added token dearer: never more lengthening than without it.
+    cheap = ctl.align(ks, rates, token_ms=0.1, round_ms=30.0)
+    dear = ctl.align(ks, rates, token_ms=0.1, round_ms=30.0, pressure=1.0)
+    assert all(ks[r] <= dear[r] <= cheap[r] for r in ks)
+    # Lengthening stops at the longest k whose added tokens still pay (partial alignment).
+    out = ctl.align({"a": 8, "b": 2}, {"a": 0.9, "b": 0.6}, token_ms=0.5, round_ms=30.0)
+    assert 2 < out["b"] < 8
+    with pytest.raises(InvalidParameterError):
+        ctl.align({"a": 2}, {"a": 1.5}, 0.1, 30.0)
+    with pytest.raises(InvalidParameterError):
+        ctl.align({"a": 2}, {"a": 0.5}, -0.1, 30.0)
+
+
 def test_settings_are_validated():
     with pytest.raises(InvalidParameterError) as err:
         SpecSettings(k_init=9)

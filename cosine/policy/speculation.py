@@ -12,12 +12,21 @@ positive when work piles up (drafts waiting for the verifier, draft jobs waiting
 busier than its target), which makes drafting dearer and drafts shorter; negative when the verifier idles,
 which makes drafting cheaper and drafts longer (at -1 it is free, and ``k`` goes to its upper bound).
 
+A round is verified as part of a batch, and the requests whose jobs go out together come back to be
+verified together: the pass waits for the batch's longest draft anyway, so a request drafting fewer
+positions than its batch mates saves no time, only tokens. :meth:`SpeculationController.align` therefore
+lengthens the shorter drafts of a batch towards its longest one where the extra positions pay for what they
+add to the verification pass (a target whose pass hardly grows with the tokens fed, a large one on a GPU:
+nearly always; one whose pass grows with every token, a small one on a CPU: rarely).
+
 Because ``E(1) = 1 + a`` against a cost ``1 + c``, plain decoding (``k = 0``) beats every ``k >= 1`` exactly
 when ``a <= c * (1 + pressure)``: that is the computed off switch (``SpecSettings.off_below = None``).
 
 Stabilisers (after SGLang's adaptive speculation): ``k_init`` for the first ``warmup_rounds`` verified
 rounds, and hysteresis: ``k`` moves only when the new optimum's ``U`` beats the current one's by
-``hysteresis`` (a share), so noise around a boundary does not make it flap. A request switched off
+``hysteresis`` (a share), so noise around a boundary does not make it flap. ``U`` is flat around its
+optimum (at ``c = 0.05`` and ``a = 0.75``, ``U(7)`` beats ``U(4)`` by 5%), so the share must stay small: at
+10% a request kept ``k_init`` for good over most of the acceptance range that matters. A request switched off
 (``k = 0``) drafts a probe round every ``probe_every`` rounds, so its estimate can recover.
 """
 
@@ -58,7 +67,9 @@ class SpecSettings:
     k_max: int = 8  # highest k the adaptive mode picks
     k_init: int = 4  # k during warm-up (and the first current k); must lie in [k_min, k_max]
     warmup_rounds: int = 2  # verified rounds drafted at k_init before adapting
-    hysteresis: float = 0.1  # change k only if the new optimum's U beats the current k's by this share
+    # change k only if the new optimum's U beats the current k's by this share (U is flat near its optimum:
+    # a share much above a few percent pins k at k_init)
+    hysteresis: float = 0.03
     ewma: float = 0.3  # weight of the newest round in the acceptance estimate
     # c: one drafter step / one target pass. The zoo manifest's drafter/target step ratio is about 0.22;
     # CostModel.draft_cost_ratio() computes it from a profile of the machine at hand.
@@ -272,6 +283,51 @@ class SpeculationController:
         else:
             state.rounds_off = 0
         return k
+
+    def align(self, ks: dict[str, int], rates: dict[str, float], token_ms: float, round_ms: float,
+              widths: dict[str, int] | None = None, limits: dict[str, int] | None = None,
+              pressure: float = 0.0) -> dict[str, int]:
+        """Lengthen the shorter drafts of a batch towards its longest one where that pays.
+
+        ``ks``: the k of each request whose job goes out now (0: no draft, left alone); ``rates``: their
+        acceptance estimates (a request without one is left alone); ``token_ms``: what one more fed token
+        adds to the verification pass; ``round_ms``: the round's time at ``ks`` (the pass plus drafting the
+        longest draft); ``widths``: candidates per position (default 1); ``limits``: the most positions
+        each request may draft (its room; default none beyond the longest draft).
+
+        The pass waits for the longest draft, ``K`` positions, whatever the others draft, so a request at
+        ``k < K`` drafting ``k' <= K`` costs the round only the ``(k' - k) * width`` tokens it adds to the
+        pass, ``token_ms`` each, weighed by ``1 + pressure`` like any drafting. It is lengthened to the
+        longest ``k'`` whose added tokens ``E(k') - E(k)`` per added ms are at least the round's own tokens
+        per ms (``sum of E(k) / round_ms``), i.e. when lengthening raises the batch's rate.
+        """
+        pressure = _pressure(pressure)
+        _number("token_ms", token_ms, 0.0)
+        _number("round_ms", round_ms, 0.0)
+        widths, limits = widths or {}, limits or {}
+        out = {rid: _int(f"ks[{rid}]", k) for rid, k in ks.items()}
+        top = max(out.values(), default=0)
+        if top == 0:
+            return out
+        gain = 0.0
+        for rid, k in out.items():
+            rate = rates.get(rid)
+            gain += expected_tokens(_number(f"rates[{rid}]", rate, 0.0, 1.0), k) if rate is not None else 1.0
+        per_ms = gain / round_ms if round_ms > 0 else math.inf
+        for rid, k in out.items():
+            rate = rates.get(rid)
+            if k == 0 or rate is None:
+                continue
+            width = _int(f"widths[{rid}]", widths.get(rid, 1), 1)
+            limit = min(top, _int(f"limits[{rid}]", limits.get(rid, top)))
+            base = expected_tokens(rate, k)
+            for longer in range(limit, k, -1):
+                cost = token_ms * (longer - k) * width * (1 + pressure)
+                added = expected_tokens(rate, longer) - base
+                if added > 0 and added >= per_ms * cost:
+                    out[rid] = longer
+                    break
+        return out
 
     def balance(self, verifier_busy: float, draft_backlog: int, verify_backlog: int) -> float:
         """Pressure in [-1, 1] from the verifier's utilisation (share of time computing, 0..1) and the backlogs.

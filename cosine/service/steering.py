@@ -60,6 +60,10 @@ class Steering:
         return RequestSteer(RequestSpec(self.spec_settings))
 
     # -- what to draft ------------------------------------------------------------------------------------
+    def adapts(self, mode: str) -> bool:
+        """Whether a request with this speculation mode gets its k from adaptive control."""
+        return mode not in ("off", "fixed") and self.k != 0 and self.switches.adaptive
+
     def k_for(self, steer: RequestSteer, mode: str, fixed_k: int | None, room: int) -> int:
         """Draft positions for the request's next round (0 = a plain target step)."""
         if mode == "off" or self.k == 0:  # a verifier started with k=0 never speculates
@@ -73,11 +77,37 @@ class Steering:
         k = self.controller.k_for(steer.spec, bounds=bounds, pressure=c.pressure if c is not None else 0.0)
         return max(0, min(k, room))
 
-    def cap(self, ks: dict[str, int], width: int, token_cap: int) -> dict[str, int]:
-        """Shorten the longest drafts first when the round's draft tokens would exceed the verifier's cap."""
+    def cap(self, ks: dict[str, int], width: int, token_cap: int,
+            adaptive: dict[str, tuple[RequestSteer, int]] | None = None) -> dict[str, int]:
+        """The round's ks (the jobs going out together), adjusted together: the shorter drafts of the
+        ``adaptive`` requests (id -> its steering and room) lengthened towards the round's longest where that
+        pays (:meth:`SpeculationController.align`), then the longest drafts shortened first when the round's
+        draft tokens would exceed the verifier's cap."""
         if not self.switches.adaptive:
             return ks
+        if adaptive and len(ks) > 1:
+            ks = self.align(ks, adaptive, width)
         return self.controller.cap_total(ks, {rid: width for rid in ks}, token_cap)
+
+    def align(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]], width: int) -> dict[str, int]:
+        """Lengthen shorter drafts towards the round's longest (the jobs going out together come back to
+        one pass, which waits for the longest), priced with the cost model: what a fed token adds to the pass
+        against the round's tokens per ms (the pass plus drafting the longest draft)."""
+        mine = {rid: a for rid, a in adaptive.items() if rid in ks and ks[rid] > 0}
+        top = max(ks.values(), default=0)
+        if all(ks[rid] >= top for rid in mine):
+            return ks
+        c = self.control
+        tokens = sum(1 + k * width for k in ks.values())
+        round_ms = self.cost.verify_ms(len(ks), 0, tokens) + self.cost.draft_ms(1, top)
+        # What a fed token adds to the pass, on average over what alignment could add (a knee makes the first
+        # ones free on a big target).
+        most = tokens + sum(top - ks[rid] for rid in mine) * width
+        token_ms = (self.cost.verify_ms(len(ks), 0, most) - self.cost.verify_ms(len(ks), 0, tokens)) / (most - tokens)
+        return self.controller.align(
+            ks, {rid: a[0].spec.acceptance_rate for rid, a in mine.items()}, token_ms, round_ms,
+            {rid: width for rid in ks}, {rid: a[1] for rid, a in mine.items()},
+            c.pressure if c is not None else 0.0)
 
     def experts_for(self, steer: RequestSteer, hosted: list[str], pinned: str | None,
                     allowed: list[str]) -> tuple[list[str], list[float]]:

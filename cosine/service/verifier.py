@@ -619,10 +619,10 @@ class VerifierService:
         drafter worker); a request given 0 positions takes a plain target step. Returns (state, epoch)."""
         jobs = []
         self._refresh_drafters()
-        msgs = {st.rid: st.msg for st in sts}
-        ks = {st.rid: self.steering.k_for(st.steer, msgs[st.rid].speculation, msgs[st.rid].spec_k,
-                                          self.engine.room(st.seq)) for st in sts}
-        ks = self.steering.cap(ks, self.settings.tree_width, self.settings.max_batch_tokens)
+        rooms = {st.rid: self.engine.room(st.seq) for st in sts}
+        ks = {st.rid: self.steering.k_for(st.steer, st.msg.speculation, st.msg.spec_k, rooms[st.rid]) for st in sts}
+        adaptive = {st.rid: (st.steer, rooms[st.rid]) for st in sts if self.steering.adapts(st.msg.speculation)}
+        ks = self.steering.cap(ks, self.settings.tree_width, self.settings.max_batch_tokens, adaptive)
         for st in sts:
             k = ks[st.rid]
             drafter = self._drafter_for(st) if k > 0 else None

@@ -1,0 +1,86 @@
+"""Steering (the verifier's use of the policies): a round's ks adjusted together (alignment, the token cap)."""
+
+from __future__ import annotations
+
+from cosine.policy.control import ControlDecision
+from cosine.policy.cost_model import CostModel
+from cosine.service.steering import Steering, Switches
+
+# A large target on a GPU: the pass hardly grows with the tokens fed. A small one on a CPU: it does.
+GPU = CostModel(verify_base_ms=28.0, verify_token_ms=0.08, draft_step_ms=1.5, draft_row_ms=0.02)
+CPU = CostModel(verify_base_ms=7.3, verify_token_ms=0.37, draft_overhead_ms=0.24, draft_step_ms=0.56,
+                draft_row_ms=0.12)
+
+
+def steered(steering: Steering, rate_rounds: list[tuple[int, int]]):
+    steer = steering.new()
+    for drafted, accepted in rate_rounds:
+        steer.spec.observe(drafted, accepted)
+    return steer
+
+
+def round_ks(steering: Steering, steers: dict, modes: dict | None = None, room: int = 100,
+             token_cap: int = 2048) -> dict[str, int]:
+    """What the verifier does for the jobs going out together: k_for each, then cap all of them."""
+    modes = modes or {}
+    ks = {rid: steering.k_for(s, modes.get(rid, "adaptive"), 6, room) for rid, s in steers.items()}
+    adaptive = {rid: (s, room) for rid, s in steers.items() if steering.adapts(modes.get(rid, "adaptive"))}
+    return steering.cap(ks, 1, token_cap, adaptive)
+
+
+def decision(k_max: int = 8, pressure: float = 0.0) -> ControlDecision:
+    return ControlDecision(1, 0, k_max, 2, 32, 2048, pressure)
+
+
+def test_a_round_waits_for_its_longest_draft_so_short_ones_are_lengthened_on_a_gpu():
+    s = Steering(Switches(), k=4, cost=GPU)
+    s.control = decision()
+    good = steered(s, [(8, 8)] * 6)  # acceptance near 1: the longest draft
+    fair = steered(s, [(4, 2)] * 6)  # about 0.6
+    ks_alone = {rid: s.controller.k_for(st.spec, bounds=(0, 8)) for rid, st in {"g": good, "f": fair}.items()}
+    assert ks_alone["f"] < ks_alone["g"] == 8
+    out = round_ks(s, {"g": good, "f": fair})
+    assert out == {"g": 8, "f": 8}
+    # The request's own choice is kept for its hysteresis; only this round's job is lengthened.
+    assert fair.spec.k < 8
+
+
+def test_no_alignment_on_a_cpu_target_for_a_poor_request_or_without_adaptive_control():
+    s = Steering(Switches(), k=4, cost=CPU)
+    s.control = decision()
+    good = steered(s, [(8, 8)] * 6)
+    poor = steered(s, [(4, 1)] * 6)  # about 0.3
+    out = round_ks(s, {"g": good, "p": poor})
+    assert out["p"] < out["g"]
+    # Adaptive control off: every request drafts the verifier's k, untouched.
+    s = Steering(Switches(adaptive=False), k=4, cost=GPU)
+    assert round_ks(s, {"a": s.new(), "b": s.new()}) == {"a": 4, "b": 4}
+
+
+def test_alignment_respects_room_fixed_requests_and_the_token_cap():
+    s = Steering(Switches(), k=4, cost=GPU)
+    s.control = decision()
+    good = steered(s, [(8, 8)] * 6)
+    fair = steered(s, [(4, 2)] * 6)
+    # A request asking for a fixed k keeps it, and is not lengthened; the others may reach its length.
+    fixed = s.new()
+    out = round_ks(s, {"g": good, "x": fixed}, modes={"x": "fixed"})
+    assert out["x"] == 6
+    # Room: no request drafts past what it can still use.
+    rooms = {"g": 8, "f": 3}
+    steers = {"g": good, "f": fair}
+    ks = {rid: s.k_for(st, "adaptive", None, rooms[rid]) for rid, st in steers.items()}
+    assert s.cap(ks, 1, 2048, {rid: (st, rooms[rid]) for rid, st in steers.items()})["f"] <= 3
+    # The token cap still wins: 2 roots + 16 draft tokens > 12.
+    out = round_ks(s, {"g": good, "f": fair}, token_cap=12)
+    assert sum(1 + k for k in out.values()) <= 12
+
+
+def test_only_the_adaptive_requests_named_are_lengthened():
+    s = Steering(Switches(), k=4, cost=GPU)
+    s.control = decision()
+    good = steered(s, [(8, 8)] * 6)
+    fair = steered(s, [(4, 2)] * 6)
+    k_fair = s.k_for(fair, "adaptive", None, 100)
+    assert s.cap({"g": 8, "f": k_fair}, 1, 2048) == {"g": 8, "f": k_fair}  # none named: none lengthened
+    assert round_ks(s, {"g": good, "f": fair}) == {"g": 8, "f": 8}
