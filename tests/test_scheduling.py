@@ -59,6 +59,26 @@ def test_fit_with_noise_stays_non_negative_and_close():
     assert model.metadata["verify_fit"]["rms_relative"] < 0.05
 
 
+def test_fit_finds_the_roofline_knee_of_a_big_target():
+    """A pass that reads its weights whatever it feeds: flat up to about 100 tokens, then linear. The fit
+    finds a knee near it (and the slope past it); a CPU-like target keeps no knee (the test above)."""
+    def flat_then_linear(b, c, t):
+        return 8.0 + max(21.9, 0.224 * t) + 5.1e-5 * b * c
+
+    samples = [(b, c, t, flat_then_linear(b, c, t)) for b in (1, 2, 4, 8, 16, 32) for c in (64, 512, 2048)
+               for t in {b * (1 + n) for n in (0, 2, 4, 8)}]
+    model = CostModel().fit_verify(samples)
+    assert 64 <= model.verify_free_tokens <= 140
+    assert model.verify_token_ms == pytest.approx(0.224, rel=0.25)
+    assert model.verify_ms(8, 512, 40) == pytest.approx(model.verify_ms(8, 512, 8), rel=0.02)  # under the knee
+    assert CostModel.from_dict(model.to_dict()).verify_free_tokens == model.verify_free_tokens
+    old = model.to_dict()
+    del old["verify_ms"]["verify_free_tokens"]  # a model saved before the knee existed loads with none
+    assert CostModel.from_dict(old).verify_free_tokens == 0.0
+    assert TRUE.verify_free_tokens == 0.0 and CostModel().fit_verify(
+        [(b, c, t, TRUE.verify_ms(b, c, t)) for b, c, t in verify_grid()]).verify_free_tokens == 0.0
+
+
 def test_nnls_matches_the_constrained_optimum():
     a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     b = np.array([2.0, -1.0, 1.0])  # unconstrained: x = (2.0, -1.0) roughly; constrained: x2 = 0

@@ -6,10 +6,14 @@ token (the root) plus its draft nodes. Its time is modelled as::
     verify_ms(batch, max_context, tree_tokens) =
         verify_base_ms                              fixed cost of a forward (launch, Python, LM head setup)
       + verify_row_ms     * batch                   per-request work (mask building, acceptance, bookkeeping)
-      + verify_token_ms   * tree_tokens             per fed token (the MLPs and projections: the big part)
+      + verify_token_ms   * max(0, tree_tokens - verify_free_tokens)
+                                                    per fed token (the MLPs and projections: the big part)
       + verify_context_ms * batch * max_context     attention over the cache (rows are padded to the longest)
 
 ``tree_tokens`` is the total number of tokens fed across the batch (one root per request + draft nodes).
+``verify_free_tokens`` is the roofline's knee: a large target on a GPU reads its weights once per pass
+whatever it feeds, so the first tokens cost nothing extra (about 100 for a 70B model on A100s); a small
+one on a CPU computes every token (knee 0). The fit tries the knees the samples allow and keeps the best.
 
 A **drafting job** runs ``steps`` sequential drafter forwards over ``batch`` rows::
 
@@ -40,6 +44,7 @@ FORMAT = "cosine.cost_model"
 VERSION = 1
 
 VERIFY_FIELDS = ("verify_base_ms", "verify_row_ms", "verify_token_ms", "verify_context_ms")
+KNEE_FIELD = "verify_free_tokens"  # fitted by a search over knees, not by least squares
 DRAFT_FIELDS = ("draft_overhead_ms", "draft_step_ms", "draft_row_ms")
 
 
@@ -119,6 +124,7 @@ class CostModel:
     verify_row_ms: float = 0.0  # extra per request in the batch, ms
     verify_token_ms: float = 0.0  # extra per token fed (roots + draft nodes), ms
     verify_context_ms: float = 0.0  # extra per row per cached context token (attention), ms
+    verify_free_tokens: float = 0.0  # tokens a pass feeds before each further one costs verify_token_ms
     # -- drafting job: overhead + steps * (step + row * batch) ------------------------------------------
     draft_overhead_ms: float = 0.0  # fixed cost of a drafting job (catch-up bookkeeping, tree building), ms
     draft_step_ms: float = 0.0  # fixed cost of one drafter forward, ms
@@ -127,7 +133,7 @@ class CostModel:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in VERIFY_FIELDS + DRAFT_FIELDS:
+        for name in (*VERIFY_FIELDS, KNEE_FIELD, *DRAFT_FIELDS):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
                 raise InvalidParameterError(name, f"must be a number, got {value!r}")
@@ -149,7 +155,7 @@ class CostModel:
         return (
             self.verify_base_ms
             + self.verify_row_ms * batch
-            + self.verify_token_ms * tree_tokens
+            + self.verify_token_ms * max(0.0, tree_tokens - self.verify_free_tokens)
             + self.verify_context_ms * batch * max_context
         )
 
@@ -168,10 +174,23 @@ class CostModel:
 
     # -- fitting --------------------------------------------------------------------------------------
     def fit_verify(self, samples: list[tuple[int, int, int, float]]) -> CostModel:
-        """Fit the verification coefficients to ``(batch, max_context, tree_tokens, ms)`` samples (in place)."""
+        """Fit the verification coefficients to ``(batch, max_context, tree_tokens, ms)`` samples (in place):
+        least squares at every knee the samples' token counts allow, keeping the knee that fits best (a knee
+        must cut the relative error by a tenth to be preferred to none)."""
         rows = self._samples("samples", samples, 4)
-        return self._fit_fields("verify", VERIFY_FIELDS, [[1.0, b, t, b * c] for b, c, t, _ in rows],
-                                [r[3] for r in rows])
+        ms = np.array([r[3] for r in rows], dtype=np.float64)
+        best: tuple[float, float] | None = None
+        counts = sorted({float(t) for _, _, t, _ in rows})
+        for knee in sorted({0.0, *counts[:-1]}):  # a knee at the largest count would leave no slope to fit
+            x = np.array([[1.0, b, max(0.0, t - knee), b * c] for b, c, t, _ in rows], dtype=np.float64)
+            err = _fit(x, ms)[1]["rms_relative"]
+            if best is None or err < best[1] * (0.9 if best[0] == 0.0 else 1.0):
+                best = (knee, err)
+        assert best is not None
+        self.verify_free_tokens = best[0]
+        self.metadata["verify_knee_tokens"] = best[0]
+        return self._fit_fields("verify", VERIFY_FIELDS,
+                                [[1.0, b, max(0.0, t - best[0]), b * c] for b, c, t, _ in rows], list(ms))
 
     def fit_draft(self, samples: list[tuple[int, int, float]]) -> CostModel:
         """Fit the drafting coefficients to ``(batch, steps, ms)`` samples (in place)."""
@@ -204,7 +223,7 @@ class CostModel:
         return rows
 
     def verify_coefficients(self) -> dict[str, float]:
-        return {n: round(getattr(self, n), 6) for n in VERIFY_FIELDS}
+        return {n: round(getattr(self, n), 6) for n in (*VERIFY_FIELDS, KNEE_FIELD)}
 
     def draft_coefficients(self) -> dict[str, float]:
         return {n: round(getattr(self, n), 6) for n in DRAFT_FIELDS}
@@ -214,7 +233,7 @@ class CostModel:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "verify_ms": {n: getattr(self, n) for n in VERIFY_FIELDS},
+            "verify_ms": {n: getattr(self, n) for n in (*VERIFY_FIELDS, KNEE_FIELD)},
             "draft_ms": {n: getattr(self, n) for n in DRAFT_FIELDS},
             "metadata": dict(self.metadata),
         }
@@ -227,6 +246,7 @@ class CostModel:
             raise InvalidParameterError("cost_model", f"version {data.get('version')!r} is not {VERSION}")
         try:
             values = {n: data["verify_ms"][n] for n in VERIFY_FIELDS}
+            values[KNEE_FIELD] = data["verify_ms"].get(KNEE_FIELD, 0.0)  # models saved before the knee: none
             values.update({n: data["draft_ms"][n] for n in DRAFT_FIELDS})
         except (KeyError, TypeError) as exc:
             raise InvalidParameterError("cost_model", f"missing coefficient {exc}") from exc

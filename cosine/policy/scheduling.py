@@ -186,6 +186,7 @@ class _Objective:
     def __init__(self, cands: list[Candidate], cost: CostModel, settings: SchedulerSettings) -> None:
         # verify_ms's formula, inlined: the greedy search evaluates it a few thousand times per call.
         self.coef = (cost.verify_base_ms, cost.verify_row_ms, cost.verify_token_ms, cost.verify_context_ms)
+        self.free = cost.verify_free_tokens
         self.w = settings.latency_weight
         base = settings.priority_base
         self.weight = lambda c: base ** max(-64, min(64, c.priority))
@@ -198,7 +199,7 @@ class _Objective:
         if not n:
             return 0.0
         base, row, token, ctx = self.coef
-        return max(base + row * n + token * tokens + ctx * n * context, _MIN_MS)
+        return max(base + row * n + token * max(0.0, tokens - self.free) + ctx * n * context, _MIN_MS)
 
     def score(self, n, context, tokens, gain, p_in, rest_n, rest_context, rest_tokens, rest_p, rest_pw) -> float:
         if n == 0:
