@@ -9,7 +9,9 @@ prompt's tail), which replies carry for the router's prior. A job whose ``base``
 
 Lookahead: with nothing else queued, the worker drafts each request's next round right after replying,
 assuming the whole draft is accepted and the target's bonus token is the drafter's own guess; a next job
-whose tokens match is answered from that at once (hits and misses are counted).
+whose tokens match is answered from that at once, or, when it asks for more positions than were drafted
+ahead (adaptive control lengthened it), by drafting only the rest (hits, extended hits and misses are
+counted).
 
 Fusion across drafter workers: a job may name experts this worker does not host, with the worker hosting
 each (``peers``); this worker then leads the lockstep and asks those peers per depth, and it answers other
@@ -109,6 +111,7 @@ class DrafterService:
         self.batches = 0
         self.resyncs = 0
         self.lookahead_hits = 0
+        self.lookahead_extended = 0  # hits that drafted the positions beyond what was drafted ahead
         self.lookahead_misses = 0
         self.heartbeat = Heartbeat(Streams(connect(redis_settings), self.keys), settings.worker_id, self.info)
         self.remote = RedisRemoteExperts(self.streams, settings.worker_id, vocab_size, settings.vote_timeout_ms)
@@ -126,6 +129,7 @@ class DrafterService:
             "batches": self.batches,
             "resyncs": self.resyncs,
             "lookahead_hits": self.lookahead_hits,
+            "lookahead_extended": self.lookahead_extended,
             "lookahead_misses": self.lookahead_misses,
             "busy": round(self.busy_s / up, 4),
             "busy_s": round(self.busy_s, 4),
@@ -141,7 +145,8 @@ class DrafterService:
         if self.vote_server is not None:
             self.vote_server.start()
         backoff = Backoff()
-        log.info("drafter %s serving experts %s on %s", self.settings.worker_id, sorted(self.fused.drafters), self.stream)
+        log.info("drafter %s serving experts %s on %s", self.settings.worker_id, sorted(self.fused.drafters),
+                 self.stream)
         try:
             first = True
             while not stop.is_set():
@@ -221,7 +226,8 @@ class DrafterService:
             else:
                 runnable.append((job, tokens))
         self._learn_features([(job.request_id, toks) for job, toks in runnable])
-        fused: list[tuple[DraftJob, FusedRequest]] = []
+        # (job, request to draft, the lookahead draft it continues or None)
+        fused: list[tuple[DraftJob, FusedRequest, FusedDraft | None]] = []
         for job, toks in runnable:
             known = self.requests[job.request_id]
             hosted = [(e, w) for e, w in zip(job.experts, job.expert_weights or [1.0] * len(job.experts))
@@ -230,13 +236,22 @@ class DrafterService:
             known.weights = dict(hosted) if len(hosted) > 1 else None
             known.peers = {e: job.peers[e] for e in known.experts if e not in self.fused.drafters}
             ahead, known.ahead = known.ahead, None
-            if ahead is not None and ahead.expected == toks and ahead.draft.tree.depth >= job.k:
+            ready = ahead.draft if ahead is not None and ahead.expected == toks and job.proposal != "sampled" \
+                else None
+            if ready is not None and ready.tree.depth >= job.k:
                 self.lookahead_hits += 1
-                d = ahead.draft
+                d = ready
                 if d.tree.depth > job.k:
                     d = FusedDraft(d.tree.truncated(job.k), {e: v[: job.k] for e, v in d.votes.items()},
                                    {e: c[: job.k] for e, c in d.vote_confidence.items()})
                 replies.append((job, self._fill(self._reply(job), d, lookahead=True)))
+            elif ready is not None and ready.tree.depth and set(ready.votes) == set(known.experts):
+                # Drafted ahead, but fewer positions than asked for: draft only the rest, from its spine.
+                self.lookahead_hits += 1
+                self.lookahead_extended += 1
+                spine = [ready.tree.tokens[i] for i in ready.tree.spine()]
+                fused.append((job, FusedRequest(job.request_id, toks + spine, job.k - len(spine), known.experts,
+                                                job.width, weights=known.weights), ready))
             elif job.proposal == "sampled":
                 if ahead is not None:
                     self.lookahead_misses += 1
@@ -246,23 +261,29 @@ class DrafterService:
                 if ahead is not None:
                     self.lookahead_misses += 1
                 fused.append((job, FusedRequest(job.request_id, toks, job.k, known.experts, job.width,
-                                                weights=known.weights)))
+                                                weights=known.weights), None))
         if fused:
-            peers = {job.request_id: self.requests[job.request_id].peers for job, _ in fused}
+            peers = {job.request_id: self.requests[job.request_id].peers for job, _, _ in fused}
             try:
                 if any(peers.values()):
                     self.remote.route(peers)
-                    drafts = self.fused.draft([req for _, req in fused], remote=self.remote)
+                    drafts = self.fused.draft([req for _, req, _ in fused], remote=self.remote)
                 else:
-                    drafts = self.fused.draft([req for _, req in fused])
+                    drafts = self.fused.draft([req for _, req, _ in fused])
             except Exception:  # a drafting failure must cost speed, never the worker
                 log.exception("drafting failed for %d requests; replying with empty drafts", len(fused))
-                self.fused.release([req.seq_id for _, req in fused])
+                self.fused.release([req.seq_id for _, req, _ in fused])
                 drafts = {}
-            for job, req in fused:
+            for job, req, ready in fused:
                 reply = self._reply(job)
-                if req.seq_id in drafts:
-                    self._fill(reply, drafts[req.seq_id])
+                d = drafts.get(req.seq_id)
+                if ready is not None:  # the lookahead draft, continued (or alone if the rest failed)
+                    d = ready if d is None or not d.tree.tokens else FusedDraft(
+                        ready.tree.grafted(d.tree, ready.tree.spine()[-1]),
+                        {e: v + d.votes.get(e, []) for e, v in ready.votes.items()},
+                        {e: c + d.vote_confidence.get(e, []) for e, c in ready.vote_confidence.items()})
+                if d is not None:
+                    self._fill(reply, d, lookahead=ready is not None)
                 replies.append((job, reply))
         return replies
 

@@ -1,0 +1,69 @@
+"""Lookahead drafting in the drafter service (zoo drafters, a real Redis): a draft prepared ahead answers the
+next job at once, and one that is shorter than the next job asks for is continued, not thrown away."""
+
+from __future__ import annotations
+
+import pytest
+
+from cosine.broker import RedisSettings
+from cosine.engine.drafter import Drafter
+from cosine.engine.fused_drafter import FusedDrafter, FusedRequest
+from cosine.engine.runner import ModelRunner
+from cosine.engine.tree import DraftTree
+from cosine.local_redis import LocalRedis
+from cosine.protocol import DraftJob
+from cosine.service.drafter import DrafterService, DrafterSettings
+
+EXPERTS = ["code", "prose"]
+
+
+def test_grafted_continues_the_spine():
+    tree = DraftTree()
+    a = tree.add(5, -1)
+    tree.add(6, -1)  # an alternative at depth 1
+    rest = DraftTree.chain([7, 8])
+    rest.add(9, -1)  # an alternative at the first grafted depth
+    out = tree.grafted(rest, a)
+    assert out.tokens == [5, 6, 7, 8, 9] and out.parents == [-1, -1, 0, 2, 0]
+    assert out.depth == 3 and [out.tokens[i] for i in out.spine()] == [5, 7, 8]
+    with pytest.raises(ValueError):
+        tree.grafted(rest, 2)
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    with LocalRedis() as srv:
+        yield srv.url
+
+
+def _drafters(zoo_engine) -> dict[str, Drafter]:
+    return {n: Drafter(ModelRunner(zoo_engine.drafters[n].runner.model, n), n) for n in EXPERTS}
+
+
+def test_a_longer_job_extends_the_draft_prepared_ahead(redis_url, zoo_engine, zoo_prompts):
+    vocab = int(zoo_engine.verifier.runner.model.config.vocab_size)
+    service = DrafterService(RedisSettings(url=redis_url, prefix="ahead"), DrafterSettings("d0"),
+                             _drafters(zoo_engine), vocab)
+    fresh = FusedDrafter(_drafters(zoo_engine))  # the same models, drafting from scratch
+    prompt = zoo_engine.tokenizer(zoo_prompts["prose"][0], add_special_tokens=False)["input_ids"]
+    job = DraftJob("r", "v", len(prompt), 0, prompt, 3, experts=EXPERTS)
+    [(_, first)] = service.draft_all([job])
+    service.look_ahead([job])
+    ahead = service.requests["r"].ahead
+    assert ahead is not None and ahead.draft.tree.depth == 3
+    # The verifier accepted the whole draft plus the guessed bonus token, then asked for 6 positions.
+    committed = ahead.expected
+    longer = DraftJob("r", "v", len(committed), len(prompt), committed[len(prompt):], 6, experts=EXPERTS)
+    [(_, reply)] = service.draft_all([longer])
+    assert reply.lookahead and service.lookahead_hits == 1 and service.lookahead_extended == 1
+    want = fresh.draft([FusedRequest("r", committed, 6, EXPERTS)])["r"]
+    assert (reply.tokens, reply.parents, reply.sources) == (want.tree.tokens, want.tree.parents, want.tree.sources)
+    assert reply.votes == want.votes
+    # A shorter job is answered from the draft prepared ahead, truncated.
+    service.look_ahead([longer])
+    committed = service.requests["r"].ahead.expected
+    shorter = DraftJob("r", "v", len(committed), 0, committed, 2, experts=EXPERTS)
+    [(_, reply)] = service.draft_all([shorter])
+    assert reply.lookahead and service.lookahead_hits == 2 and service.lookahead_extended == 1
+    assert len(reply.votes["code"]) == 2 and max(reply.parents) < len(reply.tokens)
+    assert first.tokens and service.lookahead_misses == 0
