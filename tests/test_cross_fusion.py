@@ -43,7 +43,8 @@ def vocab(zoo_engine) -> int:
 @pytest.fixture(scope="module")
 def prompts(zoo_engine, zoo_prompts) -> list[list[int]]:
     tok = zoo_engine.tokenizer
-    return [tok(zoo_prompts[d][i], add_special_tokens=False)["input_ids"] for i in range(2) for d in sorted(zoo_prompts)]
+    texts = [zoo_prompts[d][i] for i in range(2) for d in sorted(zoo_prompts)]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def _fresh(zoo_engine, names) -> dict[str, Drafter]:

@@ -5,8 +5,8 @@ expert drafters, 1 thread each, and the controller, over a private Redis):
 
 * ``cosine``          — everything on: routing, fusion, scheduling, adaptive speculation, lookahead;
 * ``no-routing`` … ``no-lookahead`` — one mechanism off at a time (``no-adaptive`` drafts the fixed k;
-                        ``fixed-k2`` and ``fixed-k6`` are the same at other lengths, so adaptive control
-                        is compared with the best fixed length);
+                        ``fixed-k2``, ``fixed-k6`` and ``fixed-k8`` are the same at other lengths, so
+                        adaptive control is compared with the best fixed length);
 * ``plain-dsd``       — plain distributed speculative decoding: one fixed drafter for every request, fixed
                         k, no scheduling, no lookahead, no controller;
 * ``coupled`` and ``target-only`` — the single-process engine, 2 threads (as in ``cosine bench e2e``).
@@ -56,6 +56,7 @@ SYSTEMS: dict[str, tuple[list[str], list[str], bool]] = {
     "no-adaptive": (["--no-adaptive"], [], True),  # fixed k = the run's k
     "fixed-k2": (["--no-adaptive", "--k", "2"], [], True),  # with no-adaptive: the fixed lengths to beat
     "fixed-k6": (["--no-adaptive", "--k", "6"], [], True),
+    "fixed-k8": (["--no-adaptive", "--k", "8"], [], True),  # 8: the controller's highest k_max
     "no-lookahead": ([], ["--no-lookahead"], True),
     "plain-dsd": (["--no-routing", "--no-fusion", "--no-scheduling", "--no-adaptive"], ["--no-lookahead"], False),
 }
@@ -72,7 +73,10 @@ class AblationConfig:
     # Low and high Poisson arrival rates (requests/s): the high one is above what one verifier serves here
     # (about 5 requests/s of 48 tokens), so the fluctuating run alternates calm and overload.
     rates: tuple[float, float] = (1.0, 8.0)
-    open_requests: int = 24  # requests per open-loop run
+    open_requests: int = 24  # requests per open-loop run at a steady rate
+    # The fluctuating run's requests: enough for the rate to switch at least three times (low, high, low,
+    # high), which a run of open_requests would not (it ends in its first high phase).
+    fluctuating_requests: int = 48
     fluctuate_s: float = 4.0
     max_new_tokens: int = 48
     k: int = 4
@@ -120,15 +124,18 @@ def run_open_loop(url: str, prompts: list[str], rate_at, params: SamplingParams,
 def _workloads(cfg: AblationConfig) -> list[tuple[str, object]]:
     low, high = cfg.rates
     return ([(f"closed c={c}", c) for c in cfg.concurrency]
-            + [(f"poisson {low}/s", lambda t: low), (f"poisson {high}/s", lambda t: high),
-               ("poisson fluctuating", lambda t: low if int(t / cfg.fluctuate_s) % 2 == 0 else high)])
+            + [(f"poisson {low}/s", (lambda t: low, cfg.open_requests)),
+               (f"poisson {high}/s", (lambda t: high, cfg.open_requests)),
+               ("poisson fluctuating", (lambda t: low if int(t / cfg.fluctuate_s) % 2 == 0 else high,
+                                        cfg.fluctuating_requests))])
 
 
 def _run_workload(url: str, zoo, cfg: AblationConfig, load, params: SamplingParams) -> dict:
     if isinstance(load, int):
         n = max(cfg.min_requests, cfg.requests_per_client * load)
         return run_pipeline(url, mixed_prompts(zoo, n), load, params)
-    return run_open_loop(url, mixed_prompts(zoo, cfg.open_requests), load, params, cfg.seed)
+    rate_at, n = load
+    return run_open_loop(url, mixed_prompts(zoo, n), rate_at, params, cfg.seed)
 
 
 def run_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
@@ -232,7 +239,7 @@ def ablation_targets(results: list[dict], cfg: AblationConfig) -> dict:
         out["fusion_acceptance_gain"] = {"value": v, "target": 1.1, "met": v >= 1.1,
                                          "what": "mean acceptance length, with fusion / without"}
     fl = "poisson fluctuating"
-    fixed = [n for n in ("no-adaptive", "fixed-k2", "fixed-k6") if _get(results, n, fl, "throughput_tok_s")]
+    fixed = [n for n in ("no-adaptive", "fixed-k2", "fixed-k6", "fixed-k8") if _get(results, n, fl, "throughput_tok_s")]
     a_tp, a_p99 = _get(results, "cosine", fl, "throughput_tok_s"), _get(results, "cosine", fl, "tpot_p99_ms")
     if fixed and a_tp and a_p99:
         best_tp = max(_get(results, n, fl, "throughput_tok_s") for n in fixed)
@@ -279,7 +286,8 @@ def ablation_markdown(payload: dict, note: bool = True) -> str:
         return f"{tables}\n\ngit {env['git_sha']}, {env['time']}."
     text = (f"{cfg['max_new_tokens']} new tokens per request (greedy, end-of-text ignored), mixed-domain held-out "
             f"prompts; k={cfg['k']} where fixed; Poisson rates {cfg['rates'][0]} and {cfg['rates'][1]} requests/s "
-            f"(fluctuating: switching every {cfg['fluctuate_s']} s), {cfg['open_requests']} requests per open-loop run; "
+            f"(fluctuating: switching every {cfg['fluctuate_s']} s), {cfg['open_requests']} requests per open-loop "
+            f"run ({cfg.get('fluctuating_requests', cfg['open_requests'])} in the fluctuating one); "
             f"plain DSD drafts with `{cfg['plain_drafter']}` only; workers 1 thread each, in-process paths "
             f"{cfg['inproc_threads']} threads; {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}; "
             f"git {env['git_sha']}, {env['time']}.")

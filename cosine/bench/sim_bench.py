@@ -29,6 +29,7 @@ SIM_SYSTEMS: dict[str, tuple[Switches, bool, bool, bool, int | None]] = {
     "no-adaptive": (Switches(adaptive=False), True, True, False, None),
     "fixed-k2": (Switches(adaptive=False), True, True, False, 2),
     "fixed-k6": (Switches(adaptive=False), True, True, False, 6),
+    "fixed-k8": (Switches(adaptive=False), True, True, False, 8),
     "no-lookahead": (Switches(), False, True, False, None),
     "plain-dsd": (Switches(False, False, False, False), False, False, True, None),
     "target-only": (Switches(), False, False, False, None),
@@ -44,6 +45,7 @@ class SimBenchConfig:
     rates: tuple[float, float] = (4.0, 16.0)  # low and high Poisson rates (requests/s)
     fluctuate_s: float = 3.0
     requests: int = 48  # per run (closed loop: at least 2 per client)
+    fluctuating_requests: int = 96  # enough for the rate to switch at least three times
     max_new_tokens: int = 64
     k: int = 4
     plain_expert: str = "prose"  # the zoo's best single drafter averaged over domains
@@ -56,7 +58,7 @@ def _workloads(cfg: SimBenchConfig) -> list[tuple[str, dict]]:
             + [(f"poisson {low}/s", {"rate": low, "n": cfg.requests}),
                (f"poisson {high}/s", {"rate": high, "n": cfg.requests}),
                ("poisson fluctuating", {"rate": lambda t: low if int(t / cfg.fluctuate_s) % 2 == 0 else high,
-                                        "n": cfg.requests})])
+                                        "n": cfg.fluctuating_requests})])
 
 
 def run_sim_bench(cfg: SimBenchConfig, progress: bool = True) -> dict:
@@ -101,6 +103,8 @@ def sim_markdown(payload: dict) -> str:
     head = (f"Simulated cluster: {cfg['verifiers']} verifiers (70B target on 4xA100 each, cost model), "
             f"{cfg['drafters']} drafter workers (68M drafters on RTX 3090s, each hosting the three experts; "
             f"plain DSD: `{cfg['plain_expert']}` only), real Redis, real services, controller and policies; "
-            f"{cfg['max_new_tokens']} tokens per request, k={cfg['k']} where fixed; every output "
+            f"{cfg['max_new_tokens']} tokens per request, k={cfg['k']} where fixed; Poisson rates {cfg['rates'][0]} "
+            f"and {cfg['rates'][1]} requests/s, {cfg['requests']} requests per run ({cfg.get('fluctuating_requests')} "
+            f"in the fluctuating one, switching every {cfg['fluctuate_s']} s); every output "
             f"{'equal to' if lossless else '**not** always equal to'} the simulated target's own.\n\n")
     return head + ablation_markdown(payload, note=False)
