@@ -272,3 +272,14 @@ def test_settings_are_validated():
         SpecSettings(off_below=1.5)
     with pytest.raises(InvalidParameterError):
         SpecSettings(hysteresis=-0.1)
+
+
+def test_a_drafted_tokens_share_of_the_pass_shortens_drafts_and_raises_the_off_switch():
+    ctl = SpeculationController(SpecSettings(draft_cost_ratio=0.05))
+    free = [ctl.best_k(a, 0, 8) for a in (0.5, 0.75, 0.9)]
+    dear = [ctl.best_k(a, 0, 8, verify_cost=0.3) for a in (0.5, 0.75, 0.9)]
+    assert all(d < f for d, f in zip(dear, free)) and dear[1] == 2
+    assert ctl.off_threshold(verify_cost=0.3) == pytest.approx(0.35)
+    assert ctl.best_k(0.3, 0, 8, verify_cost=0.3) == 0 < ctl.best_k(0.3, 0, 8)
+    with pytest.raises(InvalidParameterError):
+        ctl.best_k(0.5, 0, 8, verify_cost=-1)

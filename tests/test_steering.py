@@ -84,3 +84,15 @@ def test_only_the_adaptive_requests_named_are_lengthened():
     k_fair = s.k_for(fair, "adaptive", None, 100)
     assert s.cap({"g": 8, "f": k_fair}, 1, 2048) == {"g": 8, "f": k_fair}  # none named: none lengthened
     assert round_ks(s, {"g": good, "f": fair}) == {"g": 8, "f": 8}
+
+
+def test_verify_cost_follows_the_batch_and_the_knee():
+    cpu = Steering(Switches(), k=4, cost=CPU)
+    cpu.batch = 1
+    alone = cpu.verify_cost()
+    cpu.batch = 8
+    assert 0 < alone < cpu.verify_cost() < 1  # a drafted token weighs more when the pass is shared by more
+    knee = CostModel(verify_base_ms=28.0, verify_token_ms=0.2, verify_free_tokens=96)
+    big = Steering(Switches(), k=4, cost=knee)
+    big.batch = 8
+    assert big.verify_cost() == 0.0  # 8 x 5 tokens sit under the knee: drafts cost the pass nothing

@@ -3,11 +3,14 @@
 Each request keeps a :class:`RequestSpec`: an estimate of its per-token acceptance rate ``a`` (EWMA over
 verified rounds, starting from a prior) and the length it currently drafts. With ``k`` draft positions a
 round commits ``E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)`` tokens on average and costs one target
-pass plus ``k`` drafter steps, so :class:`SpeculationController` picks the ``k`` in its bounds maximising::
+pass (its share of one, growing with the tokens it feeds) plus ``k`` drafter steps, so
+:class:`SpeculationController` picks the ``k`` in its bounds maximising::
 
-    U(k) = E(k) / (1 + c * k * (1 + pressure))
+    U(k) = E(k) / (1 + (v + c * (1 + pressure)) * k)
 
-``c`` is the drafter-step / target-step cost ratio. ``pressure`` in [-1, 1] comes from :meth:`balance`:
+``c`` is the drafter-step / target-step cost ratio; ``v`` is what one drafted token adds to the request's
+share of a verification pass (from the cost model at the verifier's batch: about 0.3 for the CPU zoo at
+batch 8, 0.05 at batch 1, 0 for a big target under its roofline knee). ``pressure`` in [-1, 1] comes from :meth:`balance`:
 positive when work piles up (drafts waiting for the verifier, draft jobs waiting for drafters, a verifier
 busier than its target), which makes drafting dearer and drafts shorter; negative when the verifier idles,
 which makes drafting cheaper and drafts longer (at -1 it is free, and ``k`` goes to its upper bound).
@@ -19,8 +22,8 @@ lengthens the shorter drafts of a batch towards its longest one where the extra 
 add to the verification pass (a target whose pass hardly grows with the tokens fed, a large one on a GPU:
 nearly always; one whose pass grows with every token, a small one on a CPU: rarely).
 
-Because ``E(1) = 1 + a`` against a cost ``1 + c``, plain decoding (``k = 0``) beats every ``k >= 1`` exactly
-when ``a <= c * (1 + pressure)``: that is the computed off switch (``SpecSettings.off_below = None``).
+Because ``E(1) = 1 + a`` against a cost ``1 + v + c``, plain decoding (``k = 0``) beats every ``k >= 1`` exactly
+when ``a <= v + c * (1 + pressure)``: that is the computed off switch (``SpecSettings.off_below = None``).
 
 Stabilisers (after SGLang's adaptive speculation): ``k_init`` for the first ``warmup_rounds`` verified
 rounds, and hysteresis: ``k`` moves only when the new optimum's ``U`` beats the current one's by
@@ -208,23 +211,26 @@ class SpeculationController:
         """The effective drafter/target cost ratio ``c * (1 + pressure)``."""
         return self.settings.draft_cost_ratio * (1 + _pressure(pressure))
 
-    def off_threshold(self, pressure: float = 0.0) -> float:
+    def off_threshold(self, pressure: float = 0.0, verify_cost: float = 0.0) -> float:
         """The acceptance rate under which k = 0 pays more than any k >= 1."""
         if self.settings.off_below is not None:
             return self.settings.off_below
-        return min(1.0, self.cost_ratio(pressure))
+        return min(1.0, self.cost_ratio(pressure) + _number("verify_cost", verify_cost, 0.0))
 
-    def utility(self, rate: float, k: int, pressure: float = 0.0) -> float:
-        """Expected committed tokens per unit of cost: ``E(k) / (1 + c * k * (1 + pressure))``."""
-        return expected_tokens(rate, k) / (1 + self.cost_ratio(pressure) * k)
+    def utility(self, rate: float, k: int, pressure: float = 0.0, verify_cost: float = 0.0) -> float:
+        """Expected committed tokens per unit of cost: ``E(k) / (1 + (v + c * (1 + pressure)) * k)``, where
+        ``v`` (``verify_cost``) is what one drafted token adds to the request's share of a verification pass,
+        relative to that share without a draft (0 for a target whose pass does not grow with the tokens fed)."""
+        return expected_tokens(rate, k) / (1 + (self.cost_ratio(pressure) + verify_cost) * k)
 
-    def best_k(self, rate: float, low: int, high: int, pressure: float = 0.0) -> int:
+    def best_k(self, rate: float, low: int, high: int, pressure: float = 0.0, verify_cost: float = 0.0) -> int:
         """The k in ``[low, high]`` with the highest utility (the smallest one on ties)."""
         if low == 0 and self.settings.off_below is not None and rate < self.settings.off_below:
             return 0
+        verify_cost = _number("verify_cost", verify_cost, 0.0)
         best, best_u = low, -math.inf
         for k in range(low, high + 1):
-            u = self.utility(rate, k, pressure)
+            u = self.utility(rate, k, pressure, verify_cost)
             if u > best_u * (1 + 1e-12):
                 best, best_u = k, u
         return best
@@ -237,6 +243,7 @@ class SpeculationController:
         fixed_k: int | None = None,
         bounds: tuple[int, int] | None = None,
         pressure: float = 0.0,
+        verify_cost: float = 0.0,
     ) -> int:
         """The k to draft this round (call once per round).
 
@@ -266,9 +273,10 @@ class SpeculationController:
         else:
             rate = state.acceptance_rate
             current = clamp(s.k_init if state.k is None else state.k)
-            best = self.best_k(rate, low, high, pressure)
+            best = self.best_k(rate, low, high, pressure, verify_cost)
             forced_off = best == 0 and s.off_below is not None and rate < s.off_below
-            better = self.utility(rate, best, pressure) > (1 + s.hysteresis) * self.utility(rate, current, pressure)
+            better = (self.utility(rate, best, pressure, verify_cost)
+                      > (1 + s.hysteresis) * self.utility(rate, current, pressure, verify_cost))
             if best != current and (forced_off or better):
                 log.debug("k %d -> %d (rate %.3f, pressure %.2f)", current, best, rate, pressure)
                 k = best

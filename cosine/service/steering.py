@@ -55,6 +55,7 @@ class Steering:
         self.routing = routing or RoutingSettings()
         self.priors = PriorTable()
         self.control: ControlDecision | None = None
+        self.batch = 1  # requests the verifier holds (set by it): the batch a pass is shared by
 
     def new(self) -> RequestSteer:
         return RequestSteer(RequestSpec(self.spec_settings))
@@ -74,8 +75,19 @@ class Steering:
             return max(0, min(self.k, room))
         c = self.control
         bounds = (c.k_min, c.k_max) if c is not None else None
-        k = self.controller.k_for(steer.spec, bounds=bounds, pressure=c.pressure if c is not None else 0.0)
+        k = self.controller.k_for(steer.spec, bounds=bounds, pressure=c.pressure if c is not None else 0.0,
+                                  verify_cost=self.verify_cost())
         return max(0, min(k, room))
+
+    def verify_cost(self) -> float:
+        """What one drafted token adds to a request's share of a verification pass, relative to that share
+        with no draft, at the verifier's batch (``batch``) and a draft of its default length (the cost model's
+        knee makes it 0 for a big target feeding few tokens)."""
+        n, k = max(1, self.batch), max(1, self.k)
+        single = self.cost.verify_ms(n, 0, n)
+        if single <= 0:
+            return 0.0
+        return (self.cost.verify_ms(n, 0, n * (1 + k)) - single) / (k * single)
 
     def cap(self, ks: dict[str, int], width: int, token_cap: int,
             adaptive: dict[str, tuple[RequestSteer, int]] | None = None) -> dict[str, int]:

@@ -619,6 +619,7 @@ class VerifierService:
         drafter worker); a request given 0 positions takes a plain target step. Returns (state, epoch)."""
         jobs = []
         self._refresh_drafters()
+        self.steering.batch = len(self.active)
         rooms = {st.rid: self.engine.room(st.seq) for st in sts}
         ks = {st.rid: self.steering.k_for(st.steer, st.msg.speculation, st.msg.spec_k, rooms[st.rid]) for st in sts}
         adaptive = {st.rid: (st.steer, rooms[st.rid]) for st in sts if self.steering.adapts(st.msg.speculation)}
