@@ -50,6 +50,17 @@ def _latest_id(r: redis.Redis, stream: str) -> bytes | str:
     return last[0][0] if last else "0-0"
 
 
+def _decoded(streams: Streams, stream: str, entries: list, kind: type, vocab: int, origin: str) -> list:
+    """The entries' messages of type ``kind``; a malformed entry goes to the dead-letter stream (no group)."""
+    out = []
+    for eid, fields in entries:
+        try:
+            out.append(decode_entry(fields, (kind,), vocab))
+        except ProtocolError as exc:
+            streams.dead_letter(stream, None, eid, fields, exc.reason, origin)
+    return out
+
+
 @dataclass
 class _Known:
     tokens: list[int]
@@ -109,13 +120,7 @@ class VoteServer(threading.Thread):
         now = time.monotonic()
         asks: dict[tuple[str, str], VoteAsk] = {}  # (expert, request) -> the newest ask
         replies: list[Vote] = []
-        for eid, fields in entries:
-            try:
-                ask = decode_entry(fields, (VoteAsk,), self.vocab)
-            except ProtocolError as exc:
-                self.streams.dead_letter(self.stream, None, eid, fields, exc.reason, self.worker_id)
-                continue
-            assert isinstance(ask, VoteAsk)
+        for ask in _decoded(self.streams, self.stream, entries, VoteAsk, self.vocab, self.worker_id):
             asks[(ask.expert, ask.request_id)] = ask
         groups: dict[str, dict[str, list[int]]] = {}  # expert -> request -> tokens
         for (expert, rid), ask in asks.items():
@@ -236,14 +241,10 @@ class RedisRemoteExperts:
             if left_ms < 1:
                 break
             reply = self.r.xread({self.stream: self._last}, count=1024, block=left_ms)
-            for eid, fields in (reply[0][1] if reply else []):
-                self._last = eid
-                try:
-                    vote = decode_entry(fields, (Vote,), self.vocab)
-                except ProtocolError as exc:
-                    self.streams.dead_letter(self.stream, None, eid, fields, exc.reason, self.worker_id)
-                    continue
-                assert isinstance(vote, Vote)
+            entries = reply[0][1] if reply else []
+            if entries:
+                self._last = entries[-1][0]
+            for vote in _decoded(self.streams, self.stream, entries, Vote, self.vocab, self.worker_id):
                 key = (vote.expert, vote.request_id)
                 if vote.ticket != self.ticket or key not in self.pending:
                     continue  # an answer to a depth already given up on

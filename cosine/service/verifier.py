@@ -116,6 +116,11 @@ class Active:
         return self.msg.request_id
 
 
+def _least_loaded(workers: list[str], load: collections.Counter) -> str:
+    """The worker with the fewest requests in ``load`` (ties: by name, so the choice is deterministic)."""
+    return min(workers, key=lambda w: (load[w], w))
+
+
 def request_seed(msg: GenerationRequest) -> int:
     """The request's sampling seed; derived from its id when not given, so a reclaimed request keeps it."""
     if msg.seed is not None:
@@ -674,8 +679,7 @@ class VerifierService:
         fits = [w for w in self.drafters if experts[0] in self._hosted(w)]
         if not fits:
             return st.drafter
-        load = collections.Counter(s.drafter for s in self.active.values())
-        choice = min(fits, key=lambda w: (load[w], w))
+        choice = _least_loaded(fits, collections.Counter(s.drafter for s in self.active.values()))
         pipe.xadd(self.keys.draft(st.drafter), entry(DraftClose(st.rid)), maxlen=defaults.STREAM_MAXLEN,
                   approximate=True)
         log.info("request %s: lead drafter moves from %s to %s (hosts %s)", st.rid, st.drafter, choice, experts[0])
@@ -698,7 +702,7 @@ class VerifierService:
                 continue
             fits = [w for w in self.drafters if w != lead and e in self._hosted(w)]
             if fits:
-                peers[e] = min(fits, key=lambda w: (load[w], w))
+                peers[e] = _least_loaded(fits, load)
         st.peers = peers
         keep = [i for i, e in enumerate(experts) if e in own or e in peers]
         return [experts[i] for i in keep], [weights[i] for i in keep] if weights else [], peers
@@ -727,8 +731,7 @@ class VerifierService:
                 log.info("request %s lost drafter %s; decoding alone until one is back", st.rid, st.drafter)
                 st.drafter = None
             return None
-        load = collections.Counter(s.drafter for s in self.active.values())
-        choice = min(fits, key=lambda w: (load[w], w))
+        choice = _least_loaded(fits, collections.Counter(s.drafter for s in self.active.values()))
         if st.drafter is not None:
             log.info("request %s moves from drafter %s to %s", st.rid, st.drafter, choice)
             self.counters["drafter_moves"] += 1
