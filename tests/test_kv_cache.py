@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cosine.engine.drafter import Drafter, DraftRequest
-from cosine.engine.runner import ModelRunner
+from cosine.engine.runner import ModelRunner, Segment
 from cosine.engine.sequence import Sequence
 from cosine.engine.tree import DraftTree
 from cosine.engine.verifier import TargetVerifier
@@ -122,3 +122,43 @@ def test_zoo_target_rollback_equals_recompute(zoo_engine, zoo_prompts):
         for s in seqs:
             assert_row_matches(verifier.runner, s.seq_id, s.tokens[:-1], KV_TOLERANCE)
     drafter.release([s.seq_id for s in seqs])
+
+
+def test_forward_over_some_rows_equals_forward_over_all():
+    """A pass that feeds only some rows runs over those rows alone; its logits, and every row's cache after
+    the commit (the rows left out included), are those of running every row."""
+    model = tiny_llama(vocab=53, seed=4)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(53) for _ in range(n)] for n in (2, 7, 4, 11, 5)]
+    ids = [f"r{i}" for i in range(len(prompts))]
+    runners = []
+    for share in (0.0, 1.0):  # never / always run the fed rows alone
+        runner = ModelRunner(model)
+        runner.SUBSET_SHARE = share
+        runner.add_rows(ids, prompts)
+        runners.append(runner)
+    full, alone = runners
+    committed = {sid: list(p) for sid, p in zip(ids, prompts)}
+    for _ in range(8):
+        fed = set(rng.sample(ids, rng.randint(1, 3)))
+        segments = []
+        for sid in ids:
+            tree = random_tree(rng, 53) if sid in fed else None
+            segments.append(None if tree is None else Segment(tree.tokens, tree.parents))
+        keep = torch.zeros((len(ids), max(len(s) for s in segments if s)), dtype=torch.bool)
+        outs = [runner.forward(segments) for runner in runners]
+        for row, sid in enumerate(ids):
+            if segments[row] is None:
+                continue
+            n = len(segments[row])
+            torch.testing.assert_close(outs[1][row, :n], outs[0][row, :n], atol=2e-5, rtol=1e-4)
+            keep[row, 0] = True  # the tree's first node (a root) is committed
+            committed[sid].append(segments[row].tokens[0])
+        for runner in runners:
+            runner.commit(keep)
+    assert alone.rows_run < full.rows_run, "the subset path must have run"
+    for sid in ids:
+        for runner in runners:
+            row = runner.row_of(sid)
+            assert len(runner.kv.slots_of(row)) == len(committed[sid])
+        assert_row_matches(alone, sid, committed[sid])

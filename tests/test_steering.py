@@ -8,8 +8,8 @@ from cosine.service.steering import Steering, Switches
 
 # A large target on a GPU: the pass hardly grows with the tokens fed. A small one on a CPU: it does.
 GPU = CostModel(verify_base_ms=28.0, verify_token_ms=0.08, draft_step_ms=1.5, draft_row_ms=0.02)
-CPU = CostModel(verify_base_ms=7.3, verify_token_ms=0.37, draft_overhead_ms=0.24, draft_step_ms=0.56,
-                draft_row_ms=0.12)
+CPU = CostModel(verify_base_ms=7.3, verify_token_ms=0.37, verify_context_ms=0.0021, draft_overhead_ms=0.24,
+                draft_step_ms=0.56, draft_row_ms=0.12)
 
 
 def steered(steering: Steering, rate_rounds: list[tuple[int, int]]):
@@ -92,6 +92,9 @@ def test_verify_cost_follows_the_batch_and_the_knee():
     alone = cpu.verify_cost()
     cpu.batch = 8
     assert 0 < alone < cpu.verify_cost() < 1  # a drafted token weighs more when the pass is shared by more
+    short = cpu.verify_cost()
+    cpu.context = 300
+    assert cpu.verify_cost() < short  # attention over a long context is part of every share, drafted or not
     knee = CostModel(verify_base_ms=28.0, verify_token_ms=0.2, verify_free_tokens=96)
     big = Steering(Switches(), k=4, cost=knee)
     big.batch = 8

@@ -16,6 +16,7 @@ Every use of transformers' cache classes is in this module, so a change of their
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -49,16 +50,27 @@ class SlotLayer(DynamicLayer):
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 
+    # Rows a forward runs over when it feeds only some rows (None: all of them); set by BatchKV.only_rows.
+    rows: torch.Tensor | None = None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        need = self.length + key_states.shape[-2]
+        start, need = self.length, self.length + key_states.shape[-2]
         self._reserve(need)
-        self.kbuf[:, :, self.length : need] = key_states
-        self.vbuf[:, :, self.length : need] = value_states
+        if self.rows is None:
+            self.kbuf[:, :, start:need] = key_states
+            self.vbuf[:, :, start:need] = value_states
+        else:  # the rows not fed get zeroed holes (finite, masked out); the fed ones get their new slots
+            for buf, new in ((self.kbuf, key_states), (self.vbuf, value_states)):
+                fresh = buf[:, :, start:need]
+                fresh.zero_()
+                fresh.index_copy_(0, self.rows, new)
         self.length = need
         self._sync()
-        return self.keys, self.values
+        if self.rows is None:
+            return self.keys, self.values
+        return self.keys.index_select(0, self.rows), self.values.index_select(0, self.rows)
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
@@ -241,6 +253,21 @@ class BatchKV:
             layer.gather_slots(order)
         self.valid = torch.arange(new_len, device=self.device)[None, :] < lengths[:, None]
         self.compactions += 1
+
+    @contextlib.contextmanager
+    def only_rows(self, rows: list[int]):
+        """Within the block, a forward runs over ``rows`` only (its inputs have one row per listed row, in
+        that order): each layer stores their new slots in place, gives the other rows holes, and returns
+        the listed rows' keys and values (a copy of theirs alone, instead of computing every row)."""
+        layers = self._layers()
+        index = torch.tensor(rows, dtype=torch.long, device=self.cache_device)
+        for layer in layers:
+            layer.rows = index
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.rows = None
 
     def select_rows(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)

@@ -9,6 +9,7 @@ plus the node's depth. Nothing new is committed until :meth:`commit` says which 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -43,6 +44,12 @@ class Segment:
 class ModelRunner:
     """Runs one model over a batch of rows, each row one sequence with its own committed length."""
 
+    # A forward that feeds at most this share of the rows runs over those rows alone (their cache copied
+    # out per layer); above it, every row runs and the rows not fed compute padding. Every row costs a
+    # full share of the forward's compute, so a verifier pass over 8 of 32 requests would otherwise cost
+    # as much as a pass over all 32.
+    SUBSET_SHARE = 0.75
+
     def __init__(self, model: torch.nn.Module, name: str = "model") -> None:
         self.model = model
         self.name = name
@@ -55,6 +62,7 @@ class ModelRunner:
         self._cache_kwarg = cache_kwarg(model)
         self.row_ids: list[str] = []
         self.forwards = 0
+        self.rows_run = 0  # rows computed over all forwards (fed or padding)
 
     # -- rows -----------------------------------------------------------------------------------------
     def row_of(self, seq_id: str) -> int:
@@ -87,7 +95,7 @@ class ModelRunner:
             fresh.commit_segments(segments)
         self.kv.merge(fresh.kv)
         self.row_ids.extend(seq_ids)
-        self.forwards += fresh.forwards - self.forwards
+        self.forwards, self.rows_run = fresh.forwards, fresh.rows_run
 
     def remove_rows(self, seq_ids: list[str]) -> None:
         gone = set(seq_ids)
@@ -116,20 +124,27 @@ class ModelRunner:
         """Run one forward with a segment per row (``None`` = nothing for that row).
 
         Returns float32 logits ``[rows, Q, vocab]`` (row ``r``, node ``i``: the distribution of the token
-        that follows node ``i``), or ``None`` when ``logits`` is false. The new slots stay uncommitted.
+        that follows node ``i``; undefined for rows given ``None``), or ``None`` when ``logits`` is false.
+        The new slots stay uncommitted.
         """
         if len(segments) != self.kv.rows:
             raise ValueError(f"{self.name}: {len(segments)} segments for {self.kv.rows} rows")
         q = max((len(s) for s in segments if s is not None), default=0)
         if q == 0:
             return None
-        rows = len(segments)
+        fed = [r for r, s in enumerate(segments) if s is not None]
+        # Feeding only some rows: run those alone (the others get holes) unless nearly all are fed, where
+        # copying their cache costs more than computing the padding of the few left out.
+        subset = len(fed) <= self.SUBSET_SHARE * len(segments) and bool(self.kv._layers())
+        work = fed if subset else list(range(len(segments)))
+        rows = len(work)
         lengths = self.kv.lengths_list()
         ids = [[0] * q for _ in range(rows)]
         pos = [[0] * q for _ in range(rows)]
         sizes = [0] * rows
         trees: list[tuple[int, Segment]] = []
-        for r, seg in enumerate(segments):
+        for r, row in enumerate(work):
+            seg = segments[row]
             if not seg:
                 continue
             n = len(seg)
@@ -140,7 +155,7 @@ class ModelRunner:
             else:
                 depths = seg.depths()
                 trees.append((r, seg))
-            base = lengths[r]
+            base = lengths[row]
             pos[r][:n] = [base + d for d in depths]
             if base + max(depths) >= self.max_positions:
                 raise ValueError(f"{self.name}: position {base + max(depths)} exceeds the context")
@@ -155,20 +170,26 @@ class ModelRunner:
         real = torch.arange(q)[None, :] < torch.tensor(sizes)[:, None]
         anc &= real[:, None, :]
         anc |= torch.eye(q, dtype=torch.bool)
-        allowed = torch.cat([self.kv.valid[:, None, :].expand(rows, q, self.kv.physical), anc], dim=2)
+        valid = self.kv.valid[work] if subset else self.kv.valid
+        allowed = torch.cat([valid[:, None, :].expand(rows, q, self.kv.physical), anc], dim=2)
         mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        out = self.model(
-            input_ids=torch.tensor(ids, device=self.device),
-            position_ids=torch.tensor(pos, device=self.device),
-            attention_mask=mask[:, None].to(self.device),
-            use_cache=True,
-            **{self._cache_kwarg: self.kv.cache},
-        )
+        with self.kv.only_rows(work) if subset else contextlib.nullcontext():
+            out = self.model(
+                input_ids=torch.tensor(ids, device=self.device),
+                position_ids=torch.tensor(pos, device=self.device),
+                attention_mask=mask[:, None].to(self.device),
+                use_cache=True,
+                **{self._cache_kwarg: self.kv.cache},
+            )
         self.kv.after_forward(q)
         self.forwards += 1
+        self.rows_run += rows
         if not logits:
             return None
-        return out.logits.float()
+        if not subset:
+            return out.logits.float()
+        full = out.logits.new_empty((len(segments), q, out.logits.shape[-1]), dtype=torch.float32)
+        return full.index_copy_(0, torch.tensor(work, device=full.device), out.logits.float())
 
     def commit(self, keep: torch.Tensor) -> None:
         """Commit the nodes marked in ``keep`` (``[rows, Q]``) of the last forward."""

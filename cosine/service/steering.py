@@ -55,7 +55,11 @@ class Steering:
         self.routing = routing or RoutingSettings()
         self.priors = PriorTable()
         self.control: ControlDecision | None = None
-        self.batch = 1  # requests the verifier holds (set by it): the batch a pass is shared by
+        # Set by the verifier before each round's decisions: the requests it holds (the batch a pass is
+        # shared by) and their longest context (attention over it is part of every pass: leaving it out
+        # made a drafted token look twice as dear at a batch of 30 and switched fair requests off).
+        self.batch = 1
+        self.context = 0
 
     def new(self) -> RequestSteer:
         return RequestSteer(RequestSpec(self.spec_settings))
@@ -81,13 +85,13 @@ class Steering:
 
     def verify_cost(self) -> float:
         """What one drafted token adds to a request's share of a verification pass, relative to that share
-        with no draft, at the verifier's batch (``batch``) and a draft of its default length (the cost model's
-        knee makes it 0 for a big target feeding few tokens)."""
+        with no draft, at the verifier's batch and context (``batch``, ``context``) and a draft of its default
+        length (the cost model's knee makes it 0 for a big target feeding few tokens)."""
         n, k = max(1, self.batch), max(1, self.k)
-        single = self.cost.verify_ms(n, 0, n)
+        single = self.cost.verify_ms(n, self.context, n)
         if single <= 0:
             return 0.0
-        return (self.cost.verify_ms(n, 0, n * (1 + k)) - single) / (k * single)
+        return (self.cost.verify_ms(n, self.context, n * (1 + k)) - single) / (k * single)
 
     def cap(self, ks: dict[str, int], width: int, token_cap: int,
             adaptive: dict[str, tuple[RequestSteer, int]] | None = None) -> dict[str, int]:
@@ -111,11 +115,12 @@ class Steering:
             return ks
         c = self.control
         tokens = sum(1 + k * width for k in ks.values())
-        round_ms = self.cost.verify_ms(len(ks), 0, tokens) + self.cost.draft_ms(1, top)
+        n, context = len(ks), self.context
+        round_ms = self.cost.verify_ms(n, context, tokens) + self.cost.draft_ms(1, top)
         # What a fed token adds to the pass, on average over what alignment could add (a knee makes the first
         # ones free on a big target).
         most = tokens + sum(top - ks[rid] for rid in mine) * width
-        token_ms = (self.cost.verify_ms(len(ks), 0, most) - self.cost.verify_ms(len(ks), 0, tokens)) / (most - tokens)
+        token_ms = (self.cost.verify_ms(n, context, most) - self.cost.verify_ms(n, context, tokens)) / (most - tokens)
         return self.controller.align(
             ks, {rid: a[0].spec.acceptance_rate for rid, a in mine.items()}, token_ms, round_ms,
             {rid: width for rid in ks}, {rid: a[1] for rid, a in mine.items()},

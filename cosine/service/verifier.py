@@ -479,6 +479,8 @@ class VerifierService:
             if d is not None:
                 st.draft_ms += d.draft_ms
                 st.drafters_used.add(d.drafter)
+        self.counters["passes"] += 1
+        self.counters["pass_tokens"] += sum(1 + (len(t.tokens) if t else 0) for t in drafts.values())
         t0 = time.perf_counter()
         try:
             results = self.engine.step(drafts)
@@ -625,6 +627,7 @@ class VerifierService:
         jobs = []
         self._refresh_drafters()
         self.steering.batch = len(self.active)
+        self.steering.context = max((len(st.seq.tokens) for st in self.active.values()), default=0)
         rooms = {st.rid: self.engine.room(st.seq) for st in sts}
         ks = {st.rid: self.steering.k_for(st.steer, st.msg.speculation, st.msg.spec_k, rooms[st.rid]) for st in sts}
         adaptive = {st.rid: (st.steer, rooms[st.rid]) for st in sts if self.steering.adapts(st.msg.speculation)}
@@ -634,7 +637,10 @@ class VerifierService:
             drafter = self._drafter_for(st) if k > 0 else None
             st.plain = k <= 0 or drafter is None
             if st.plain:
+                self.counters["plain_steps"] += 1
                 continue
+            self.counters["draft_jobs"] += 1
+            self.counters["draft_positions"] += k
             experts, weights = self.steering.experts_for(st.steer, self._pool(drafter), st.msg.drafter,
                                                          st.msg.drafters)
             sampled = self.settings.proposal == "sampled" and not st.seq.params.greedy
