@@ -3,15 +3,18 @@ next job at once, and one that is shorter than the next job asks for is continue
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cosine.broker import RedisSettings
+from cosine.keys import DRAFTERS_GROUP
 from cosine.engine.drafter import Drafter
 from cosine.engine.fused_drafter import FusedDrafter, FusedRequest
 from cosine.engine.runner import ModelRunner
 from cosine.engine.tree import DraftTree
 from cosine.local_redis import LocalRedis
-from cosine.protocol import DraftJob
+from cosine.protocol import DraftJob, entry
 from cosine.service.drafter import DrafterService, DrafterSettings
 
 EXPERTS = ["code", "prose"]
@@ -67,3 +70,23 @@ def test_a_longer_job_extends_the_draft_prepared_ahead(redis_url, zoo_engine, zo
     assert reply.lookahead and service.lookahead_hits == 2 and service.lookahead_extended == 1
     assert len(reply.votes["code"]) == 2 and max(reply.parents) < len(reply.tokens)
     assert first.tokens and service.lookahead_misses == 0
+
+
+def test_drafting_ahead_is_not_counted_as_busy(redis_url, zoo_engine, zoo_prompts):
+    """The controller reads a drafter's busy share as its load; drafting ahead only fills idle time, so it is
+    reported apart (``lookahead_s``), not as busy."""
+    vocab = int(zoo_engine.verifier.runner.model.config.vocab_size)
+    service = DrafterService(RedisSettings(url=redis_url, prefix="busy"), DrafterSettings("d0"),
+                             _drafters(zoo_engine), vocab)
+    streams = service.streams
+    streams.ensure_group(service.stream, DRAFTERS_GROUP)
+    prompt = zoo_engine.tokenizer(zoo_prompts["code"][0], add_special_tokens=False)["input_ids"]
+    streams.r.xadd(service.stream, entry(DraftJob("r", "v", len(prompt), 0, prompt, 4, experts=EXPERTS)))
+    batch = streams.read_batch(service.stream, DRAFTERS_GROUP, "d0", 8, 0, 100)
+    t0 = time.perf_counter()
+    service.handle(batch)
+    wall = time.perf_counter() - t0
+    assert service.requests["r"].ahead is not None, "the job's next round was drafted ahead"
+    info = service.info()
+    assert info["busy_s"] > 0 and info["lookahead_s"] > 0
+    assert info["busy_s"] + info["lookahead_s"] <= wall + 1e-3  # each second counted once

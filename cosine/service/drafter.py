@@ -106,7 +106,11 @@ class DrafterService:
         self.requests: dict[str, _Known] = {}
         self._last_draft: dict[str, DraftTree] = {}  # the tree last sent per request (for lookahead)
         self.started = time.monotonic()
+        # Time answering jobs; drafting ahead is kept apart: it runs only when no job waits, so counting it
+        # made a drafter with nothing queued look saturated to the controller, which then cut k_max and the
+        # cooperating drafters ("drafts pile up" at 0 jobs waiting, busy 0.94).
         self.busy_s = 0.0
+        self.lookahead_s = 0.0
         self.jobs = 0
         self.batches = 0
         self.resyncs = 0
@@ -133,6 +137,7 @@ class DrafterService:
             "lookahead_misses": self.lookahead_misses,
             "busy": round(self.busy_s / up, 4),
             "busy_s": round(self.busy_s, 4),
+            "lookahead_s": round(self.lookahead_s, 4),
             "votes_served": self.vote_server.served if self.vote_server else 0,
             **self.remote.stats(),
             "pid": os.getpid(),
@@ -211,9 +216,11 @@ class DrafterService:
         pipe.execute()
         self.jobs += len(latest)
         self.batches += 1
+        t1 = time.perf_counter()
+        self.busy_s += t1 - t0
         if self.settings.lookahead and replies and not self.streams.r.xlen(self.stream):
             self.look_ahead([job for job, reply in replies if reply.tokens and not reply.q_ids])
-        self.busy_s += time.perf_counter() - t0
+            self.lookahead_s += time.perf_counter() - t1
 
     def draft_all(self, jobs: list[DraftJob]) -> list[tuple[DraftJob, Draft]]:
         replies: list[tuple[DraftJob, Draft]] = []
