@@ -189,6 +189,11 @@ class BatchKV:
     def _layers(self) -> list[SlotLayer]:
         return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
 
+    @property
+    def filled(self) -> bool:
+        """Whether any layer holds slots yet (before the first forward there is nothing to select from)."""
+        return bool(self._layers())
+
     # -- growth and commit ----------------------------------------------------------------------------
     def merge(self, other: BatchKV) -> None:
         """Append ``other``'s rows (e.g. freshly prefilled requests) below this cache's rows."""

@@ -135,7 +135,7 @@ class ModelRunner:
         fed = [r for r, s in enumerate(segments) if s is not None]
         # Feeding only some rows: run those alone (the others get holes) unless nearly all are fed, where
         # copying their cache costs more than computing the padding of the few left out.
-        subset = len(fed) <= self.SUBSET_SHARE * len(segments) and bool(self.kv._layers())
+        subset = len(fed) <= self.SUBSET_SHARE * len(segments) and self.kv.filled
         work = fed if subset else list(range(len(segments)))
         rows = len(work)
         lengths = self.kv.lengths_list()
