@@ -9,11 +9,12 @@ pass (its share of one, growing with the tokens it feeds) plus ``k`` drafter ste
     U(k) = E(k) / (1 + (v + c * (1 + pressure)) * k)
 
 ``c`` is the drafter-step / target-step cost ratio; ``v`` is what one drafted token adds to the request's
-share of a verification pass (from the cost model at the verifier's batch: about 0.3 for the CPU zoo at
-batch 8, 0.05 at batch 1, 0 for a big target under its roofline knee). ``pressure`` in [-1, 1] comes from :meth:`balance`:
-positive when work piles up (drafts waiting for the verifier, draft jobs waiting for drafters, a verifier
-busier than its target), which makes drafting dearer and drafts shorter; negative when the verifier idles,
-which makes drafting cheaper and drafts longer (at -1 it is free, and ``k`` goes to its upper bound).
+share of a verification pass (from the cost model at the verifier's batch and context: for the CPU zoo
+about 0.23 at batch 8 and 0.05 at batch 1 with 150 tokens of context; 0 for a big target under its roofline
+knee). ``pressure`` in [-1, 1] comes from :meth:`balance`: positive when work piles up (drafts waiting
+for the verifier, draft jobs waiting for drafters, a verifier busier than its target), which makes
+drafting dearer and drafts shorter; negative when the verifier idles, which makes drafting cheaper and
+drafts longer (at -1 it is free, and ``k`` goes to its upper bound).
 
 A round is verified as part of a batch, and the requests whose jobs go out together come back to be
 verified together: the pass waits for the batch's longest draft anyway, so a request drafting fewer
