@@ -98,12 +98,13 @@ class ModelRunner:
         self.forwards, self.rows_run = fresh.forwards, fresh.rows_run
 
     def remove_rows(self, seq_ids: list[str]) -> None:
+        """Drop these rows (the last rows take their places: row order is not kept)."""
         gone = set(seq_ids)
-        keep = [i for i, sid in enumerate(self.row_ids) if sid not in gone]
-        if len(keep) == len(self.row_ids):
+        rows = [i for i, sid in enumerate(self.row_ids) if sid in gone]
+        if not rows:
             return
-        self.kv.select_rows(keep)
-        self.row_ids = [self.row_ids[i] for i in keep]
+        order = self.kv.drop_rows(rows)
+        self.row_ids = [self.row_ids[i] for i in order]
 
     def truncate(self, seq_id: str, length: int) -> None:
         """Roll a row back to its first ``length`` committed tokens."""
