@@ -292,6 +292,7 @@ def run_profile(
         torch.set_num_threads(previous_threads)
     model = CostModel.default() if not draft_samples else CostModel()
     model.metadata = {}
+    model.padded = ModelRunner.PADDED
     model.fit_verify(verify_samples)
     if draft_samples:
         model.fit_draft(draft_samples)

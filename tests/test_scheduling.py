@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -220,9 +221,10 @@ def test_latency_first_splits_off_the_expensive_candidate():
     assert len(thr) >= len(lat)
 
 
-def test_no_single_addition_improves_the_chosen_batch():
+@pytest.mark.parametrize("padded", [False, True])
+def test_no_single_addition_improves_the_chosen_batch(padded):
     rng = np.random.default_rng(3)
-    cost = CostModel.default()
+    cost = dataclasses.replace(CostModel.default(), padded=padded)
     for trial in range(20):
         cands = [
             Candidate(
@@ -239,14 +241,18 @@ def test_no_single_addition_improves_the_chosen_batch():
         settings = SchedulerSettings(latency_weight=float(rng.uniform(0, 1)), token_cap=60, max_batch=8)
         chosen = choose_batch(cands, cost, settings)
         assert len(chosen) == len(set(chosen)) >= 1
-        tokens = sum(c.tree_tokens for c in cands if c.rid in chosen)
-        assert tokens <= settings.token_cap or len(chosen) == 1
+
+        def fed(rids, cands=cands):
+            sizes = [c.tree_tokens for c in cands if c.rid in rids]
+            return cost.fed(len(sizes), sum(sizes), max(sizes))
+
+        assert fed(chosen) <= settings.token_cap or len(chosen) == 1
         assert len(chosen) <= settings.max_batch
         if len(chosen) == settings.max_batch:
             continue
         best = objective(chosen, cands, cost, settings)
         for c in cands:
-            if c.rid not in chosen and tokens + c.tree_tokens <= settings.token_cap:
+            if c.rid not in chosen and fed(chosen + [c.rid]) <= settings.token_cap:
                 assert objective(chosen + [c.rid], cands, cost, settings) <= best + 1e-9
 
 
@@ -255,13 +261,35 @@ def test_plain_candidates_are_cheap():
     assert (c.tree_tokens, c.expected_tokens) == (1, 1.0)
     late = Candidate.plain("late", 100)
     drafted = [cand(f"d{i}", tokens=9, exp=4.0) for i in range(2)]
-    # With the CPU's large fixed cost per pass, a plain step rides along almost for free.
+    packed = dataclasses.replace(CostModel.default(), padded=False)
+    # With the CPU's large fixed cost per pass, a plain step rides along almost for free when tokens are packed.
     for w in (0.0, 0.5):
-        chosen = choose_batch(drafted + [late], CostModel.default(), SchedulerSettings(latency_weight=w, token_cap=19))
+        chosen = choose_batch(drafted + [late], packed, SchedulerSettings(latency_weight=w, token_cap=19))
         assert sorted(chosen) == ["d0", "d1", "late"]
     # A full cap leaves no room for it beside the two drafts.
-    chosen = choose_batch(drafted + [late], CostModel.default(), SchedulerSettings(latency_weight=0.0, token_cap=18))
+    chosen = choose_batch(drafted + [late], packed, SchedulerSettings(latency_weight=0.0, token_cap=18))
     assert sorted(chosen) == ["d0", "d1"]
+
+
+def test_a_padded_pass_prices_every_row_at_its_largest_tree():
+    padded = CostModel.default()
+    assert padded.padded and padded.fed(3, 19, 9) == 27
+    late = Candidate.plain("late", 100)
+    drafted = [cand(f"d{i}", tokens=9, exp=4.0) for i in range(2)]
+    # Beside 9-token trees a plain step computes 9 slots: the cap counts them (a big target's fixed cost
+    # makes riding along worth it when it fits).
+    big = CostModel(verify_base_ms=30.0, verify_token_ms=0.05, padded=True)
+    for cap, want in ((26, ["d0", "d1"]), (27, ["d0", "d1", "late"])):
+        assert sorted(choose_batch(drafted + [late], big, SchedulerSettings(latency_weight=0.5, token_cap=cap))) == want
+    # On the CPU zoo, 9 slots for one token lower the pass's rate: throughput first, it waits for the next.
+    assert sorted(choose_batch(drafted + [late], padded, SchedulerSettings(latency_weight=0.0))) == ["d0", "d1"]
+    # Throughput first, one deep tree would pad a pass of many plain steps to its size: they go apart.
+    plain = [Candidate.plain(f"p{i}", 100) for i in range(16)]
+    deep = cand("deep", tokens=17, exp=2.0)
+    chosen = choose_batch(plain + [deep], padded, SchedulerSettings(latency_weight=0.0, token_cap=1000))
+    assert chosen == ["deep"] or (len(chosen) == 16 and "deep" not in chosen)
+    packed = dataclasses.replace(padded, padded=False)
+    assert len(choose_batch(plain + [deep], packed, SchedulerSettings(latency_weight=0.0, token_cap=1000))) == 17
 
 
 def test_settings_are_validated():

@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from cosine.errors import InvalidParameterError
-from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationController, cap_total
+from cosine.policy.scheduling import expected_tokens
+from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationController, cap_total, round_depth
 
 
 def simulate(ctl: SpeculationController, alpha: float, rounds: int, seed: int = 0, **kw) -> list[int]:
@@ -206,6 +207,40 @@ def test_cap_total_counts_tree_width_and_never_goes_negative():
     with pytest.raises(InvalidParameterError):
         cap_total({"a": 1}, {"a": 0}, 10)
     assert SpeculationController.cap_total({"a": 5}, None, 3) == {"a": 2}
+
+
+def test_cap_total_padded_counts_every_row_at_the_largest_draft():
+    ks = {"a": 8, "b": 2, "c": 2}
+    assert cap_total(ks, None, 27, padded=True) == ks  # 3 rows x 9 slots
+    out = cap_total(ks, None, 15, padded=True)  # 3 x (1 + 4): only the longest is shortened
+    assert out == {"a": 4, "b": 2, "c": 2}
+    assert cap_total(ks, None, 15) == ks  # packed: 3 + 12 = 15 fits
+    assert cap_total(ks, None, 2, padded=True) == {"a": 0, "b": 0, "c": 0}
+
+
+def test_round_depth_maximises_the_rounds_tokens_per_ms():
+    # A pass of 4 padded rows: 10 ms + 0.5 ms per slot, no drafting cost.
+    def ms(depth):
+        return 10.0 + 0.5 * 4 * (1 + depth)
+
+    rates = {"a": 0.9, "b": 0.9, "c": 0.9, "d": 0.9}
+    good = round_depth(rates, {}, 0, 8, ms)
+    poor = round_depth({rid: 0.2 for rid in rates}, {}, 0, 8, ms)
+    assert good > poor and poor <= 1
+    def rate(depth):
+        return sum(expected_tokens(x, depth) for x in rates.values()) / ms(depth)
+
+    assert all(rate(good) >= rate(d) for d in range(9))
+    # Bounds hold, limits cap each request's draft, fixed requests' tokens count.
+    assert round_depth(rates, {}, 0, 2, ms) == 2
+    assert round_depth({rid: 0.05 for rid in rates}, {}, 1, 8, ms) == 1
+    assert round_depth(rates, {rid: 1 for rid in rates}, 0, 8, ms) <= 1  # past the limits: only cost
+    assert round_depth(rates, {rid: 0 for rid in rates}, 0, 8, ms) == 0  # no room: drafting adds only cost
+    with pytest.raises(InvalidParameterError):
+        round_depth(rates, {}, 3, 2, ms)
+    with pytest.raises(InvalidParameterError):
+        round_depth({"a": 1.5}, {}, 0, 2, ms)
+    assert SpeculationController.round_depth(rates, {}, 0, 8, ms) == good
 
 
 def test_default_hysteresis_does_not_pin_k_at_k_init():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from cosine.policy.control import ControlDecision
 from cosine.policy.cost_model import CostModel
 from cosine.service.steering import Steering, Switches
@@ -10,6 +12,7 @@ from cosine.service.steering import Steering, Switches
 GPU = CostModel(verify_base_ms=28.0, verify_token_ms=0.08, draft_step_ms=1.5, draft_row_ms=0.02)
 CPU = CostModel(verify_base_ms=7.3, verify_token_ms=0.37, verify_context_ms=0.0021, draft_overhead_ms=0.24,
                 draft_step_ms=0.56, draft_row_ms=0.12)
+PADDED_CPU = dataclasses.replace(CPU, padded=True)  # cosine's runner: every row computes the largest tree
 
 
 def steered(steering: Steering, rate_rounds: list[tuple[int, int]]):
@@ -99,3 +102,43 @@ def test_verify_cost_follows_the_batch_and_the_knee():
     big = Steering(Switches(), k=4, cost=knee)
     big.batch = 8
     assert big.verify_cost() == 0.0  # 8 x 5 tokens sit under the knee: drafts cost the pass nothing
+
+
+def test_a_padded_round_drafts_one_depth_even_for_requests_switched_off():
+    s = Steering(Switches(), k=4, cost=PADDED_CPU)
+    s.control = decision()
+    s.batch = 3
+    good = steered(s, [(8, 8)] * 6)
+    poor = steered(s, [(4, 1)] * 6)
+    off = steered(s, [(4, 0)] * 12)
+    assert s.k_for(steered(s, [(4, 0)] * 12), "adaptive", None, 100) == 0
+    out = round_ks(s, {"g": good, "p": poor, "o": off})
+    # A plain step beside the others would compute their slots for one token: everyone drafts the same.
+    assert len(set(out.values())) == 1 and 1 <= out["g"] <= 8
+    # Packed tokens: each keeps a length of its own, and the one switched off stays off.
+    packed = Steering(Switches(), k=4, cost=CPU)
+    packed.control = decision()
+    steers = {"g": steered(packed, [(8, 8)] * 6), "p": steered(packed, [(4, 1)] * 6),
+              "o": steered(packed, [(4, 0)] * 12)}
+    mixed = round_ks(packed, steers)
+    assert mixed["o"] == 0 and mixed["p"] < mixed["g"]
+
+
+def test_a_padded_round_stays_within_the_longest_asked_for_room_and_fixed_lengths():
+    s = Steering(Switches(), k=4, cost=PADDED_CPU)
+    s.control = decision(k_max=3)
+    good = steered(s, [(8, 8)] * 6)
+    fair = steered(s, [(4, 2)] * 6)
+    assert max(round_ks(s, {"g": good, "f": fair}).values()) <= 3
+    s.control = decision()
+    rooms = {"g": 8, "f": 2}
+    steers = {"g": good, "f": fair}
+    ks = {rid: s.k_for(st, "adaptive", None, rooms[rid]) for rid, st in steers.items()}
+    assert s.cap(ks, 1, 2048, {rid: (st, rooms[rid]) for rid, st in steers.items()})["f"] <= 2
+    # A fixed request pads the pass to its 6 positions: the adaptive one drafts as many, free to verify.
+    poor = steered(s, [(4, 1)] * 6)
+    out = round_ks(s, {"p": poor, "x": s.new()}, modes={"x": "fixed"})
+    assert out == {"p": 6, "x": 6}
+    # The token cap counts every row at the largest tree: 2 rows x (1 + k) <= 10.
+    out = round_ks(s, {"g": good, "f": fair}, token_cap=10)
+    assert 2 * (1 + max(out.values())) <= 10

@@ -49,6 +49,9 @@ class ModelRunner:
     # full share of the forward's compute, so a verifier pass over 8 of 32 requests would otherwise cost
     # as much as a pass over all 32.
     SUBSET_SHARE = 0.75
+    # Every row of a forward computes as many slots as the longest segment (shorter ones are padded), so a
+    # pass costs its rows times its largest tree: what cost models of this runner price (CostModel.padded).
+    PADDED = True
 
     def __init__(self, model: torch.nn.Module, name: str = "model") -> None:
         self.model = model
@@ -63,6 +66,8 @@ class ModelRunner:
         self.row_ids: list[str] = []
         self.forwards = 0
         self.rows_run = 0  # rows computed over all forwards (fed or padding)
+        self.slots_run = 0  # token slots computed over all forwards: rows run x the longest segment
+        self.slots_fed = 0  # of those, slots holding a fed token (the rest is padding)
 
     # -- rows -----------------------------------------------------------------------------------------
     def row_of(self, seq_id: str) -> int:
@@ -96,6 +101,7 @@ class ModelRunner:
         self.kv.merge(fresh.kv)
         self.row_ids.extend(seq_ids)
         self.forwards, self.rows_run = fresh.forwards, fresh.rows_run
+        self.slots_run, self.slots_fed = fresh.slots_run, fresh.slots_fed
 
     def remove_rows(self, seq_ids: list[str]) -> None:
         """Drop these rows (the last rows take their places: row order is not kept)."""
@@ -185,6 +191,8 @@ class ModelRunner:
         self.kv.after_forward(q)
         self.forwards += 1
         self.rows_run += rows
+        self.slots_run += rows * q
+        self.slots_fed += sum(sizes)
         if not logits:
             return None
         if not subset:

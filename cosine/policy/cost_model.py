@@ -10,7 +10,11 @@ token (the root) plus its draft nodes. Its time is modelled as::
                                                     per fed token (the MLPs and projections: the big part)
       + verify_context_ms * batch * max_context     attention over the cache (rows are padded to the longest)
 
-``tree_tokens`` is the total number of tokens fed across the batch (one root per request + draft nodes).
+``tree_tokens`` is the number of token slots the forward computes (:meth:`CostModel.fed`): the tokens fed
+across the batch (one root per request + draft nodes) for an engine that packs them, or the batch times its
+largest tree for one that pads every row to the longest segment, as cosine's ``ModelRunner`` does (a
+plain step verified beside an 11-token tree costs as much as a tree of its own: measured on the CPU zoo,
+8 rows of 9 tokens took 27.9 ms, one row of 9 and seven of 1 took 27.2 ms). ``padded`` says which.
 ``verify_free_tokens`` is the roofline's knee: a large target on a GPU reads its weights once per pass
 whatever it feeds, so the first tokens cost nothing extra (about 100 for a 70B model on A100s); a small
 one on a CPU computes every token (knee 0). The fit tries the knees the samples allow and keeps the best.
@@ -125,6 +129,9 @@ class CostModel:
     verify_token_ms: float = 0.0  # extra per token fed (roots + draft nodes), ms
     verify_context_ms: float = 0.0  # extra per row per cached context token (attention), ms
     verify_free_tokens: float = 0.0  # tokens a pass feeds before each further one costs verify_token_ms
+    # Every row of a pass computes as many slots as its longest segment (cosine's ModelRunner); False: the
+    # engine packs the fed tokens (the simulated target, vLLM-style engines).
+    padded: bool = False
     # -- drafting job: overhead + steps * (step + row * batch) ------------------------------------------
     draft_overhead_ms: float = 0.0  # fixed cost of a drafting job (catch-up bookkeeping, tree building), ms
     draft_step_ms: float = 0.0  # fixed cost of one drafter forward, ms
@@ -141,6 +148,8 @@ class CostModel:
             if not math.isfinite(value) or value < 0:
                 raise InvalidParameterError(name, f"must be a finite number >= 0, got {value!r}")
             setattr(self, name, value)
+        if not isinstance(self.padded, bool):
+            raise InvalidParameterError("padded", f"must be true or false, got {self.padded!r}")
         if not isinstance(self.metadata, dict):
             raise InvalidParameterError("metadata", "must be a dict")
 
@@ -158,6 +167,11 @@ class CostModel:
             + self.verify_token_ms * max(0.0, tree_tokens - self.verify_free_tokens)
             + self.verify_context_ms * batch * max_context
         )
+
+    def fed(self, batch: int, total: int, largest: int) -> int:
+        """Token slots a pass computes for ``batch`` rows feeding ``total`` tokens, ``largest`` the most any
+        row feeds: ``total`` when the engine packs them, ``batch * largest`` when it pads every row."""
+        return batch * largest if self.padded else total
 
     def draft_ms(self, batch: int, steps: int) -> float:
         """Predicted time of a drafting job of ``steps`` forwards over ``batch`` rows; ``0.0`` if nothing runs."""
@@ -234,6 +248,7 @@ class CostModel:
             "format": FORMAT,
             "version": VERSION,
             "verify_ms": {n: getattr(self, n) for n in (*VERIFY_FIELDS, KNEE_FIELD)},
+            "padded": self.padded,
             "draft_ms": {n: getattr(self, n) for n in DRAFT_FIELDS},
             "metadata": dict(self.metadata),
         }
@@ -250,7 +265,8 @@ class CostModel:
             values.update({n: data["draft_ms"][n] for n in DRAFT_FIELDS})
         except (KeyError, TypeError) as exc:
             raise InvalidParameterError("cost_model", f"missing coefficient {exc}") from exc
-        return cls(**values, metadata=dict(data.get("metadata") or {}))
+        # Models saved before ``padded`` existed were priced as packed.
+        return cls(**values, padded=data.get("padded", False), metadata=dict(data.get("metadata") or {}))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the model as JSON (written to a temporary file, then renamed into place)."""
@@ -290,6 +306,7 @@ class CostModel:
             draft_overhead_ms=0.24,
             draft_step_ms=0.56,
             draft_row_ms=0.12,
+            padded=True,
             metadata={
                 "device": "cpu",
                 "dtype": "float32",

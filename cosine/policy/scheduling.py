@@ -12,7 +12,8 @@ maximise::
     throughput(S) = sum(expected_tokens of S) / V(S)                      tokens per ms of this pass
     latency(S)    = sum over S of p * V(S)                                 the chosen wait for this pass
                   + sum over R of p * (waited_ms + V(S) + V(R))            the rest wait for it and one more
-    V(X)          = cost.verify_ms(len(X), max context in X, sum of tree_tokens in X)
+    V(X)          = cost.verify_ms(len(X), max context in X, cost.fed(len(X), sum of tree_tokens in X,
+                                                              largest tree_tokens in X))
     p             = priority_base ** priority                              each priority level weighs more
 
 ``w`` is ``latency_weight``: 0 packs passes for verified tokens per ms (big batches share the fixed cost of
@@ -20,12 +21,18 @@ a forward), 1 minimises the priority-weighted time until every candidate is serv
 candidate is split off when it would slow the others down more than it saves itself; left out, the
 time a candidate already waited counts against the batch, so older candidates pull harder). The terms are
 divided by ``throughput(C)`` and by ``sum over C of p * (waited_ms + V(C))``, which makes both unit-free
-and of order one.
+and of order one. ``cost.fed`` is what the pass computes: the tokens fed, or for an engine that pads every
+row to its longest segment the batch times its largest tree, so that a plain step next to a deep tree costs
+what the tree costs (and the token cap bounds the same slots).
 
 The search is greedy: first every *forced* candidate (deadline closer than ``urgent_ms``: earliest deadline
 first; then waited at least ``starvation_ms``: longest wait first), then repeatedly the candidate with the
-highest ``(priority, marginal score gain)`` among those that improve the score, until none does. The token
-cap and ``max_batch`` bound every step; one candidate alone always fits, so a pass always makes progress.
+highest ``(priority, marginal score gain)`` among those that improve the score, until none does. With a
+padded engine that search first runs among the candidates no larger than the best "largest tree" (each
+size present is tried: the batch of everyone no larger is scored), then among all: a search that began with
+the best single candidate, often the deepest tree, would go on adding plain steps at that tree's size. The
+token cap and ``max_batch`` bound every step; one candidate alone always fits, so a pass always makes
+progress.
 """
 
 from __future__ import annotations
@@ -173,13 +180,22 @@ class _Set:
 
     def top_contexts(self) -> tuple[int, int, str | None]:
         """The largest context, the second largest, and whose the largest is."""
-        first, second, who = 0, 0, None
-        for c in self.members.values():
-            if c.context > first:
-                first, second, who = c.context, first, c.rid
-            elif c.context > second:
-                second = c.context
-        return first, second, who
+        return _top_two(self.members.values(), lambda c: c.context)
+
+    def top_trees(self) -> tuple[int, int, str | None]:
+        """The largest tree (tokens fed), the second largest, and whose the largest is."""
+        return _top_two(self.members.values(), lambda c: c.tree_tokens)
+
+
+def _top_two(cands: Iterable[Candidate], key) -> tuple[int, int, str | None]:
+    first, second, who = 0, 0, None
+    for c in cands:
+        v = key(c)
+        if v > first:
+            first, second, who = v, first, c.rid
+        elif v > second:
+            second = v
+    return first, second, who
 
 
 class _Objective:
@@ -187,43 +203,54 @@ class _Objective:
         # verify_ms's formula, inlined: the greedy search evaluates it a few thousand times per call.
         self.coef = (cost.verify_base_ms, cost.verify_row_ms, cost.verify_token_ms, cost.verify_context_ms)
         self.free = cost.verify_free_tokens
+        self.fed = cost.fed
         self.w = settings.latency_weight
         base = settings.priority_base
         self.weight = lambda c: base ** max(-64, min(64, c.priority))
         everyone = _Set(cands, self.weight)
-        v_all = self.v(everyone.n, max(c.context for c in cands), everyone.tokens)
+        v_all = self.v(everyone.n, max(c.context for c in cands), everyone.tokens, everyone.top_trees()[0])
         self.thr_ref = max(everyone.gain / v_all, 1e-12)
         self.lat_ref = max(everyone.pw + everyone.p * v_all, 1e-12)
 
-    def v(self, n: int, context: int, tokens: int) -> float:
+    def v(self, n: int, context: int, tokens: int, largest: int) -> float:
         if not n:
             return 0.0
         base, row, token, ctx = self.coef
-        return max(base + row * n + token * max(0.0, tokens - self.free) + ctx * n * context, _MIN_MS)
+        fed = self.fed(n, tokens, largest)
+        return max(base + row * n + token * max(0.0, fed - self.free) + ctx * n * context, _MIN_MS)
 
-    def score(self, n, context, tokens, gain, p_in, rest_n, rest_context, rest_tokens, rest_p, rest_pw) -> float:
+    def score(self, n, context, tokens, largest, gain, p_in,
+              rest_n, rest_context, rest_tokens, rest_largest, rest_p, rest_pw) -> float:
         if n == 0:
             return -math.inf
-        v = self.v(n, context, tokens)
-        v_rest = self.v(rest_n, rest_context, rest_tokens)
+        v = self.v(n, context, tokens, largest)
+        v_rest = self.v(rest_n, rest_context, rest_tokens, rest_largest)
         latency = p_in * v + rest_pw + rest_p * (v + v_rest)
         return (1 - self.w) * (gain / v) / self.thr_ref - self.w * latency / self.lat_ref
 
 
-def _score_with(obj: _Objective, chosen: _Set, chosen_ctx: int, rest: _Set, rest_top, c: Candidate) -> float:
-    """The score if ``c`` moved from the rest into the chosen set."""
-    first, second, who = rest_top
-    rest_ctx = second if who == c.rid else first
+def _without(top: tuple[int, int, str | None], c: Candidate) -> int:
+    """The largest value of a set once ``c`` left it (``top`` from :func:`_top_two`)."""
+    first, second, who = top
+    return second if who == c.rid else first
+
+
+def _score_with(obj: _Objective, chosen: _Set, chosen_top: tuple[int, int], rest: _Set, rest_top, c: Candidate) -> float:
+    """The score if ``c`` moved from the rest into the chosen set (``chosen_top``: its largest context and
+    tree; ``rest_top``: the rest's :meth:`_Set.top_contexts` and :meth:`_Set.top_trees`)."""
     wc = obj.weight(c)
+    alone = rest.n <= 1
     return obj.score(
         chosen.n + 1,
-        max(chosen_ctx, c.context),
+        max(chosen_top[0], c.context),
         chosen.tokens + c.tree_tokens,
+        max(chosen_top[1], c.tree_tokens),
         chosen.gain + c.expected_tokens,
         chosen.p + wc,
         rest.n - 1,
-        rest_ctx if rest.n > 1 else 0,
+        0 if alone else _without(rest_top[0], c),
         rest.tokens - c.tree_tokens,
+        0 if alone else _without(rest_top[1], c),
         rest.p - wc,
         rest.pw - wc * c.waited_ms,
     )
@@ -238,8 +265,8 @@ def objective(chosen: Iterable[str], cands: list[Candidate], cost: CostModel, se
     inside = _Set((c for c in cands if c.rid in picked), obj.weight)
     rest = _Set((c for c in cands if c.rid not in picked), obj.weight)
     return obj.score(
-        inside.n, inside.top_contexts()[0], inside.tokens, inside.gain, inside.p,
-        rest.n, rest.top_contexts()[0], rest.tokens, rest.p, rest.pw,
+        inside.n, inside.top_contexts()[0], inside.tokens, inside.top_trees()[0], inside.gain, inside.p,
+        rest.n, rest.top_contexts()[0], rest.tokens, rest.top_trees()[0], rest.p, rest.pw,
     )
 
 
@@ -250,23 +277,7 @@ def choose_batch(cands: list[Candidate], cost: CostModel, settings: SchedulerSet
         return []
     if len({c.rid for c in cands}) != len(cands):
         raise InvalidParameterError("candidates", "request ids must be unique")
-    obj = _Objective(cands, cost, settings)
-    chosen = _Set((), obj.weight)
-    chosen_ctx = 0
-    rest = _Set(cands, obj.weight)
-    order: list[str] = []
-
-    def fits(c: Candidate) -> bool:
-        if chosen.n == 0:
-            return True  # one candidate alone always fits
-        return chosen.n < settings.max_batch and chosen.tokens + c.tree_tokens <= settings.token_cap
-
-    def take(c: Candidate) -> None:
-        nonlocal chosen_ctx
-        rest.remove(c)
-        chosen.add(c)
-        chosen_ctx = max(chosen_ctx, c.context)
-        order.append(c.rid)
+    search = _Search(cands, cost, settings)
 
     # 1. Forced: urgent deadlines (earliest first), then the starving (longest wait first); priority breaks ties.
     forced = [c for c in cands if is_urgent(c, settings) or is_starving(c, settings)]
@@ -276,38 +287,93 @@ def choose_batch(cands: list[Candidate], cost: CostModel, settings: SchedulerSet
         else (1, -c.waited_ms, -c.priority, 0.0)
     )
     for c in forced:
-        if chosen.n >= settings.max_batch:
+        if search.chosen.n >= settings.max_batch:
             break
-        if fits(c):
-            take(c)
+        if search.fits(c):
+            search.take(c)
 
-    # 2. Greedy: the highest (priority, marginal gain) among the candidates that improve the score.
-    while chosen.n < settings.max_batch and rest.n:
-        current = obj.score(
-            chosen.n, chosen_ctx, chosen.tokens, chosen.gain, chosen.p,
-            rest.n, rest.top_contexts()[0], rest.tokens, rest.p, rest.pw,
-        )
-        top = rest.top_contexts()
-        best: tuple[int, float] | None = None
-        best_c: Candidate | None = None
-        for c in rest.members.values():
-            if not fits(c):
-                continue
-            after = _score_with(obj, chosen, chosen_ctx, rest, top, c)
-            if chosen.n == 0:
-                gain = after  # the first pick always goes: rank by the score itself
-            else:
-                gain = after - current
-                if not gain > 0:
+    # 2. Greedy: the highest (priority, marginal gain) among the candidates that improve the score; with a
+    #    padded engine first among those no larger than the best largest tree (see _largest_tree), then among
+    #    all, so that no single addition improves the result either way.
+    for largest in dict.fromkeys((_largest_tree(cands, forced, cost, settings), max(c.tree_tokens for c in cands))):
+        search.greedy(largest)
+    log.debug("scheduled %d of %d candidates (%d tokens): %s", search.chosen.n, len(cands), search.chosen.tokens,
+              search.order)
+    return search.order
+
+
+class _Search:
+    """The chosen set and the rest while :func:`choose_batch` moves candidates from one to the other."""
+
+    def __init__(self, cands: list[Candidate], cost: CostModel, settings: SchedulerSettings) -> None:
+        self.cost, self.settings = cost, settings
+        self.obj = _Objective(cands, cost, settings)
+        self.chosen = _Set((), self.obj.weight)
+        self.rest = _Set(cands, self.obj.weight)
+        self.top = (0, 0)  # the chosen set's largest context and largest tree (it only grows)
+        self.order: list[str] = []
+
+    def fits(self, c: Candidate) -> bool:
+        if self.chosen.n == 0:
+            return True  # one candidate alone always fits
+        fed = self.cost.fed(self.chosen.n + 1, self.chosen.tokens + c.tree_tokens, max(self.top[1], c.tree_tokens))
+        return self.chosen.n < self.settings.max_batch and fed <= self.settings.token_cap
+
+    def take(self, c: Candidate) -> None:
+        self.rest.remove(c)
+        self.chosen.add(c)
+        self.top = (max(self.top[0], c.context), max(self.top[1], c.tree_tokens))
+        self.order.append(c.rid)
+
+    def greedy(self, largest: int) -> None:
+        """Take candidates no larger than ``largest`` while one improves the score, best first."""
+        chosen, rest, obj = self.chosen, self.rest, self.obj
+        while chosen.n < self.settings.max_batch and rest.n:
+            ctx, tree = self.top
+            current = obj.score(
+                chosen.n, ctx, chosen.tokens, tree, chosen.gain, chosen.p,
+                rest.n, rest.top_contexts()[0], rest.tokens, rest.top_trees()[0], rest.p, rest.pw,
+            )
+            top = (rest.top_contexts(), rest.top_trees())
+            best: tuple[int, float] | None = None
+            best_c: Candidate | None = None
+            for c in rest.members.values():
+                if c.tree_tokens > largest or not self.fits(c):
                     continue
-            key = (c.priority, gain)
-            if best is None or key > best:
-                best, best_c = key, c
-        if best_c is None:
-            break
-        take(best_c)
-    log.debug("scheduled %d of %d candidates (%d tokens): %s", chosen.n, len(cands), chosen.tokens, order)
-    return order
+                after = _score_with(obj, chosen, self.top, rest, top, c)
+                if chosen.n == 0:
+                    gain = after  # the first pick always goes: rank by the score itself
+                else:
+                    gain = after - current
+                    if not gain > 0:
+                        continue
+                key = (c.priority, gain)
+                if best is None or key > best:
+                    best, best_c = key, c
+            if best_c is None:
+                break
+            self.take(best_c)
+
+
+def _largest_tree(cands: list[Candidate], forced: list[Candidate], cost: CostModel,
+                  settings: SchedulerSettings) -> int:
+    """The largest tree the greedy search may add (the forced candidates go regardless).
+
+    With a padded engine the pass's largest tree sets every row's cost, and a greedy search that starts from
+    the best single candidate would start from a deep tree and then add plain steps at its size. So each
+    tree size present is tried as the pass's largest: the batch of every candidate no larger (plus the
+    forced ones) is scored, and the best size bounds the search. Packed engines: no bound."""
+    sizes = sorted({c.tree_tokens for c in cands})
+    if not cost.padded or len(sizes) == 1:
+        return sizes[-1]
+    must = {c.rid for c in forced}
+    best, best_score = sizes[-1], -math.inf
+    for size in sizes:
+        batch = [c.rid for c in cands if c.tree_tokens <= size or c.rid in must]
+        score = objective(batch, cands, cost, settings)
+        if score > best_score:
+            best, best_score = size, score
+    return best
 
 
 def hold_ms(ready: list[Candidate], coming: list[tuple[Candidate, float]], cost: CostModel,
@@ -327,18 +393,19 @@ def hold_ms(ready: list[Candidate], coming: list[tuple[Candidate, float]], cost:
         return 0.0
     if any(is_urgent(c, settings) or is_starving(c, settings) for c in ready):
         return 0.0
-    n, ctx = len(ready), max(c.context for c in ready)
+    n, ctx, largest = len(ready), max(c.context for c in ready), max(c.tree_tokens for c in ready)
     tokens, gain = sum(c.tree_tokens for c in ready), sum(c.expected_tokens for c in ready)
-    if n >= settings.max_batch or tokens >= settings.token_cap:
+    if n >= settings.max_batch or cost.fed(n, tokens, largest) >= settings.token_cap:
         return 0.0
-    best_rate, best_wait = gain / max(cost.verify_ms(n, ctx, tokens), _MIN_MS), 0.0
+    best_rate, best_wait = gain / max(cost.verify_ms(n, ctx, cost.fed(n, tokens, largest)), _MIN_MS), 0.0
     for cand, eta in sorted(coming, key=lambda x: x[1]):
         eta = max(0.0, eta)
-        if eta > settings.max_hold_ms or n >= settings.max_batch or tokens + cand.tree_tokens > settings.token_cap:
+        fed = cost.fed(n + 1, tokens + cand.tree_tokens, max(largest, cand.tree_tokens))
+        if eta > settings.max_hold_ms or n >= settings.max_batch or fed > settings.token_cap:
             break
-        n, ctx = n + 1, max(ctx, cand.context)
+        n, ctx, largest = n + 1, max(ctx, cand.context), max(largest, cand.tree_tokens)
         tokens, gain = tokens + cand.tree_tokens, gain + cand.expected_tokens
-        rate = gain / (eta + max(cost.verify_ms(n, ctx, tokens), _MIN_MS))
+        rate = gain / (eta + max(cost.verify_ms(n, ctx, fed), _MIN_MS))
         if rate > best_rate:
             best_rate, best_wait = rate, eta
     return best_wait

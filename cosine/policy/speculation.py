@@ -39,6 +39,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cosine.errors import InvalidParameterError
@@ -171,8 +172,10 @@ class RequestSpec:
         return f"RequestSpec(rate={self.acceptance_rate:.3f}, rounds={self.rounds}, k={self.k})"
 
 
-def cap_total(ks: dict[str, int], widths: dict[str, int] | None, token_cap: int) -> dict[str, int]:
-    """Shorten drafts until the pass fits ``token_cap``: each request feeds ``1 + k * width`` tokens.
+def cap_total(ks: dict[str, int], widths: dict[str, int] | None, token_cap: int,
+              padded: bool = False) -> dict[str, int]:
+    """Shorten drafts until the pass fits ``token_cap``: each request feeds ``1 + k * width`` tokens, and with
+    ``padded`` every request computes as many as the largest (an engine padding rows to the longest segment).
 
     While the total is over the cap, the request with the most draft candidates (``k * width``; ties by
     id) loses one position; ``k`` never goes below 0. If even all roots exceed the cap, every ``k`` is 0.
@@ -187,7 +190,11 @@ def cap_total(ks: dict[str, int], widths: dict[str, int] | None, token_cap: int)
     total = sum(1 + out[r] * width[r] for r in out)
     heap = [(-out[r] * width[r], r) for r in out if out[r] > 0]
     heapq.heapify(heap)
-    while total > token_cap and heap:
+
+    def fed() -> int:  # the heap's top holds the most candidates any request still drafts
+        return len(out) * (1 + (-heap[0][0] if heap else 0)) if padded else total
+
+    while fed() > token_cap and heap:
         _, rid = heapq.heappop(heap)
         out[rid] -= 1
         total -= width[rid]
@@ -196,10 +203,39 @@ def cap_total(ks: dict[str, int], widths: dict[str, int] | None, token_cap: int)
     return out
 
 
+def round_depth(rates: dict[str, float], limits: dict[str, int], low: int, high: int,
+                round_ms: Callable[[int], float], other_tokens: float = 0.0) -> int:
+    """For an engine that pads every row of a pass to its largest tree: the depth ``K`` in ``[low, high]``
+    that every request of the round drafts (each at most its limit), maximising the round's expected
+    committed tokens per ms.
+
+    Every row computes the longest draft's slots, so a request drafting less than the others saves nothing
+    and a plain step beside them wastes its slots; what a round decides is one depth for all. ``rates``:
+    the acceptance estimates of the requests whose depth it decides; ``limits``: the most positions each may
+    draft (its room); ``round_ms(K)``: the round's time at depth ``K`` (the pass plus the drafting);
+    ``other_tokens``: what the round's other requests (fixed lengths) commit whatever ``K`` is. Ties go to
+    the shorter depth.
+    """
+    _int("low", low)
+    if high < low:
+        raise InvalidParameterError("high", f"must be >= low ({low}), got {high!r}")
+    best, best_rate = low, -math.inf
+    for depth in range(low, high + 1):
+        tokens = other_tokens + sum(expected_tokens(_number(f"rates[{rid}]", rate, 0.0, 1.0),
+                                                    min(depth, _int(f"limits[{rid}]", limits.get(rid, depth))))
+                                    for rid, rate in rates.items())
+        ms = round_ms(depth)
+        rate = tokens / ms if ms > 0 else math.inf
+        if rate > best_rate * (1 + 1e-12):
+            best, best_rate = depth, rate
+    return best
+
+
 class SpeculationController:
     """Chooses k per request and turns queue signals into pressure (see the module docstring)."""
 
     cap_total = staticmethod(cap_total)
+    round_depth = staticmethod(round_depth)
 
     def __init__(self, settings: SpecSettings | None = None) -> None:
         self.settings = settings or SpecSettings()

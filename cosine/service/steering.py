@@ -101,9 +101,39 @@ class Steering:
         draft tokens would exceed the verifier's cap."""
         if not self.switches.adaptive:
             return ks
-        if adaptive and len(ks) > 1:
+        if adaptive and self.cost.padded:
+            ks = self.one_depth(ks, adaptive, width)
+        elif adaptive and len(ks) > 1:
             ks = self.align(ks, adaptive, width)
-        return self.controller.cap_total(ks, {rid: width for rid in ks}, token_cap)
+        return self.controller.cap_total(ks, {rid: width for rid in ks}, token_cap, self.cost.padded)
+
+    def one_depth(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]], width: int) -> dict[str, int]:
+        """With an engine that pads every row of a pass to its largest tree: one depth for the round's adaptive
+        requests (:func:`~cosine.policy.speculation.round_depth`), at most the longest any of them asked for,
+        at least the longest fixed one (the pass pads to it anyway, so up to it drafting is free to verify)
+        and at least 1 when one of them probes (k = 0 for good, drafting a probe round). Requests switched off draft it too: beside the others a plain step
+        costs their slots and commits one token."""
+        mine = {rid: a for rid, a in adaptive.items() if rid in ks}
+        if not mine:
+            return ks
+        fixed = max((k for rid, k in ks.items() if rid not in mine), default=0)
+        high = max(fixed, *(ks[rid] for rid in mine))
+        probing = any(ks[rid] > 0 and a[0].spec.k == 0 for rid, a in mine.items())
+        low = min(high, max(fixed, 1 if probing else 0))
+        c = self.control
+        pressure = c.pressure if c is not None else 0.0
+        n, context = len(ks), self.context
+        rooms = {rid: a[1] for rid, a in mine.items()}
+
+        def round_ms(depth: int) -> float:
+            longest = max(depth, fixed)
+            total = sum(1 + (min(depth, rooms[rid]) if rid in mine else k) * width for rid, k in ks.items())
+            fed = self.cost.fed(n, total, 1 + longest * width)
+            return self.cost.verify_ms(n, context, fed) + (1 + pressure) * self.cost.draft_ms(n, longest)
+
+        depth = self.controller.round_depth({rid: a[0].spec.acceptance_rate for rid, a in mine.items()}, rooms,
+                                            low, high, round_ms, other_tokens=float(len(ks) - len(mine)))
+        return {rid: min(depth, rooms[rid]) if rid in mine else k for rid, k in ks.items()}
 
     def align(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]], width: int) -> dict[str, int]:
         """Lengthen shorter drafts towards the round's longest (the jobs going out together come back to

@@ -178,6 +178,8 @@ class VerifierService:
             "draft_rtt_p50_ms": round(statistics.median(self.rtts), 2) if self.rtts else 0.0,
             "control_version": self.steering.control.version if self.steering.control else 0,
             "pid": os.getpid(),
+            "slots_run": self.engine.runner.slots_run,  # token slots the target's forwards computed
+            "slots_fed": self.engine.runner.slots_fed,  # of them, slots holding a fed token (not padding)
             **{k: v for k, v in self.counters.items()},
         }
 

@@ -90,6 +90,8 @@ class SimRunner:
 
     vocab_size: int = VOCAB_SIZE
     max_positions: int = 4096
+    slots_run: int = 0  # token slots computed (the simulated target packs them: every one is fed)
+    slots_fed: int = 0
 
 
 # -- target ---------------------------------------------------------------------------------------------
@@ -151,6 +153,8 @@ class SimTarget(TargetVerifier):
             added = seq.append(new, self.eos_id, self.max_len)
             results.append(StepResult(seq, new[:added], len(path), tree.depth))
         self.forwards += 1
+        self.runner.slots_run += tokens
+        self.runner.slots_fed += tokens
         self._spend(t0, self.cost.verify_ms(len(results), tokens, longest))
         return results
 
