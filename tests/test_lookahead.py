@@ -90,3 +90,26 @@ def test_drafting_ahead_is_not_counted_as_busy(redis_url, zoo_engine, zoo_prompt
     info = service.info()
     assert info["busy_s"] > 0 and info["lookahead_s"] > 0
     assert info["busy_s"] + info["lookahead_s"] <= wall + 1e-3  # each second counted once
+
+
+def test_a_job_coming_in_ends_drafting_ahead(redis_url, zoo_engine, zoo_prompts):
+    """Drafting ahead is a bet: a job that arrives meanwhile must not wait for all of it."""
+    vocab = int(zoo_engine.verifier.runner.model.config.vocab_size)
+    service = DrafterService(RedisSettings(url=redis_url, prefix="yield"), DrafterSettings("d0"),
+                             _drafters(zoo_engine), vocab)
+    prompt = zoo_engine.tokenizer(zoo_prompts["prose"][0], add_special_tokens=False)["input_ids"]
+    job = DraftJob("r", "v", len(prompt), 0, prompt, 4, experts=EXPERTS)
+    service.draft_all([job])
+    service.streams.r.xadd(service.stream, entry(DraftJob("s", "v", len(prompt), 0, prompt, 4, experts=EXPERTS)))
+    service.look_ahead([job])  # stopped after the bonus token's guess: nothing drafted ahead is kept
+    assert service.requests["r"].ahead is None
+    service.streams.r.delete(service.stream)
+    service.look_ahead([job])
+    assert service.requests["r"].ahead is not None and service.requests["r"].ahead.draft.tree.depth == 4
+    # The fused drafter ends every tree at the depth reached when asked to stop.
+    calls = []
+    drafts = FusedDrafter(_drafters(zoo_engine)).draft(
+        [FusedRequest("a", prompt, 5, EXPERTS), FusedRequest("b", prompt[:-3], 3, EXPERTS)],
+        stop=lambda: calls.append(1) or len(calls) >= 2)
+    assert [drafts[s].tree.depth for s in ("a", "b")] == [2, 2]
+    assert all(len(v) == 2 for v in drafts["a"].votes.values())

@@ -21,6 +21,7 @@ Sampled proposals are not fused: the caller drafts those with a single :class:`D
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -85,9 +86,11 @@ class FusedDrafter:
         if req.width < 1:
             raise ValueError(f"{req.seq_id}: width must be >= 1, got {req.width}")
 
-    def draft(self, requests: list[FusedRequest], remote: RemoteExperts | None = None) -> dict[str, FusedDraft]:
+    def draft(self, requests: list[FusedRequest], remote: RemoteExperts | None = None,
+              stop: Callable[[], bool] | None = None) -> dict[str, FusedDraft]:
         """Draft every request with its experts: per depth one forward per local expert (and one ask per
-        remote one); a fused tree per sequence."""
+        remote one); a fused tree per sequence. ``stop`` is asked before every depth after the first: when
+        it says so, the trees end at the depth reached (drafting ahead gives way to a job that came in)."""
         requests = [r for r in requests if r.k > 0]
         for r in requests:
             self._check(r, remote is not None)
@@ -102,6 +105,8 @@ class FusedDrafter:
         }
         spine_parent = {r.seq_id: -1 for r in requests}
         for depth in range(1, max(r.k for r in requests) + 1):
+            if depth > 1 and stop is not None and stop():
+                break
             now = [r for r in requests if r.k >= depth and live[r.seq_id]]
             if not now:
                 break

@@ -11,7 +11,8 @@ Lookahead: with nothing else queued, the worker drafts each request's next round
 assuming the whole draft is accepted and the target's bonus token is the drafter's own guess; a next job
 whose tokens match is answered from that at once, or, when it asks for more positions than were drafted
 ahead (adaptive control lengthened it), by drafting only the rest (hits, extended hits and misses are
-counted).
+counted). A job arriving while the worker drafts ahead ends that at the next depth (what is drafted by then
+is kept): a job must not wait for drafting that is only a bet.
 
 Fusion across drafter workers: a job may name experts this worker does not host, with the worker hosting
 each (``peers``); this worker then leads the lockstep and asks those peers per depth, and it answers other
@@ -311,8 +312,8 @@ class DrafterService:
                                          weights=known.weights))
         if not reqs:
             return
-        try:
-            drafts = self.fused.draft(reqs)
+        try:  # a job arriving meanwhile ends drafting ahead at the next depth: it must not wait for all of it
+            drafts = self.fused.draft(reqs, stop=lambda: bool(self.streams.r.xlen(self.stream)))
         except Exception:
             log.exception("lookahead drafting failed for %d requests", len(reqs))
             self.fused.release([r.seq_id for r in reqs])
@@ -324,7 +325,8 @@ class DrafterService:
             guess = d.tree.spine()[0]  # the bonus token the target is assumed to add
             nxt = FusedDraft(d.tree.below(guess), {e: v[1:] for e, v in d.votes.items()},
                              {e: c[1:] for e, c in d.vote_confidence.items()})
-            self.requests[req.seq_id].ahead = _Ahead(req.tokens + [d.tree.tokens[guess]], nxt)
+            if nxt.tree.tokens:  # stopped after the guess alone: nothing drafted ahead
+                self.requests[req.seq_id].ahead = _Ahead(req.tokens + [d.tree.tokens[guess]], nxt)
 
     def _fill(self, reply: Draft, d: FusedDraft, lookahead: bool = False) -> Draft:
         tree = d.tree
