@@ -181,6 +181,14 @@ def test_drafts_are_reproducible_and_fusion_adds_alternatives():
     assert set(one.votes) == set(EXPERTS) and all(len(v) == 4 for v in one.votes.values())
     with pytest.raises(ValueError):
         SimFusedDrafter(["code"], time_scale=0).draft([FusedRequest("a", prompt, 4, ["prose"])])
+    # Asked to stop (drafting ahead when a job comes in), the drafts end at the depth reached, and only the
+    # positions drafted are charged.
+    calls = []
+    stopped = SimFusedDrafter(EXPERTS, model=model, time_scale=0)
+    cut = stopped.draft(reqs, stop=lambda: calls.append(1) or len(calls) >= 2)["a"]
+    assert cut.tree.depth == 2 and cut.tree.tokens == one.tree.truncated(2).tokens
+    assert all(v == one.votes[e][:2] for e, v in cut.votes.items())
+    assert stopped.steps == 2
 
 
 def test_costs_are_charged_per_forward():

@@ -53,6 +53,11 @@ class FusedDraft:
     votes: dict[str, list[int]] = field(default_factory=dict)  # expert -> its top-1 token per depth
     vote_confidence: dict[str, list[float]] = field(default_factory=dict)  # expert -> that token's probability
 
+    def truncated(self, depth: int) -> FusedDraft:
+        """The draft cut to its first ``depth`` positions (tree, votes and their confidences)."""
+        return FusedDraft(self.tree.truncated(depth), {e: v[:depth] for e, v in self.votes.items()},
+                          {e: c[:depth] for e, c in self.vote_confidence.items()})
+
 
 class RemoteExperts(Protocol):
     """Candidates from experts hosted elsewhere, one depth at a time (see ``cosine.service.cross_fusion``)."""

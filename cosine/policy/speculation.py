@@ -23,6 +23,12 @@ lengthens the shorter drafts of a batch towards its longest one where the extra 
 add to the verification pass (a target whose pass hardly grows with the tokens fed, a large one on a GPU:
 nearly always; one whose pass grows with every token, a small one on a CPU: rarely).
 
+An engine that pads every row of a pass to its largest tree (cosine's own runner) changes the sum: a
+request drafting less than its batch mates saves no verification at all, and a plain step beside them
+computes their slots for one token. For such an engine the round gets one depth for all its requests
+(:func:`round_depth`: the depth, up to the longest any of them asked for, that maximises the round's
+expected tokens per ms of pass plus drafting), and the per-request ``k`` above only bounds it.
+
 Because ``E(1) = 1 + a`` against a cost ``1 + v + c``, plain decoding (``k = 0``) beats every ``k >= 1`` exactly
 when ``a <= v + c * (1 + pressure)``: that is the computed off switch (``SpecSettings.off_below = None``).
 

@@ -250,8 +250,7 @@ class DrafterService:
                 self.lookahead_hits += 1
                 d = ready
                 if d.tree.depth > job.k:
-                    d = FusedDraft(d.tree.truncated(job.k), {e: v[: job.k] for e, v in d.votes.items()},
-                                   {e: c[: job.k] for e, c in d.vote_confidence.items()})
+                    d = d.truncated(job.k)
                 replies.append((job, self._fill(self._reply(job), d, lookahead=True)))
             elif ready is not None and ready.tree.depth and set(ready.votes) == set(known.experts):
                 # Drafted ahead, but fewer positions than asked for: draft only the rest, from its spine.

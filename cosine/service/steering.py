@@ -95,10 +95,11 @@ class Steering:
 
     def cap(self, ks: dict[str, int], width: int, token_cap: int,
             adaptive: dict[str, tuple[RequestSteer, int]] | None = None) -> dict[str, int]:
-        """The round's ks (the jobs going out together), adjusted together: the shorter drafts of the
-        ``adaptive`` requests (id -> its steering and room) lengthened towards the round's longest where that
-        pays (:meth:`SpeculationController.align`), then the longest drafts shortened first when the round's
-        draft tokens would exceed the verifier's cap."""
+        """The round's ks (the jobs going out together), adjusted together: with an engine that pads rows,
+        one depth for the ``adaptive`` requests (id -> its steering and room; :meth:`one_depth`); otherwise
+        their shorter drafts lengthened towards the round's longest where that pays
+        (:meth:`SpeculationController.align`); then the longest drafts shortened first when the round's
+        draft tokens (padded or not) would exceed the verifier's cap."""
         if not self.switches.adaptive:
             return ks
         if adaptive and self.cost.padded:
@@ -111,8 +112,8 @@ class Steering:
         """With an engine that pads every row of a pass to its largest tree: one depth for the round's adaptive
         requests (:func:`~cosine.policy.speculation.round_depth`), at most the longest any of them asked for,
         at least the longest fixed one (the pass pads to it anyway, so up to it drafting is free to verify)
-        and at least 1 when one of them probes (k = 0 for good, drafting a probe round). Requests switched off draft it too: beside the others a plain step
-        costs their slots and commits one token."""
+        and at least 1 when one of them probes (k = 0 for good, drafting a probe round). Requests switched
+        off draft it too: beside the others a plain step costs their slots and commits one token."""
         mine = {rid: a for rid, a in adaptive.items() if rid in ks}
         if not mine:
             return ks

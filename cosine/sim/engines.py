@@ -50,9 +50,10 @@ def domain_of(tokens: list[int]) -> str:
     return _MARKER_DOMAINS.get(tokens[0], DOMAINS[0]) if tokens else DOMAINS[0]
 
 
-def _sleep_until(deadline: float) -> None:
-    left = deadline - time.perf_counter()
-    if left > 0:
+def _sleep_until(t0: float, ms: float, time_scale: float) -> None:
+    """Sleep until ``ms`` simulated milliseconds (scaled by ``time_scale``) have passed since ``t0``."""
+    left = t0 + ms * time_scale / 1000 - time.perf_counter()
+    if ms > 0 and time_scale > 0 and left > 0:
         time.sleep(left)
 
 
@@ -122,8 +123,7 @@ class SimTarget(TargetVerifier):
 
     def _spend(self, t0: float, ms: float) -> None:
         self.simulated_ms += ms
-        if ms > 0 and self.time_scale > 0:
-            _sleep_until(t0 + ms * self.time_scale / 1000)
+        _sleep_until(t0, ms, self.time_scale)
 
     def step(self, drafts: dict[str, DraftTree | None]) -> list[StepResult]:
         """One batched "forward": greedy tree acceptance against the true continuation of each sequence."""
@@ -201,7 +201,9 @@ class SimFusedDrafter:
         with probability ``feature_accuracy`` when a hosted expert matches it, else another hosted expert."""
         return [sim_features([p], list(self.drafters), self.feature_accuracy, self._key)[0] for p in prompts]
 
-    def draft(self, requests: list[FusedRequest]) -> dict[str, FusedDraft]:
+    def draft(self, requests: list[FusedRequest], stop: Callable[[], bool] | None = None) -> dict[str, FusedDraft]:
+        """As :meth:`cosine.engine.fused_drafter.FusedDrafter.draft`: ``stop``, asked before every depth after
+        the first (in simulated time), ends the trees at the depth reached."""
         t0 = time.perf_counter()
         requests = [r for r in requests if r.k > 0]
         for r in requests:
@@ -226,11 +228,16 @@ class SimFusedDrafter:
         ms = sum(self.cost.prefill_ms(n) for n in prefill.values())
         depth = max((r.k for r in requests), default=0)
         for d in range(depth):  # one batched forward per expert per position, over the rows still drafting
+            if d > 0 and stop is not None:
+                _sleep_until(t0, ms, self.time_scale)
+                if stop():
+                    out = {sid: fd.truncated(d) for sid, fd in out.items()}
+                    depth = d
+                    break
             ms += sum(self.cost.draft_step_ms(sum(1 for k in ks if k > d)) for ks in rows.values())
         self.steps += depth
         self.simulated_ms += ms
-        if ms > 0 and self.time_scale > 0:
-            _sleep_until(t0 + ms * self.time_scale / 1000)
+        _sleep_until(t0, ms, self.time_scale)
         return out
 
     # -- one request ----------------------------------------------------------------------------------
