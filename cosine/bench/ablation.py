@@ -285,7 +285,8 @@ def ablation_markdown(payload: dict, note: bool = True) -> str:
     if not note:
         return f"{tables}\n\ngit {env['git_sha']}, {env['time']}."
     text = (f"{cfg['max_new_tokens']} new tokens per request (greedy, end-of-text ignored), mixed-domain held-out "
-            f"prompts; k={cfg['k']} where fixed; Poisson rates {cfg['rates'][0]} and {cfg['rates'][1]} requests/s "
+            f"prompts; closed loop: {cfg['requests_per_client']} requests per client (at least "
+            f"{cfg['min_requests']} per run); k={cfg['k']} where fixed; Poisson rates {cfg['rates'][0]} and {cfg['rates'][1]} requests/s "
             f"(fluctuating: switching every {cfg['fluctuate_s']} s), {cfg['open_requests']} requests per open-loop "
             f"run ({cfg.get('fluctuating_requests', cfg['open_requests'])} in the fluctuating one); "
             f"plain DSD drafts with `{cfg['plain_drafter']}` only; workers 1 thread each, in-process paths "
