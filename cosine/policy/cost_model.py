@@ -13,7 +13,7 @@ token (the root) plus its draft nodes. Its time is modelled as::
 ``tree_tokens`` is the number of token slots the forward computes (:meth:`CostModel.fed`): the tokens fed
 across the batch (one root per request + draft nodes) for an engine that packs them, or the batch times its
 largest tree for one that pads every row to the longest segment, as cosine's ``ModelRunner`` does (a
-plain step verified beside an 11-token tree costs as much as a tree of its own: measured on the CPU zoo,
+plain step verified beside a 9-token tree costs as much as a tree of its own: measured on the CPU zoo,
 8 rows of 9 tokens took 27.9 ms, one row of 9 and seven of 1 took 27.2 ms). ``padded`` says which.
 ``verify_free_tokens`` is the roofline's knee: a large target on a GPU reads its weights once per pass
 whatever it feeds, so the first tokens cost nothing extra (about 100 for a 70B model on A100s); a small

@@ -235,7 +235,8 @@ def _without(top: tuple[int, int, str | None], c: Candidate) -> int:
     return second if who == c.rid else first
 
 
-def _score_with(obj: _Objective, chosen: _Set, chosen_top: tuple[int, int], rest: _Set, rest_top, c: Candidate) -> float:
+def _score_with(obj: _Objective, chosen: _Set, chosen_top: tuple[int, int], rest: _Set, rest_top,
+                c: Candidate) -> float:
     """The score if ``c`` moved from the rest into the chosen set (``chosen_top``: its largest context and
     tree; ``rest_top``: the rest's :meth:`_Set.top_contexts` and :meth:`_Set.top_trees`)."""
     wc = obj.weight(c)

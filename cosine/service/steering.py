@@ -108,7 +108,8 @@ class Steering:
             ks = self.align(ks, adaptive, width)
         return self.controller.cap_total(ks, {rid: width for rid in ks}, token_cap, self.cost.padded)
 
-    def one_depth(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]], width: int) -> dict[str, int]:
+    def one_depth(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]],
+                  width: int) -> dict[str, int]:
         """With an engine that pads every row of a pass to its largest tree: one depth for the round's adaptive
         requests (:func:`~cosine.policy.speculation.round_depth`), at most the longest any of them asked for,
         at least the longest fixed one (the pass pads to it anyway, so up to it drafting is free to verify)

@@ -91,8 +91,12 @@ class SimRunner:
 
     vocab_size: int = VOCAB_SIZE
     max_positions: int = 4096
-    slots_run: int = 0  # token slots computed (the simulated target packs them: every one is fed)
-    slots_fed: int = 0
+    slots_run: int = 0  # token slots computed
+
+    @property
+    def slots_fed(self) -> int:
+        """The simulated target packs what it is fed: every slot it computes holds a fed token."""
+        return self.slots_run
 
 
 # -- target ---------------------------------------------------------------------------------------------
@@ -154,7 +158,6 @@ class SimTarget(TargetVerifier):
             results.append(StepResult(seq, new[:added], len(path), tree.depth))
         self.forwards += 1
         self.runner.slots_run += tokens
-        self.runner.slots_fed += tokens
         self._spend(t0, self.cost.verify_ms(len(results), tokens, longest))
         return results
 
