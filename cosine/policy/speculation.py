@@ -6,7 +6,7 @@ round commits ``E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)`` tokens on a
 pass (its share of one, growing with the tokens it feeds) plus ``k`` drafter steps, so
 :class:`SpeculationController` picks the ``k`` in its bounds maximising::
 
-    U(k) = E(k) / (1 + (v + c * (1 + pressure)) * k)
+    U(k) = E(k) / (1 + o + (v + c * (1 + pressure)) * k)
 
 ``c`` is the drafter-step / target-step cost ratio; ``v`` is what one drafted token adds to the request's
 share of a verification pass (from the cost model at the verifier's batch and context: for the CPU zoo
@@ -14,7 +14,10 @@ about 0.23 at batch 8 and 0.05 at batch 1 with 150 tokens of context; 0 for a bi
 knee). ``pressure`` in [-1, 1] comes from :meth:`balance`: positive when work piles up (drafts waiting
 for the verifier, draft jobs waiting for drafters, a verifier busier than its target), which makes
 drafting dearer and drafts shorter; negative when the verifier idles, which makes drafting cheaper and
-drafts longer (at -1 it is free, and ``k`` goes to its upper bound).
+drafts longer (at -1 it is free, and ``k`` goes to its upper bound). ``o`` is what a round costs beyond its
+pass and drafting (the messaging both ways, scheduling, cores shared with other processes), measured on the
+live pipeline (:mod:`cosine.policy.round_clock`; 0 before any measurement) and counted at every ``k``: paid
+once per round whatever its length, it is why a pipeline should draft longer than the cost model alone says.
 
 A round is verified as part of a batch, and the requests whose jobs go out together come back to be
 verified together: the pass waits for the batch's longest draft anyway, so a request drafting fewer
@@ -29,8 +32,9 @@ computes their slots for one token. For such an engine the round gets one depth 
 (:func:`round_depth`: the depth, up to the longest any of them asked for, that maximises the round's
 expected tokens per ms of pass plus drafting), and the per-request ``k`` above only bounds it.
 
-Because ``E(1) = 1 + a`` against a cost ``1 + v + c``, plain decoding (``k = 0``) beats every ``k >= 1`` exactly
-when ``a <= v + c * (1 + pressure)``: that is the computed off switch (``SpecSettings.off_below = None``).
+Because ``E(1) = 1 + a`` against a cost ``1 + o + v + c``, plain decoding (``k = 0``) beats every ``k >= 1``
+exactly when ``a * (1 + o) <= v + c * (1 + pressure)``: that is the computed off switch
+(``SpecSettings.off_below = None``).
 
 Stabilisers (after SGLang's adaptive speculation): ``k_init`` for the first ``warmup_rounds`` verified
 rounds, and hysteresis: ``k`` moves only when the new optimum's ``U`` beats the current one's by
@@ -254,26 +258,32 @@ class SpeculationController:
         """The effective drafter/target cost ratio ``c * (1 + pressure)``."""
         return self.settings.draft_cost_ratio * (1 + _pressure(pressure))
 
-    def off_threshold(self, pressure: float = 0.0, verify_cost: float = 0.0) -> float:
-        """The acceptance rate under which k = 0 pays more than any k >= 1."""
+    def off_threshold(self, pressure: float = 0.0, verify_cost: float = 0.0, round_cost: float = 0.0) -> float:
+        """The acceptance rate under which k = 0 pays more than any k >= 1: ``(v + c * (1 + pressure)) / (1 + o)``."""
         if self.settings.off_below is not None:
             return self.settings.off_below
-        return min(1.0, self.cost_ratio(pressure) + _number("verify_cost", verify_cost, 0.0))
+        per_token = self.cost_ratio(pressure) + _number("verify_cost", verify_cost, 0.0)
+        return min(1.0, per_token / (1 + _number("round_cost", round_cost, 0.0)))
 
-    def utility(self, rate: float, k: int, pressure: float = 0.0, verify_cost: float = 0.0) -> float:
-        """Expected committed tokens per unit of cost: ``E(k) / (1 + (v + c * (1 + pressure)) * k)``, where
+    def utility(self, rate: float, k: int, pressure: float = 0.0, verify_cost: float = 0.0,
+                round_cost: float = 0.0) -> float:
+        """Expected committed tokens per unit of cost: ``E(k) / (1 + o + (v + c * (1 + pressure)) * k)``, where
         ``v`` (``verify_cost``) is what one drafted token adds to the request's share of a verification pass,
-        relative to that share without a draft (0 for a target whose pass does not grow with the tokens fed)."""
-        return expected_tokens(rate, k) / (1 + (self.cost_ratio(pressure) + verify_cost) * k)
+        relative to that share without a draft (0 for a target whose pass does not grow with the tokens fed),
+        and ``o`` (``round_cost``) what a round costs beyond its pass and drafting (messaging, scheduling,
+        :mod:`cosine.policy.round_clock`), in the same unit; counted at every ``k``, 0 included."""
+        return expected_tokens(rate, k) / (1 + round_cost + (self.cost_ratio(pressure) + verify_cost) * k)
 
-    def best_k(self, rate: float, low: int, high: int, pressure: float = 0.0, verify_cost: float = 0.0) -> int:
+    def best_k(self, rate: float, low: int, high: int, pressure: float = 0.0, verify_cost: float = 0.0,
+               round_cost: float = 0.0) -> int:
         """The k in ``[low, high]`` with the highest utility (the smallest one on ties)."""
         if low == 0 and self.settings.off_below is not None and rate < self.settings.off_below:
             return 0
         verify_cost = _number("verify_cost", verify_cost, 0.0)
+        round_cost = _number("round_cost", round_cost, 0.0)
         best, best_u = low, -math.inf
         for k in range(low, high + 1):
-            u = self.utility(rate, k, pressure, verify_cost)
+            u = self.utility(rate, k, pressure, verify_cost, round_cost)
             if u > best_u * (1 + 1e-12):
                 best, best_u = k, u
         return best
@@ -287,6 +297,7 @@ class SpeculationController:
         bounds: tuple[int, int] | None = None,
         pressure: float = 0.0,
         verify_cost: float = 0.0,
+        round_cost: float = 0.0,
     ) -> int:
         """The k to draft this round (call once per round).
 
@@ -316,10 +327,10 @@ class SpeculationController:
         else:
             rate = state.acceptance_rate
             current = clamp(s.k_init if state.k is None else state.k)
-            best = self.best_k(rate, low, high, pressure, verify_cost)
+            best = self.best_k(rate, low, high, pressure, verify_cost, round_cost)
             forced_off = best == 0 and s.off_below is not None and rate < s.off_below
-            better = (self.utility(rate, best, pressure, verify_cost)
-                      > (1 + s.hysteresis) * self.utility(rate, current, pressure, verify_cost))
+            better = (self.utility(rate, best, pressure, verify_cost, round_cost)
+                      > (1 + s.hysteresis) * self.utility(rate, current, pressure, verify_cost, round_cost))
             if best != current and (forced_off or better):
                 log.debug("k %d -> %d (rate %.3f, pressure %.2f)", current, best, rate, pressure)
                 k = best
