@@ -173,19 +173,21 @@ def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, m
 @click.option("--requests-per-client", type=click.IntRange(1), default=2, show_default=True,
               help="Closed loop: requests each client sends (at least 6 per run in all).")
 @click.option("--open-requests", type=int, default=24, show_default=True, help="Requests per open-loop run.")
+@click.option("--fluctuating-requests", type=click.IntRange(1), default=144, show_default=True,
+              help="Requests in the fluctuating open-loop run (about four low/high cycles).")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--k", type=int, default=4, show_default=True, help="k where speculation length is fixed.")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
-def bench_ablation(zoo_path, systems, concurrency, rates, requests_per_client, open_requests, max_new_tokens, k,
-                   out, update_readme) -> None:
+def bench_ablation(zoo_path, systems, concurrency, rates, requests_per_client, open_requests, fluctuating_requests,
+                   max_new_tokens, k, out, update_readme) -> None:
     """Full CoSine vs each mechanism switched off, plain distributed speculative decoding (one fixed
     drafter, fixed k), the coupled single-process path and target-only, under closed-loop and Poisson load."""
     from cosine.bench.ablation import AblationConfig, ablation_markdown, ablation_plots, run_ablation
 
     cfg = AblationConfig(zoo=zoo_path, concurrency=tuple(concurrency), rates=tuple(rates),
                          requests_per_client=requests_per_client, open_requests=open_requests,
-                         max_new_tokens=max_new_tokens, k=k)
+                         fluctuating_requests=fluctuating_requests, max_new_tokens=max_new_tokens, k=k)
     if systems:
         cfg.systems = tuple(systems)
     payload = run_ablation(cfg)

@@ -74,9 +74,10 @@ class AblationConfig:
     # (about 5 requests/s of 48 tokens), so the fluctuating run alternates calm and overload.
     rates: tuple[float, float] = (1.0, 8.0)
     open_requests: int = 24  # requests per open-loop run at a steady rate
-    # The fluctuating run's requests: enough for the rate to switch at least three times (low, high, low,
-    # high), which a run of open_requests would not (it ends in its first high phase).
-    fluctuating_requests: int = 48
+    # The fluctuating run's requests: about four low/high cycles, so that its p99 is not just its single
+    # slowest request (at 48, the nearest-rank p99 was the maximum, and repeats of one system ranged
+    # 75-119 ms), and the rate switches at least three times, which a run of open_requests would not.
+    fluctuating_requests: int = 144
     fluctuate_s: float = 4.0
     max_new_tokens: int = 48
     k: int = 4
