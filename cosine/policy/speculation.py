@@ -214,7 +214,8 @@ def cap_total(ks: dict[str, int], widths: dict[str, int] | None, token_cap: int,
 
 
 def round_depth(rates: dict[str, float], limits: dict[str, int], low: int, high: int,
-                round_ms: Callable[[int], float], other_tokens: float = 0.0) -> int:
+                round_ms: Callable[[int], float], other_tokens: float = 0.0, current: int | None = None,
+                hysteresis: float = 0.0) -> int:
     """For an engine that pads every row of a pass to its largest tree: the depth ``K`` in ``[low, high]``
     that every request of the round drafts (each at most its limit), maximising the round's expected
     committed tokens per ms.
@@ -224,12 +225,15 @@ def round_depth(rates: dict[str, float], limits: dict[str, int], low: int, high:
     the acceptance estimates of the requests whose depth it decides; ``limits``: the most positions each may
     draft (its room); ``round_ms(K)``: the round's time at depth ``K`` (the pass plus the drafting);
     ``other_tokens``: what the round's other requests (fixed lengths) commit whatever ``K`` is. Ties go to
-    the shorter depth.
+    the shorter depth. ``current`` (the depth rounds drafted last) is kept, when it lies in ``[low, high]``,
+    unless the best depth's rate beats its rate by ``hysteresis`` (a share): the rate is flat around its
+    optimum, and rounds whose depths flap between neighbours make trees of two sizes that pad each other's
+    rows or are verified apart.
     """
     _int("low", low)
     if high < low:
         raise InvalidParameterError("high", f"must be >= low ({low}), got {high!r}")
-    best, best_rate = low, -math.inf
+    best, best_rate, current_rate = low, -math.inf, -math.inf
     for depth in range(low, high + 1):
         tokens = other_tokens + sum(expected_tokens(_number(f"rates[{rid}]", rate, 0.0, 1.0),
                                                     min(depth, _int(f"limits[{rid}]", limits.get(rid, depth))))
@@ -238,6 +242,10 @@ def round_depth(rates: dict[str, float], limits: dict[str, int], low: int, high:
         rate = tokens / ms if ms > 0 else math.inf
         if rate > best_rate * (1 + 1e-12):
             best, best_rate = depth, rate
+        if depth == current:
+            current_rate = rate
+    if current_rate > -math.inf and best_rate <= current_rate * (1 + _number("hysteresis", hysteresis, 0.0)):
+        return current
     return best
 
 

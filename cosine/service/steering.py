@@ -63,6 +63,7 @@ class Steering:
         self.context = 0
         # What rounds cost beyond the cost model, measured on this pipeline (the verifier reports every pass).
         self.clock = RoundClock()
+        self.depth: int | None = None  # the depth the last padded round drafted (kept unless clearly beaten)
 
     def new(self) -> RequestSteer:
         return RequestSteer(RequestSpec(self.spec_settings))
@@ -157,7 +158,9 @@ class Steering:
             return self.clock.round_ms(self.cost.verify_ms(n, context, fed), drafting, n)
 
         depth = self.controller.round_depth({rid: a[0].spec.acceptance_rate for rid, a in mine.items()}, rooms,
-                                            low, high, round_ms, other_tokens=float(len(ks) - len(mine)))
+                                            low, high, round_ms, other_tokens=float(len(ks) - len(mine)),
+                                            current=self.depth, hysteresis=self.spec_settings.hysteresis)
+        self.depth = depth
         return {rid: min(depth, rooms[rid]) if rid in mine else k for rid, k in ks.items()}
 
     def align(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]], width: int) -> dict[str, int]:
