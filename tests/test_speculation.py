@@ -243,24 +243,6 @@ def test_round_depth_maximises_the_rounds_tokens_per_ms():
     assert SpeculationController.round_depth(rates, {}, 0, 8, ms) == good
 
 
-def test_round_depth_keeps_the_last_depth_unless_clearly_beaten():
-    def ms(depth):
-        return 30.0 + 0.5 * 4 * (1 + depth)
-
-    rates = {"a": 0.8, "b": 0.8, "c": 0.8, "d": 0.8}
-    best = round_depth(rates, {}, 0, 8, ms)
-
-    def rate(depth):
-        return sum(expected_tokens(x, depth) for x in rates.values()) / ms(depth)
-
-    near = best + 1  # the rate is flat around its optimum: a neighbour is within a few percent
-    assert rate(best) <= rate(near) * 1.05
-    assert round_depth(rates, {}, 0, 8, ms, current=near, hysteresis=0.05) == near
-    assert round_depth(rates, {}, 0, 8, ms, current=near) == best  # no hysteresis: the optimum
-    assert round_depth(rates, {}, 0, 8, ms, current=0, hysteresis=0.05) == best  # plain steps: clearly beaten
-    assert round_depth(rates, {}, 0, best - 1, ms, current=best, hysteresis=0.05) == best - 1  # out of bounds
-
-
 def test_default_hysteresis_does_not_pin_k_at_k_init():
     # U is flat near its optimum: with a coarse hysteresis a request kept k_init (4) for good even when
     # its acceptance called for much longer drafts; the default lets it move, and still not flap.

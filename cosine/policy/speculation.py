@@ -6,7 +6,7 @@ round commits ``E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)`` tokens on a
 pass (its share of one, growing with the tokens it feeds) plus ``k`` drafter steps, so
 :class:`SpeculationController` picks the ``k`` in its bounds maximising::
 
-    U(k) = E(k) / (1 + o + (v + c * (1 + pressure)) * k)
+    U(k) = E(k) / (1 + (v + c * (1 + pressure)) * k)
 
 ``c`` is the drafter-step / target-step cost ratio; ``v`` is what one drafted token adds to the request's
 share of a verification pass (from the cost model at the verifier's batch and context: for the CPU zoo
@@ -14,10 +14,7 @@ about 0.23 at batch 8 and 0.05 at batch 1 with 150 tokens of context; 0 for a bi
 knee). ``pressure`` in [-1, 1] comes from :meth:`balance`: positive when work piles up (drafts waiting
 for the verifier, draft jobs waiting for drafters, a verifier busier than its target), which makes
 drafting dearer and drafts shorter; negative when the verifier idles, which makes drafting cheaper and
-drafts longer (at -1 it is free, and ``k`` goes to its upper bound). ``o`` is what a round costs beyond its
-pass and drafting (the messaging both ways, scheduling, cores shared with other processes), measured on the
-live pipeline (:mod:`cosine.policy.round_clock`; 0 before any measurement) and counted at every ``k``: paid
-once per round whatever its length, it is why a pipeline should draft longer than the cost model alone says.
+drafts longer (at -1 it is free, and ``k`` goes to its upper bound).
 
 A round is verified as part of a batch, and the requests whose jobs go out together come back to be
 verified together: the pass waits for the batch's longest draft anyway, so a request drafting fewer
@@ -32,9 +29,8 @@ computes their slots for one token. For such an engine the round gets one depth 
 (:func:`round_depth`: the depth, up to the longest any of them asked for, that maximises the round's
 expected tokens per ms of pass plus drafting), and the per-request ``k`` above only bounds it.
 
-Because ``E(1) = 1 + a`` against a cost ``1 + o + v + c``, plain decoding (``k = 0``) beats every ``k >= 1``
-exactly when ``a * (1 + o) <= v + c * (1 + pressure)``: that is the computed off switch
-(``SpecSettings.off_below = None``).
+Because ``E(1) = 1 + a`` against a cost ``1 + v + c``, plain decoding (``k = 0``) beats every ``k >= 1`` exactly
+when ``a <= v + c * (1 + pressure)``: that is the computed off switch (``SpecSettings.off_below = None``).
 
 Stabilisers (after SGLang's adaptive speculation): ``k_init`` for the first ``warmup_rounds`` verified
 rounds, and hysteresis: ``k`` moves only when the new optimum's ``U`` beats the current one's by
@@ -214,8 +210,7 @@ def cap_total(ks: dict[str, int], widths: dict[str, int] | None, token_cap: int,
 
 
 def round_depth(rates: dict[str, float], limits: dict[str, int], low: int, high: int,
-                round_ms: Callable[[int], float], other_tokens: float = 0.0, current: int | None = None,
-                hysteresis: float = 0.0) -> int:
+                round_ms: Callable[[int], float], other_tokens: float = 0.0) -> int:
     """For an engine that pads every row of a pass to its largest tree: the depth ``K`` in ``[low, high]``
     that every request of the round drafts (each at most its limit), maximising the round's expected
     committed tokens per ms.
@@ -225,15 +220,12 @@ def round_depth(rates: dict[str, float], limits: dict[str, int], low: int, high:
     the acceptance estimates of the requests whose depth it decides; ``limits``: the most positions each may
     draft (its room); ``round_ms(K)``: the round's time at depth ``K`` (the pass plus the drafting);
     ``other_tokens``: what the round's other requests (fixed lengths) commit whatever ``K`` is. Ties go to
-    the shorter depth. ``current`` (the depth rounds drafted last) is kept, when it lies in ``[low, high]``,
-    unless the best depth's rate beats its rate by ``hysteresis`` (a share): the rate is flat around its
-    optimum, and rounds whose depths flap between neighbours make trees of two sizes that pad each other's
-    rows or are verified apart.
+    the shorter depth.
     """
     _int("low", low)
     if high < low:
         raise InvalidParameterError("high", f"must be >= low ({low}), got {high!r}")
-    best, best_rate, current_rate = low, -math.inf, -math.inf
+    best, best_rate = low, -math.inf
     for depth in range(low, high + 1):
         tokens = other_tokens + sum(expected_tokens(_number(f"rates[{rid}]", rate, 0.0, 1.0),
                                                     min(depth, _int(f"limits[{rid}]", limits.get(rid, depth))))
@@ -242,10 +234,6 @@ def round_depth(rates: dict[str, float], limits: dict[str, int], low: int, high:
         rate = tokens / ms if ms > 0 else math.inf
         if rate > best_rate * (1 + 1e-12):
             best, best_rate = depth, rate
-        if depth == current:
-            current_rate = rate
-    if current_rate > -math.inf and best_rate <= current_rate * (1 + _number("hysteresis", hysteresis, 0.0)):
-        return current
     return best
 
 
@@ -266,32 +254,26 @@ class SpeculationController:
         """The effective drafter/target cost ratio ``c * (1 + pressure)``."""
         return self.settings.draft_cost_ratio * (1 + _pressure(pressure))
 
-    def off_threshold(self, pressure: float = 0.0, verify_cost: float = 0.0, round_cost: float = 0.0) -> float:
-        """The acceptance rate under which k = 0 pays more than any k >= 1: ``(v + c * (1 + pressure)) / (1 + o)``."""
+    def off_threshold(self, pressure: float = 0.0, verify_cost: float = 0.0) -> float:
+        """The acceptance rate under which k = 0 pays more than any k >= 1."""
         if self.settings.off_below is not None:
             return self.settings.off_below
-        per_token = self.cost_ratio(pressure) + _number("verify_cost", verify_cost, 0.0)
-        return min(1.0, per_token / (1 + _number("round_cost", round_cost, 0.0)))
+        return min(1.0, self.cost_ratio(pressure) + _number("verify_cost", verify_cost, 0.0))
 
-    def utility(self, rate: float, k: int, pressure: float = 0.0, verify_cost: float = 0.0,
-                round_cost: float = 0.0) -> float:
-        """Expected committed tokens per unit of cost: ``E(k) / (1 + o + (v + c * (1 + pressure)) * k)``, where
+    def utility(self, rate: float, k: int, pressure: float = 0.0, verify_cost: float = 0.0) -> float:
+        """Expected committed tokens per unit of cost: ``E(k) / (1 + (v + c * (1 + pressure)) * k)``, where
         ``v`` (``verify_cost``) is what one drafted token adds to the request's share of a verification pass,
-        relative to that share without a draft (0 for a target whose pass does not grow with the tokens fed),
-        and ``o`` (``round_cost``) what a round costs beyond its pass and drafting (messaging, scheduling,
-        :mod:`cosine.policy.round_clock`), in the same unit; counted at every ``k``, 0 included."""
-        return expected_tokens(rate, k) / (1 + round_cost + (self.cost_ratio(pressure) + verify_cost) * k)
+        relative to that share without a draft (0 for a target whose pass does not grow with the tokens fed)."""
+        return expected_tokens(rate, k) / (1 + (self.cost_ratio(pressure) + verify_cost) * k)
 
-    def best_k(self, rate: float, low: int, high: int, pressure: float = 0.0, verify_cost: float = 0.0,
-               round_cost: float = 0.0) -> int:
+    def best_k(self, rate: float, low: int, high: int, pressure: float = 0.0, verify_cost: float = 0.0) -> int:
         """The k in ``[low, high]`` with the highest utility (the smallest one on ties)."""
         if low == 0 and self.settings.off_below is not None and rate < self.settings.off_below:
             return 0
         verify_cost = _number("verify_cost", verify_cost, 0.0)
-        round_cost = _number("round_cost", round_cost, 0.0)
         best, best_u = low, -math.inf
         for k in range(low, high + 1):
-            u = self.utility(rate, k, pressure, verify_cost, round_cost)
+            u = self.utility(rate, k, pressure, verify_cost)
             if u > best_u * (1 + 1e-12):
                 best, best_u = k, u
         return best
@@ -305,7 +287,6 @@ class SpeculationController:
         bounds: tuple[int, int] | None = None,
         pressure: float = 0.0,
         verify_cost: float = 0.0,
-        round_cost: float = 0.0,
     ) -> int:
         """The k to draft this round (call once per round).
 
@@ -335,10 +316,10 @@ class SpeculationController:
         else:
             rate = state.acceptance_rate
             current = clamp(s.k_init if state.k is None else state.k)
-            best = self.best_k(rate, low, high, pressure, verify_cost, round_cost)
+            best = self.best_k(rate, low, high, pressure, verify_cost)
             forced_off = best == 0 and s.off_below is not None and rate < s.off_below
-            better = (self.utility(rate, best, pressure, verify_cost, round_cost)
-                      > (1 + s.hysteresis) * self.utility(rate, current, pressure, verify_cost, round_cost))
+            better = (self.utility(rate, best, pressure, verify_cost)
+                      > (1 + s.hysteresis) * self.utility(rate, current, pressure, verify_cost))
             if best != current and (forced_off or better):
                 log.debug("k %d -> %d (rate %.3f, pressure %.2f)", current, best, rate, pressure)
                 k = best

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from cosine.policy.control import ControlDecision
 from cosine.policy.cost_model import CostModel
-from cosine.policy.round_clock import RoundClock
 from cosine.policy.routing import PriorTable, RequestRouter, RoutingSettings, round_feedback, solo_acceptance
 from cosine.policy.scheduling import Candidate, SchedulerSettings, choose_batch, expected_tokens, hold_ms
 from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationController
@@ -61,9 +60,6 @@ class Steering:
         # made a drafted token look twice as dear at a batch of 30 and switched fair requests off).
         self.batch = 1
         self.context = 0
-        # What rounds cost beyond the cost model, measured on this pipeline (the verifier reports every pass).
-        self.clock = RoundClock()
-        self.depth: int | None = None  # the depth the last padded round drafted (kept unless clearly beaten)
 
     def new(self) -> RequestSteer:
         return RequestSteer(RequestSpec(self.spec_settings))
@@ -84,7 +80,7 @@ class Steering:
         c = self.control
         bounds = (c.k_min, c.k_max) if c is not None else None
         k = self.controller.k_for(steer.spec, bounds=bounds, pressure=c.pressure if c is not None else 0.0,
-                                  verify_cost=self.verify_cost(), round_cost=self.round_cost())
+                                  verify_cost=self.verify_cost())
         return max(0, min(k, room))
 
     def verify_cost(self) -> float:
@@ -96,23 +92,6 @@ class Steering:
         if single <= 0:
             return 0.0
         return (self.cost.verify_ms(n, self.context, n * (1 + k)) - single) / (k * single)
-
-    def round_cost(self) -> float:
-        """What a round costs beyond its pass and drafting (measured: :class:`RoundClock`), relative to a pass
-        of single tokens at the verifier's batch and context, the unit of :meth:`verify_cost`."""
-        n = max(1, self.batch)
-        single = self.clock.pass_ms(self.cost.verify_ms(n, self.context, n))
-        return self.clock.overhead_ms(n) / single if single > 0 else 0.0
-
-    def observe_pass(self, forward_ms: float, batch: int, context: int, tree_sizes: list[int],
-                     outside_ms: list[tuple[float, int]]) -> None:
-        """A verification pass measured: its forward's time, its rows (``batch``, longest ``context``, each
-        row's tree size), and for each row verified with a draft since its previous verification the time its
-        round spent outside target forwards with the draft's depth; :class:`RoundClock` learns from them."""
-        fed = self.cost.fed(batch, sum(tree_sizes), max(tree_sizes, default=0))
-        modelled = self.cost.verify_ms(batch, context, fed)
-        self.clock.observe(forward_ms, modelled, batch,
-                           [ms - self.cost.draft_ms(batch, depth) for ms, depth in outside_ms])
 
     def cap(self, ks: dict[str, int], width: int, token_cap: int,
             adaptive: dict[str, tuple[RequestSteer, int]] | None = None) -> dict[str, int]:
@@ -135,9 +114,7 @@ class Steering:
         requests (:func:`~cosine.policy.speculation.round_depth`), at most the longest any of them asked for,
         at least the longest fixed one (the pass pads to it anyway, so up to it drafting is free to verify)
         and at least 1 when one of them probes (k = 0 for good, drafting a probe round). Requests switched
-        off draft it too: beside the others a plain step costs their slots and commits one token. A round is
-        priced as its pass and drafting by the cost model, corrected by what rounds measurably cost here
-        (:attr:`clock`: the pass's scale and the overhead outside forwards, which favours longer drafts)."""
+        off draft it too: beside the others a plain step costs their slots and commits one token."""
         mine = {rid: a for rid, a in adaptive.items() if rid in ks}
         if not mine:
             return ks
@@ -154,20 +131,16 @@ class Steering:
             longest = max(depth, fixed)
             total = sum(1 + (min(depth, rooms[rid]) if rid in mine else k) * width for rid, k in ks.items())
             fed = self.cost.fed(n, total, 1 + longest * width)
-            drafting = (1 + pressure) * self.cost.draft_ms(n, longest)
-            return self.clock.round_ms(self.cost.verify_ms(n, context, fed), drafting, n)
+            return self.cost.verify_ms(n, context, fed) + (1 + pressure) * self.cost.draft_ms(n, longest)
 
         depth = self.controller.round_depth({rid: a[0].spec.acceptance_rate for rid, a in mine.items()}, rooms,
-                                            low, high, round_ms, other_tokens=float(len(ks) - len(mine)),
-                                            current=self.depth, hysteresis=self.spec_settings.hysteresis)
-        self.depth = depth
+                                            low, high, round_ms, other_tokens=float(len(ks) - len(mine)))
         return {rid: min(depth, rooms[rid]) if rid in mine else k for rid, k in ks.items()}
 
     def align(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]], width: int) -> dict[str, int]:
         """Lengthen shorter drafts towards the round's longest (the jobs going out together come back to
         one pass, which waits for the longest), priced with the cost model: what a fed token adds to the pass
-        against the round's tokens per ms (the pass plus drafting the longest draft plus the round's measured
-        overhead, :attr:`clock`)."""
+        against the round's tokens per ms (the pass plus drafting the longest draft)."""
         mine = {rid: a for rid, a in adaptive.items() if rid in ks and ks[rid] > 0}
         top = max(ks.values(), default=0)
         if all(ks[rid] >= top for rid in mine):
@@ -175,12 +148,11 @@ class Steering:
         c = self.control
         tokens = sum(1 + k * width for k in ks.values())
         n, context = len(ks), self.context
-        round_ms = self.clock.round_ms(self.cost.verify_ms(n, context, tokens), self.cost.draft_ms(1, top), n)
+        round_ms = self.cost.verify_ms(n, context, tokens) + self.cost.draft_ms(1, top)
         # What a fed token adds to the pass, on average over what alignment could add (a knee makes the first
         # ones free on a big target).
         most = tokens + sum(top - ks[rid] for rid in mine) * width
-        added = self.cost.verify_ms(n, context, most) - self.cost.verify_ms(n, context, tokens)
-        token_ms = self.clock.pass_ms(added) / (most - tokens)
+        token_ms = (self.cost.verify_ms(n, context, most) - self.cost.verify_ms(n, context, tokens)) / (most - tokens)
         return self.controller.align(
             ks, {rid: a[0].spec.acceptance_rate for rid, a in mine.items()}, token_ms, round_ms,
             {rid: width for rid in ks}, {rid: a[1] for rid, a in mine.items()},

@@ -110,8 +110,6 @@ class Active:
     steer: RequestSteer | None = None
     plain: bool = False  # the next round is a plain target step (speculation 0)
     lookahead_hits: int = 0
-    verified_at: float | None = None  # perf_counter time its last verification ended
-    busy_at: float = 0.0  # the verifier's busy_s then (forwards since = busy_s - busy_at)
 
     @property
     def rid(self) -> str:
@@ -182,7 +180,6 @@ class VerifierService:
             "pid": os.getpid(),
             "slots_run": self.engine.runner.slots_run,  # token slots the target's forwards computed
             "slots_fed": self.engine.runner.slots_fed,  # of them, slots holding a fed token (not padding)
-            **self.steering.clock.as_dict(),  # what rounds cost here beyond the cost model (pass scale, overhead)
             **{k: v for k, v in self.counters.items()},
         }
 
@@ -493,11 +490,10 @@ class VerifierService:
             log.exception("verification failed for %d requests", len(ready))
             self._fail(ready, f"verification failed: {type(exc).__name__}: {exc}")
             return
-        t1 = time.perf_counter()
-        forward_s = t1 - t0
+        forward_s = time.perf_counter() - t0
         self.busy_s += forward_s
         self.rounds += 1
-        self._time_round(ready, drafts, forward_s, t1)
+        t1 = time.perf_counter()
         added = {r.seq.seq_id: len(r.new_tokens) for r in results}
         for r in results:
             st = self.active[r.seq.seq_id]
@@ -527,18 +523,6 @@ class VerifierService:
         self.messaging_s += time.perf_counter() - t1
         if finished:
             self._release(finished)
-
-    def _time_round(self, ready: list[Active], drafts: dict[str, DraftTree | None], forward_s: float,
-                    end: float) -> None:
-        """Tell steering what this pass took and, for each request verified with a draft, how long its round
-        (since its previous verification) spent outside the target's forwards."""
-        outside = [(1000 * (end - st.verified_at - (self.busy_s - st.busy_at)), depth_of(tree.parents))
-                   for st in ready if (tree := drafts[st.rid]) is not None and st.verified_at is not None]
-        sizes = [1 + (len(t.tokens) if t else 0) for t in drafts.values()]
-        self.steering.observe_pass(1000 * forward_s, len(ready), max(len(st.seq.tokens) for st in ready), sizes,
-                                   outside)
-        for st in ready:
-            st.verified_at, st.busy_at = end, self.busy_s
 
     def _tree(self, d: Draft) -> DraftTree:
         tree = DraftTree(list(d.tokens), list(d.parents), list(d.confidences), list(d.sources))
