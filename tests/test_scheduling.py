@@ -281,8 +281,9 @@ def test_a_padded_pass_prices_every_row_at_its_largest_tree():
     big = CostModel(verify_base_ms=30.0, verify_token_ms=0.05, padded=True)
     for cap, want in ((26, ["d0", "d1"]), (27, ["d0", "d1", "late"])):
         assert sorted(choose_batch(drafted + [late], big, SchedulerSettings(latency_weight=0.5, token_cap=cap))) == want
-    # On the CPU zoo, 9 slots for one token lower the pass's rate: throughput first, it waits for the next.
-    assert sorted(choose_batch(drafted + [late], padded, SchedulerSettings(latency_weight=0.0))) == ["d0", "d1"]
+    # On the CPU zoo its 9 slots cost 3.3 ms, a pass of its own 7.7: even throughput first, it rides along.
+    assert padded.verify_ms(3, 100, 27) < padded.verify_ms(2, 100, 18) + padded.verify_ms(1, 100, 1)
+    assert sorted(choose_batch(drafted + [late], padded, SchedulerSettings(latency_weight=0.0))) == ["d0", "d1", "late"]
     # Throughput first, one deep tree would pad a pass of many plain steps to its size: they go apart.
     plain = [Candidate.plain(f"p{i}", 100) for i in range(16)]
     deep = cand("deep", tokens=17, exp=2.0)
@@ -290,6 +291,32 @@ def test_a_padded_pass_prices_every_row_at_its_largest_tree():
     assert chosen == ["deep"] or (len(chosen) == 16 and "deep" not in chosen)
     packed = dataclasses.replace(padded, padded=False)
     assert len(choose_batch(plain + [deep], packed, SchedulerSettings(latency_weight=0.0, token_cap=1000))) == 17
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_throughput_first_never_splits_into_a_longer_makespan(padded):
+    """Left out, a candidate still needs a pass: throughput first, the chosen pass plus one for the rest
+    never take longer than one pass for everyone (when everyone fits in one)."""
+    rng = np.random.default_rng(5)
+    cost = dataclasses.replace(CostModel.default(), padded=padded)
+    settings = SchedulerSettings(latency_weight=0.0, token_cap=10_000, max_batch=64)
+    for trial in range(30):
+        cands = [
+            Candidate(f"r{i}", int(rng.integers(1, 12)), float(rng.uniform(1, 5)), int(rng.integers(10, 600)),
+                      has_draft=bool(rng.random() > 0.3))
+            for i in range(int(rng.integers(2, 16)))
+        ]
+        chosen = set(choose_batch(cands, cost, settings))
+
+        def v(group):
+            if not group:
+                return 0.0
+            sizes = [c.tree_tokens for c in group]
+            fed = cost.fed(len(sizes), sum(sizes), max(sizes))
+            return cost.verify_ms(len(group), max(c.context for c in group), fed)
+
+        split = v([c for c in cands if c.rid in chosen]) + v([c for c in cands if c.rid not in chosen])
+        assert split <= v(cands) + 1e-9
 
 
 def test_settings_are_validated():
@@ -318,3 +345,13 @@ def test_hold_for_coming_drafts_only_when_the_pass_barely_grows():
     urgent = [Candidate("u", 5, 3.0, 100, deadline_in_ms=10.0)]
     assert hold_ms(urgent, coming, flat) == 0.0
     assert hold_ms(ready, coming, flat, SchedulerSettings(max_batch=4)) == 0.0
+
+
+def test_a_cpu_pass_waits_only_for_drafts_due_within_a_fixed_cost():
+    cpu = CostModel.default()  # 7.3 ms a pass + 0.37 ms a slot
+    ready = [Candidate.plain("p", 100)]
+    coming = [(Candidate(f"c{i}", 5, 3.0, 100), 20.0) for i in range(3)]
+    # Going now, the three drafts go in the next pass, done by 20 + V(3 x 5 slots); held, by 20 + V(4 x 5).
+    assert hold_ms(ready, coming, cpu) == 0.0
+    # Due in 2 ms: holding saves the second pass's fixed cost (7.3 ms) for 2 ms idle.
+    assert hold_ms(ready, [(c, 2.0) for c, _ in coming], cpu) == 2.0

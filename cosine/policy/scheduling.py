@@ -7,32 +7,40 @@ late, or that has no drafter, is still a candidate: a cheap one that feeds and c
 :func:`choose_batch` picks the batch ``S`` out of the candidates ``C`` (``R = C - S`` is left for later) to
 maximise::
 
-    score(S) = (1 - w) * throughput(S) / throughput(C)  -  w * latency(S) / latency(C)
+    score(S) = (1 - w) * V(C) / (V(S) + V(R))  -  w * latency(S) / latency(C)
 
-    throughput(S) = sum(expected_tokens of S) / V(S)                      tokens per ms of this pass
+    V(S) + V(R)   the time to verify everyone: this pass, then the rest in as many passes as the token cap
+                  and max_batch split it into, each paying the fixed cost again
     latency(S)    = sum over S of p * V(S)                                 the chosen wait for this pass
-                  + sum over R of p * (waited_ms + V(S) + V(R))            the rest wait for it and one more
+                  + sum over R of p * (waited_ms + V(S) + V(R))            the rest wait for it and more
     V(X)          = cost.verify_ms(len(X), max context in X, cost.fed(len(X), sum of tree_tokens in X,
                                                               largest tree_tokens in X))
     p             = priority_base ** priority                              each priority level weighs more
 
-``w`` is ``latency_weight``: 0 packs passes for verified tokens per ms (big batches share the fixed cost of
-a forward), 1 minimises the priority-weighted time until every candidate is served (so an expensive
-candidate is split off when it would slow the others down more than it saves itself; left out, the
-time a candidate already waited counts against the batch, so older candidates pull harder). The terms are
-divided by ``throughput(C)`` and by ``sum over C of p * (waited_ms + V(C))``, which makes both unit-free
-and of order one. ``cost.fed`` is what the pass computes: the tokens fed, or for an engine that pads every
-row to its longest segment the batch times its largest tree, so that a plain step next to a deep tree costs
-what the tree costs (and the token cap bounds the same slots).
+``w`` is ``latency_weight``. At 0 the score is the throughput of serving every candidate, ``V(C)`` over the
+time it takes (1 for one pass of everyone): a candidate left out still needs a pass, so a split pays only
+where it saves more than a pass's fixed cost, as when one deep tree would pad many plain steps to its size
+or one long context would make every row attend over it. (Scoring the chosen pass's own tokens per ms
+instead counts the rest as free: on the padded CPU target it left plain steps out of passes they cost 3 ms
+in, for passes of their own at 7.7 ms.) At 1 the score is minus the priority-weighted time until every
+candidate is served (so an expensive candidate is split off when it would slow the others down more than
+it saves itself; left out, the time a candidate already waited counts against the batch, so older
+candidates pull harder). The latency term is divided by ``sum over C of p * (waited_ms + V(C))``, which
+makes it unit-free and of order one, as the throughput term is. ``cost.fed`` is what the pass computes:
+the tokens fed, or for an engine that pads every row to its longest segment the batch times its largest
+tree, so that a plain step next to a deep tree costs what the tree costs (and the token cap bounds the
+same slots).
 
 The search is greedy: first every *forced* candidate (deadline closer than ``urgent_ms``: earliest deadline
-first; then waited at least ``starvation_ms``: longest wait first), then repeatedly the candidate with the
-highest ``(priority, marginal score gain)`` among those that improve the score, until none does. With a
-padded engine that search first runs among the candidates no larger than the best "largest tree" (each
-size present is tried: the batch of everyone no larger is scored), then among all: a search that began with
-the best single candidate, often the deepest tree, would go on adding plain steps at that tree's size. The
-token cap and ``max_batch`` bound every step; one candidate alone always fits, so a pass always makes
-progress.
+first; then waited at least ``starvation_ms``: longest wait first), then, starting from the candidate with
+the most tokens per ms alone, repeatedly the candidate with the highest ``(priority, marginal score gain)``
+among those that do not lower the score (a tie serves it now), while there is one. With a padded engine
+that search first runs among the candidates no larger than the best "largest tree" (each size present is
+tried: the batch of everyone no larger is scored), then among all. Adding one at a time can miss the split
+that leaves one costly candidate behind (the first additions make the rest cheaper by taking it), so when
+everyone fits in one pass the search also runs from the other side: from everyone, the candidate whose
+leaving improves the score most leaves, while one does; the better of the two batches goes. The token cap
+and ``max_batch`` bound every step; one candidate alone always fits, so a pass always makes progress.
 """
 
 from __future__ import annotations
@@ -156,7 +164,6 @@ class _Set:
         self.members: dict[str, Candidate] = {}
         self.n = 0
         self.tokens = 0
-        self.gain = 0.0
         self.p = 0.0  # sum of latency weights
         self.pw = 0.0  # sum of weight * waited_ms
         for c in cands:
@@ -166,7 +173,6 @@ class _Set:
         self.members[c.rid] = c
         self.n += 1
         self.tokens += c.tree_tokens
-        self.gain += c.expected_tokens
         self.p += self.weight(c)
         self.pw += self.weight(c) * c.waited_ms
 
@@ -174,7 +180,6 @@ class _Set:
         del self.members[c.rid]
         self.n -= 1
         self.tokens -= c.tree_tokens
-        self.gain -= c.expected_tokens
         self.p -= self.weight(c)
         self.pw -= self.weight(c) * c.waited_ms
 
@@ -205,11 +210,12 @@ class _Objective:
         self.free = cost.verify_free_tokens
         self.fed = cost.fed
         self.w = settings.latency_weight
+        self.max_batch, self.token_cap = settings.max_batch, settings.token_cap
         base = settings.priority_base
         self.weight = lambda c: base ** max(-64, min(64, c.priority))
         everyone = _Set(cands, self.weight)
         v_all = self.v(everyone.n, max(c.context for c in cands), everyone.tokens, everyone.top_trees()[0])
-        self.thr_ref = max(everyone.gain / v_all, 1e-12)
+        self.v_all = v_all
         self.lat_ref = max(everyone.pw + everyone.p * v_all, 1e-12)
 
     def v(self, n: int, context: int, tokens: int, largest: int) -> float:
@@ -219,14 +225,18 @@ class _Objective:
         fed = self.fed(n, tokens, largest)
         return max(base + row * n + token * max(0.0, fed - self.free) + ctx * n * context, _MIN_MS)
 
-    def score(self, n, context, tokens, largest, gain, p_in,
+    def score(self, n, context, tokens, largest, p_in,
               rest_n, rest_context, rest_tokens, rest_largest, rest_p, rest_pw) -> float:
         if n == 0:
             return -math.inf
         v = self.v(n, context, tokens, largest)
         v_rest = self.v(rest_n, rest_context, rest_tokens, rest_largest)
+        if rest_n:  # the rest goes in as many passes as the caps need, each paying the fixed cost
+            fed = self.fed(rest_n, rest_tokens, rest_largest)
+            passes = max(math.ceil(rest_n / self.max_batch), math.ceil(fed / self.token_cap))
+            v_rest += (passes - 1) * self.coef[0]
         latency = p_in * v + rest_pw + rest_p * (v + v_rest)
-        return (1 - self.w) * (gain / v) / self.thr_ref - self.w * latency / self.lat_ref
+        return (1 - self.w) * self.v_all / (v + v_rest) - self.w * latency / self.lat_ref
 
 
 def _without(top: tuple[int, int, str | None], c: Candidate) -> int:
@@ -246,7 +256,6 @@ def _score_with(obj: _Objective, chosen: _Set, chosen_top: tuple[int, int], rest
         max(chosen_top[0], c.context),
         chosen.tokens + c.tree_tokens,
         max(chosen_top[1], c.tree_tokens),
-        chosen.gain + c.expected_tokens,
         chosen.p + wc,
         rest.n - 1,
         0 if alone else _without(rest_top[0], c),
@@ -254,6 +263,26 @@ def _score_with(obj: _Objective, chosen: _Set, chosen_top: tuple[int, int], rest
         0 if alone else _without(rest_top[1], c),
         rest.p - wc,
         rest.pw - wc * c.waited_ms,
+    )
+
+
+def _score_without(obj: _Objective, chosen: _Set, chosen_top, rest: _Set, rest_top: tuple[int, int],
+                   c: Candidate) -> float:
+    """The score if ``c`` moved from the chosen set back to the rest (``chosen_top``: the chosen set's
+    :meth:`_Set.top_contexts` and :meth:`_Set.top_trees`; ``rest_top``: the rest's largest context and tree)."""
+    wc = obj.weight(c)
+    return obj.score(
+        chosen.n - 1,
+        _without(chosen_top[0], c),
+        chosen.tokens - c.tree_tokens,
+        _without(chosen_top[1], c),
+        chosen.p - wc,
+        rest.n + 1,
+        max(rest_top[0], c.context),
+        rest.tokens + c.tree_tokens,
+        max(rest_top[1], c.tree_tokens),
+        rest.p + wc,
+        rest.pw + wc * c.waited_ms,
     )
 
 
@@ -266,7 +295,7 @@ def objective(chosen: Iterable[str], cands: list[Candidate], cost: CostModel, se
     inside = _Set((c for c in cands if c.rid in picked), obj.weight)
     rest = _Set((c for c in cands if c.rid not in picked), obj.weight)
     return obj.score(
-        inside.n, inside.top_contexts()[0], inside.tokens, inside.top_trees()[0], inside.gain, inside.p,
+        inside.n, inside.top_contexts()[0], inside.tokens, inside.top_trees()[0], inside.p,
         rest.n, rest.top_contexts()[0], rest.tokens, rest.top_trees()[0], rest.p, rest.pw,
     )
 
@@ -293,11 +322,25 @@ def choose_batch(cands: list[Candidate], cost: CostModel, settings: SchedulerSet
         if search.fits(c):
             search.take(c)
 
-    # 2. Greedy: the highest (priority, marginal gain) among the candidates that improve the score; with a
+    # 2. Greedy: the highest (priority, marginal gain) among the candidates that keep or raise the score; with a
     #    padded engine first among those no larger than the best largest tree (see _largest_tree), then among
     #    all, so that no single addition improves the result either way.
-    for largest in dict.fromkeys((_largest_tree(cands, forced, cost, settings), max(c.tree_tokens for c in cands))):
+    biggest = max(c.tree_tokens for c in cands)
+    for largest in dict.fromkeys((_largest_tree(cands, forced, cost, settings), biggest)):
         search.greedy(largest)
+    # 3. From the other side: everyone (if everyone fits), then whoever's leaving improves the score most,
+    #    while one does. Adding one at a time can miss the split that leaves one costly candidate behind
+    #    (its context or its tree would pad every row): the first additions make the rest cheaper by taking
+    #    it. The better of the two batches goes, polished by the greedy additions.
+    fed_all = cost.fed(len(cands), sum(c.tree_tokens for c in cands), biggest)
+    if len(cands) <= settings.max_batch and fed_all <= settings.token_cap:
+        pruned = _Search(cands, cost, settings)
+        for c in cands:
+            pruned.take(c)
+        pruned.prune({c.rid for c in forced})
+        pruned.greedy(biggest)
+        if pruned.score() > search.score():
+            search = pruned
     log.debug("scheduled %d of %d candidates (%d tokens): %s", search.chosen.n, len(cands), search.chosen.tokens,
               search.order)
     return search.order
@@ -326,13 +369,42 @@ class _Search:
         self.top = (max(self.top[0], c.context), max(self.top[1], c.tree_tokens))
         self.order.append(c.rid)
 
+    def score(self) -> float:
+        chosen, rest = self.chosen, self.rest
+        return self.obj.score(
+            chosen.n, self.top[0], chosen.tokens, self.top[1], chosen.p,
+            rest.n, rest.top_contexts()[0], rest.tokens, rest.top_trees()[0], rest.p, rest.pw,
+        )
+
+    def prune(self, keep: set[str]) -> None:
+        """Move the chosen candidate whose leaving improves the score most to the rest, while one does
+        (the ``keep`` ones stay; so does the last one)."""
+        chosen, rest, obj = self.chosen, self.rest, self.obj
+        while chosen.n > 1:
+            current = self.score()
+            top = (chosen.top_contexts(), chosen.top_trees())
+            rest_top = (rest.top_contexts()[0], rest.top_trees()[0])
+            best, best_c = 0.0, None
+            for c in chosen.members.values():
+                if c.rid in keep:
+                    continue
+                gain = _score_without(obj, chosen, top, rest, rest_top, c) - current
+                if gain > best:
+                    best, best_c = gain, c
+            if best_c is None:
+                break
+            chosen.remove(best_c)
+            rest.add(best_c)
+            self.order.remove(best_c.rid)
+            self.top = (chosen.top_contexts()[0], chosen.top_trees()[0])
+
     def greedy(self, largest: int) -> None:
         """Take candidates no larger than ``largest`` while one improves the score, best first."""
         chosen, rest, obj = self.chosen, self.rest, self.obj
         while chosen.n < self.settings.max_batch and rest.n:
             ctx, tree = self.top
             current = obj.score(
-                chosen.n, ctx, chosen.tokens, tree, chosen.gain, chosen.p,
+                chosen.n, ctx, chosen.tokens, tree, chosen.p,
                 rest.n, rest.top_contexts()[0], rest.tokens, rest.top_trees()[0], rest.p, rest.pw,
             )
             top = (rest.top_contexts(), rest.top_trees())
@@ -342,11 +414,11 @@ class _Search:
                 if c.tree_tokens > largest or not self.fits(c):
                     continue
                 after = _score_with(obj, chosen, self.top, rest, top, c)
-                if chosen.n == 0:
-                    gain = after  # the first pick always goes: rank by the score itself
+                if chosen.n == 0:  # the first pick always goes: the most tokens per ms alone
+                    gain = c.expected_tokens / obj.v(1, c.context, c.tree_tokens, c.tree_tokens)
                 else:
                     gain = after - current
-                    if not gain > 0:
+                    if gain < -1e-9 * abs(current):  # a tie serves it now: the rest waits less
                         continue
                 key = (c.priority, gain)
                 if best is None or key > best:
@@ -381,11 +453,14 @@ def hold_ms(ready: list[Candidate], coming: list[tuple[Candidate, float]], cost:
             settings: SchedulerSettings | None = None) -> float:
     """How long to hold the next pass for drafts still on their way (0 = verify now).
 
-    ``coming`` pairs a request whose draft has not arrived with the ms until it is expected. Verifying now
-    commits ``E(ready)`` tokens in ``V(ready)`` ms; holding ``t`` ms for the drafts due by then commits
-    ``E(ready) + E(due)`` in ``t + V(ready + due)`` ms. Hold for the arrival time that gives the most tokens
-    per ms, if that beats going now: a forward whose cost hardly grows with the batch (a large target on a
-    GPU) is worth waiting a little to fill; one that grows with every token (a small one on a CPU) is not.
+    ``coming`` pairs a request whose draft has not arrived with the ms until it is expected. Going now, the
+    drafts due by ``t`` are verified in the next pass: both are done at ``max(V(ready), t) + V(due)``.
+    Holding ``t`` ms for them, at ``t + V(ready + due)``. Hold for the arrival time that finishes soonest, if
+    that beats going now: only a pass that hardly grows with the batch (a large target on a GPU, whose
+    fixed cost a second pass pays again) is worth waiting for; one that grows with every token (a small
+    target on a CPU) saves at most its fixed cost minus the wait. (Comparing this pass's tokens per ms with
+    and without the wait instead counts the idle verifier as the only cost, as if going now lost the due
+    drafts: it held CPU passes up to ``max_hold_ms`` for drafts the next pass would have taken.)
     Never held: with nothing ready (the caller blocks anyway), with an urgent or starving candidate ready,
     past ``max_hold_ms``, or when the batch is already full.
     """
@@ -394,19 +469,26 @@ def hold_ms(ready: list[Candidate], coming: list[tuple[Candidate, float]], cost:
         return 0.0
     if any(is_urgent(c, settings) or is_starving(c, settings) for c in ready):
         return 0.0
-    n, ctx, largest = len(ready), max(c.context for c in ready), max(c.tree_tokens for c in ready)
-    tokens, gain = sum(c.tree_tokens for c in ready), sum(c.expected_tokens for c in ready)
+    n, ctx, largest, tokens = len(ready), max(c.context for c in ready), max(c.tree_tokens for c in ready), \
+        sum(c.tree_tokens for c in ready)
     if n >= settings.max_batch or cost.fed(n, tokens, largest) >= settings.token_cap:
         return 0.0
-    best_rate, best_wait = gain / max(cost.verify_ms(n, ctx, cost.fed(n, tokens, largest)), _MIN_MS), 0.0
+
+    def v(n: int, ctx: int, tokens: int, largest: int) -> float:
+        return max(cost.verify_ms(n, ctx, cost.fed(n, tokens, largest)), _MIN_MS)
+
+    now_ms = v(n, ctx, tokens, largest)
+    due = [0, 0, 0, 0]  # the due drafts alone: n, context, tokens, largest tree
+    best_saving, best_wait = 0.0, 0.0
     for cand, eta in sorted(coming, key=lambda x: x[1]):
         eta = max(0.0, eta)
         fed = cost.fed(n + 1, tokens + cand.tree_tokens, max(largest, cand.tree_tokens))
         if eta > settings.max_hold_ms or n >= settings.max_batch or fed > settings.token_cap:
             break
-        n, ctx, largest = n + 1, max(ctx, cand.context), max(largest, cand.tree_tokens)
-        tokens, gain = tokens + cand.tree_tokens, gain + cand.expected_tokens
-        rate = gain / (eta + max(cost.verify_ms(n, ctx, fed), _MIN_MS))
-        if rate > best_rate:
-            best_rate, best_wait = rate, eta
+        n, ctx, largest, tokens = n + 1, max(ctx, cand.context), max(largest, cand.tree_tokens), \
+            tokens + cand.tree_tokens
+        due = [due[0] + 1, max(due[1], cand.context), due[2] + cand.tree_tokens, max(due[3], cand.tree_tokens)]
+        saving = max(now_ms, eta) + v(*due) - (eta + v(n, ctx, tokens, largest))
+        if saving > best_saving:
+            best_saving, best_wait = saving, eta
     return best_wait
