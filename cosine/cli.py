@@ -170,7 +170,7 @@ def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, m
               help="Closed-loop concurrency levels.")
 @click.option("--rates", type=(float, float), default=(1.0, 8.0), show_default=True,
               help="Low and high Poisson arrival rates (requests/s); the fluctuating run alternates them.")
-@click.option("--requests-per-client", type=click.IntRange(1), default=2, show_default=True,
+@click.option("--requests-per-client", type=click.IntRange(1), default=6, show_default=True,
               help="Closed loop: requests each client sends (at least 6 per run in all).")
 @click.option("--open-requests", type=int, default=24, show_default=True, help="Requests per open-loop run.")
 @click.option("--fluctuating-requests", type=click.IntRange(1), default=144, show_default=True,
