@@ -214,9 +214,8 @@ class _Objective:
         base = settings.priority_base
         self.weight = lambda c: base ** max(-64, min(64, c.priority))
         everyone = _Set(cands, self.weight)
-        v_all = self.v(everyone.n, max(c.context for c in cands), everyone.tokens, everyone.top_trees()[0])
-        self.v_all = v_all
-        self.lat_ref = max(everyone.pw + everyone.p * v_all, 1e-12)
+        self.v_all = self.v(everyone.n, max(c.context for c in cands), everyone.tokens, everyone.top_trees()[0])
+        self.lat_ref = max(everyone.pw + everyone.p * self.v_all, 1e-12)
 
     def v(self, n: int, context: int, tokens: int, largest: int) -> float:
         if not n:
@@ -399,25 +398,20 @@ class _Search:
             self.top = (chosen.top_contexts()[0], chosen.top_trees()[0])
 
     def greedy(self, largest: int) -> None:
-        """Take candidates no larger than ``largest`` while one improves the score, best first."""
+        """Take candidates no larger than ``largest`` while one keeps or raises the score, best first."""
         chosen, rest, obj = self.chosen, self.rest, self.obj
         while chosen.n < self.settings.max_batch and rest.n:
-            ctx, tree = self.top
-            current = obj.score(
-                chosen.n, ctx, chosen.tokens, tree, chosen.p,
-                rest.n, rest.top_contexts()[0], rest.tokens, rest.top_trees()[0], rest.p, rest.pw,
-            )
+            current = self.score()
             top = (rest.top_contexts(), rest.top_trees())
             best: tuple[int, float] | None = None
             best_c: Candidate | None = None
             for c in rest.members.values():
                 if c.tree_tokens > largest or not self.fits(c):
                     continue
-                after = _score_with(obj, chosen, self.top, rest, top, c)
                 if chosen.n == 0:  # the first pick always goes: the most tokens per ms alone
                     gain = c.expected_tokens / obj.v(1, c.context, c.tree_tokens, c.tree_tokens)
                 else:
-                    gain = after - current
+                    gain = _score_with(obj, chosen, self.top, rest, top, c) - current
                     if gain < -1e-9 * abs(current):  # a tie serves it now: the rest waits less
                         continue
                 key = (c.priority, gain)
