@@ -177,17 +177,22 @@ def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, m
               help="Requests in the fluctuating open-loop run (about four low/high cycles).")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--k", type=int, default=4, show_default=True, help="k where speculation length is fixed.")
+@click.option("--repeats", type=click.IntRange(0), default=3, show_default=True,
+              help="After the sweep, run the c=8 and the fluctuating comparisons again this many times per "
+                   "system, alternated on fresh deployments, against the machine's drift; their targets use "
+                   "these runs (0: the sweep's cells).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
 def bench_ablation(zoo_path, systems, concurrency, rates, requests_per_client, open_requests, fluctuating_requests,
-                   max_new_tokens, k, out, update_readme) -> None:
+                   max_new_tokens, k, repeats, out, update_readme) -> None:
     """Full CoSine vs each mechanism switched off, plain distributed speculative decoding (one fixed
     drafter, fixed k), the coupled single-process path and target-only, under closed-loop and Poisson load."""
     from cosine.bench.ablation import AblationConfig, ablation_markdown, ablation_plots, run_ablation
 
     cfg = AblationConfig(zoo=zoo_path, concurrency=tuple(concurrency), rates=tuple(rates),
                          requests_per_client=requests_per_client, open_requests=open_requests,
-                         fluctuating_requests=fluctuating_requests, max_new_tokens=max_new_tokens, k=k)
+                         fluctuating_requests=fluctuating_requests, max_new_tokens=max_new_tokens, k=k,
+                         repeats=repeats)
     if systems:
         cfg.systems = tuple(systems)
     payload = run_ablation(cfg)
@@ -226,15 +231,20 @@ def bench_cross_fusion(zoo_path, systems, concurrency, max_new_tokens, out, upda
 @click.option("--requests", type=int, default=48, show_default=True, help="Requests per run.")
 @click.option("--time-scale", type=float, default=1.0, show_default=True,
               help="Scale every simulated forward (timings mean something only at 1).")
+@click.option("--repeats", type=click.IntRange(0), default=3, show_default=True,
+              help="After the sweep, run the c=8 and the fluctuating comparisons again this many times per "
+                   "system, alternated on fresh deployments, against the machine's drift; their targets use "
+                   "these runs (0: the sweep's cells).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
-def bench_sim(verifiers, drafters, systems, concurrency, rates, requests, time_scale, out, update_readme) -> None:
+def bench_sim(verifiers, drafters, systems, concurrency, rates, requests, time_scale, repeats, out,
+              update_readme) -> None:
     """The ablation table at cluster scale: real workers, Redis, controller and policies in one process,
     model forwards replaced by cost models (a 70B target on 4xA100, 68M drafters on consumer GPUs)."""
     from cosine.bench.sim_bench import SimBenchConfig, run_sim_bench, sim_markdown
 
     cfg = SimBenchConfig(verifiers=verifiers, drafters=drafters, concurrency=tuple(concurrency), rates=tuple(rates),
-                         requests=requests, time_scale=time_scale)
+                         requests=requests, time_scale=time_scale, repeats=repeats)
     if systems:
         cfg.systems = tuple(systems)
     payload = run_sim_bench(cfg)

@@ -24,6 +24,7 @@ import logging
 import math
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
@@ -38,6 +39,8 @@ from cosine.bench.e2e_bench import (
     summarize,
     worker_counters,
 )
+from cosine.bench.repeats import C8, FIXED_K, FLUCTUATING, _get, pooled_by_pair, rivals, run_repeats
+from cosine.bench.repeats import ratio as _ratio
 from cosine.bench.report import environment
 from cosine.bench.timing import RequestTiming, poisson_arrivals
 from cosine.engine.sequence import SpecStats
@@ -81,6 +84,9 @@ class AblationConfig:
     # 75-119 ms), and the rate switches at least three times, which a run of open_requests would not.
     fluctuating_requests: int = 144
     fluctuate_s: float = 4.0
+    # After the sweep, the c=8 and the fluctuating comparisons run again this many times per system,
+    # alternated on fresh deployments (cosine.bench.repeats); their targets use these runs. 0: the sweep's.
+    repeats: int = 3
     max_new_tokens: int = 48
     k: int = 4
     plain_drafter: str | None = None  # plain-dsd's fixed drafter; default: the zoo's best on average
@@ -133,19 +139,20 @@ def _workloads(cfg: AblationConfig) -> list[tuple[str, object]]:
                                         cfg.fluctuating_requests))])
 
 
-def _run_workload(url: str, zoo, cfg: AblationConfig, load, params: SamplingParams) -> dict:
+def _run_workload(url: str, zoo, cfg: AblationConfig, load, params: SamplingParams, seed: int) -> dict:
     if isinstance(load, int):
         n = max(cfg.min_requests, cfg.requests_per_client * load)
         return run_pipeline(url, mixed_prompts(zoo, n), load, params)
     rate_at, n = load
-    return run_open_loop(url, mixed_prompts(zoo, n), rate_at, params, cfg.seed)
+    return run_open_loop(url, mixed_prompts(zoo, n), rate_at, params, seed)
 
 
-def run_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
+@contextmanager
+def _deployed(name: str, cfg: AblationConfig, zoo):
+    """A fresh local deployment of one system, warmed up."""
     from cosine.deployment import Deployment, WorkerSpec
 
     v_args, d_args, controller = SYSTEMS[name]
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, ignore_eos=True)
     if name == "plain-dsd":
         one = cfg.plain_drafter or best_single_drafter(zoo)
         d_args = [*d_args, "--model", f"{one}={paths.drafter_dir(one, zoo)}"]
@@ -153,25 +160,51 @@ def run_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
              WorkerSpec("drafter", "drafter-0", d_args, cfg.worker_threads)]
     if controller:
         specs.append(WorkerSpec("controller", "controller-0", []))
-    rows = []
     with Deployment(specs, device="cpu", dtype="float32", zoo=cfg.zoo) as dep:
         run_pipeline(dep.url, mixed_prompts(zoo, 4), 2, SamplingParams(max_new_tokens=8))  # warm-up
+        yield dep
+
+
+def _measure(url: str, zoo, cfg: AblationConfig, load, seed: int) -> dict:
+    """One workload on a running deployment, with the worker counters that explain it."""
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, ignore_eos=True)
+    before = worker_counters(url)
+    row = _run_workload(url, zoo, cfg, load, params, seed)
+    after = worker_counters(url)
+    v0, v1 = before.get("verifier-0", {}), after.get("verifier-0", {})
+    d0, d1 = before.get("drafter-0", {}), after.get("drafter-0", {})
+    row.update({
+        "lookahead_hits": int(delta(d0, d1, "lookahead_hits")),
+        "lookahead_misses": int(delta(d0, d1, "lookahead_misses")),
+        "late_drafts": int(delta(v0, v1, "late_drafts")),
+        "control_version": int(v1.get("control_version", 0) or 0),
+    })
+    return row
+
+
+def run_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
+    rows = []
+    with _deployed(name, cfg, zoo) as dep:
         for label, load in _workloads(cfg):
             bar.set_postfix_str(f"{name}: {label}")
-            before = worker_counters(dep.url)
-            row = _run_workload(dep.url, zoo, cfg, load, params)
-            after = worker_counters(dep.url)
-            v0, v1 = before.get("verifier-0", {}), after.get("verifier-0", {})
-            d0, d1 = before.get("drafter-0", {}), after.get("drafter-0", {})
-            row.update({
-                "lookahead_hits": int(delta(d0, d1, "lookahead_hits")),
-                "lookahead_misses": int(delta(d0, d1, "lookahead_misses")),
-                "late_drafts": int(delta(v0, v1, "late_drafts")),
-                "control_version": int(v1.get("control_version", 0) or 0),
-            })
-            rows.append({"system": name, "workload": label, **row})
+            rows.append({"system": name, "workload": label, **_measure(dep.url, zoo, cfg, load, cfg.seed)})
             bar.update(1)
     return rows
+
+
+def run_head_to_head(results: list[dict], cfg: AblationConfig, zoo, bar) -> list[dict]:
+    """The sweep's drift-prone comparisons again, alternated on fresh deployments (cosine.bench.repeats);
+    open-loop repeat ``r`` draws its arrivals with seed ``cfg.seed + 1 + r``."""
+    pairs = rivals(results)
+    bar.total += 2 * cfg.repeats * len(pairs)
+    loads = dict(_workloads(cfg))
+
+    def measure(system: str, workload: str, r: int) -> dict:
+        bar.set_postfix_str(f"repeat {r + 1}/{cfg.repeats} {system}: {workload}")
+        with _deployed(system, cfg, zoo) as dep:
+            return _measure(dep.url, zoo, cfg, loads[workload], cfg.seed + 1 + r)
+
+    return run_repeats(pairs, cfg.repeats, measure, on_run=lambda: bar.update(1))
 
 
 def run_inprocess_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
@@ -207,26 +240,23 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     results: list[dict] = []
     for name in cfg.systems:
         results += (run_inprocess_system if name in IN_PROCESS else run_system)(name, cfg, zoo, bar)
+    repeats = run_head_to_head(results, cfg, zoo, bar) if cfg.repeats else []
     bar.close()
     return {
         "benchmark": "ablation",
         "environment": environment(),
         "config": {**asdict(cfg), "zoo": str(zoo), "plain_drafter": cfg.plain_drafter or best_single_drafter(zoo)},
         "results": results,
-        "targets": ablation_targets(results, cfg),
+        "repeats": repeats,
+        "targets": ablation_targets(results, cfg, repeats),
     }
 
 
-def _get(results: list[dict], system: str, workload: str, key: str):
-    return next((r.get(key) for r in results if r["system"] == system and r["workload"] == workload), None)
+def ablation_targets(results: list[dict], cfg: AblationConfig, repeats: list[dict] | None = None) -> dict:
+    """The issue's targets, checked on this run's numbers (mean acceptance length pooled over workloads).
 
-
-def _ratio(a, b) -> float | None:
-    return round(a / b, 3) if a and b else None
-
-
-def ablation_targets(results: list[dict], cfg: AblationConfig) -> dict:
-    """The issue's targets, checked on this run's numbers (mean acceptance length pooled over workloads)."""
+    Throughput at c=8 and adaptive control under fluctuating load use the head-to-head ``repeats`` where
+    they hold both systems (pooled, :mod:`cosine.bench.repeats`), else the sweep's cells."""
     def mal(system: str) -> float | None:
         vals = [r["mean_acceptance_length"] for r in results if r["system"] == system and r["mean_acceptance_length"]]
         return sum(vals) / len(vals) if vals else None
@@ -241,27 +271,46 @@ def ablation_targets(results: list[dict], cfg: AblationConfig) -> dict:
         v = _ratio(full, no_fusion)
         out["fusion_acceptance_gain"] = {"value": v, "target": 1.1, "met": v >= 1.1,
                                          "what": "mean acceptance length, with fusion / without"}
-    fl = "poisson fluctuating"
-    fixed = [n for n in ("no-adaptive", "fixed-k2", "fixed-k6", "fixed-k8") if _get(results, n, fl, "throughput_tok_s")]
-    a_tp, a_p99 = _get(results, "cosine", fl, "throughput_tok_s"), _get(results, "cosine", fl, "tpot_p99_ms")
-    if fixed and a_tp and a_p99:
-        best_tp = max(_get(results, n, fl, "throughput_tok_s") for n in fixed)
-        best_p99 = min(_get(results, n, fl, "tpot_p99_ms") or math.inf for n in fixed)
-        out["adaptive_fluctuating"] = {
-            "value": f"{_ratio(a_tp, best_tp)}x throughput, {_ratio(a_p99, best_p99)}x p99",
-            "target": "> 1x throughput, < 1x p99", "met": a_tp > best_tp and a_p99 < best_p99,
-            "what": f"adaptive vs the best fixed k ({', '.join(fixed)}) under fluctuating load"}
+    pools = pooled_by_pair(repeats or [])
+
+    def pair(system: str, rival: str, workload: str) -> tuple[dict, dict, int]:
+        """The two systems' numbers on ``workload`` and the runs behind each: pooled repeats where both have
+        them, else the sweep's cells (0 runs)."""
+        if (system, workload) in pools and (rival, workload) in pools:
+            return pools[(system, workload)], pools[(rival, workload)], pools[(system, workload)]["runs"]
+        cells = [{key: _get(results, s, workload, key) for key in ("throughput_tok_s", "tpot_p99_ms")}
+                 for s in (system, rival)]
+        return cells[0], cells[1], 0
+
+    def how(runs: int) -> str:
+        return f"{runs} alternated runs each, pooled" if runs else "the sweep's cells"
+
+    fixed = [n for n in FIXED_K if _get(results, n, FLUCTUATING, "throughput_tok_s")]
+    rival = next((r for w, _, r in rivals(results) if w == FLUCTUATING), None)
+    if rival is not None:
+        a, b, runs = pair("cosine", rival, FLUCTUATING)
+        if runs:
+            against = f"{rival}, the sweep's lowest p99 of {', '.join(fixed)}; {how(runs)}"
+        else:  # the best fixed length per metric, each
+            b = {"throughput_tok_s": max(_get(results, n, FLUCTUATING, "throughput_tok_s") for n in fixed),
+                 "tpot_p99_ms": min(_get(results, n, FLUCTUATING, "tpot_p99_ms") or math.inf for n in fixed)}
+            against = f"the best of {', '.join(fixed)} per metric, {how(runs)}"
+        tp, p99 = _ratio(a["throughput_tok_s"], b["throughput_tok_s"]), _ratio(a["tpot_p99_ms"], b["tpot_p99_ms"])
+        if tp and p99:
+            out["adaptive_fluctuating"] = {
+                "value": f"{tp}x throughput, {p99}x p99", "target": "> 1x throughput, < 1x p99",
+                "met": tp > 1 and p99 < 1,
+                "what": f"adaptive vs the best fixed k under fluctuating load ({against})"}
     la, pl = _get(results, "cosine", "closed c=1", "tpot_p50_ms"), _get(results, "plain-dsd", "closed c=1", "tpot_p50_ms")
     if la and pl:
         v = _ratio(la, pl)
         out["lookahead_latency_c1"] = {"value": v, "target": 0.75, "met": v <= 0.75,
                                        "what": "per-token latency p50 at c=1, CoSine / plain DSD"}
-    c8 = "closed c=8"
-    full8, plain8 = _get(results, "cosine", c8, "throughput_tok_s"), _get(results, "plain-dsd", c8, "throughput_tok_s")
-    if full8 and plain8:
-        v = _ratio(full8, plain8)
+    a, b, runs = pair("cosine", "plain-dsd", C8)
+    v = _ratio(a["throughput_tok_s"], b["throughput_tok_s"])
+    if v:
         out["throughput_c8"] = {"value": v, "target": 1.3, "met": v >= 1.3,
-                                "what": "throughput at c=8, CoSine / plain DSD"}
+                                "what": f"throughput at c=8, CoSine / plain DSD ({how(runs)})"}
     return out
 
 
@@ -285,6 +334,8 @@ def ablation_markdown(payload: dict, note: bool = True) -> str:
                 for k, v in payload["targets"].items()])
     tables = (f"Throughput (tokens/s)\n\n{tp}\n\nPer-token latency p50 / p99 (ms)\n\n{lat}\n\n"
               f"Mean acceptance length\n\n{mal}\n\n{tg}")
+    if payload.get("repeats"):
+        tables += "\n\n" + repeats_markdown(payload["repeats"])
     if not note:
         return f"{tables}\n\ngit {env['git_sha']}, {env['time']}."
     text = (f"{cfg['max_new_tokens']} new tokens per request (greedy, end-of-text ignored), mixed-domain held-out "
@@ -297,6 +348,18 @@ def ablation_markdown(payload: dict, note: bool = True) -> str:
             f"{cfg['inproc_threads']} threads; {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}; "
             f"git {env['git_sha']}, {env['time']}.")
     return f"{tables}\n\n{text}"
+
+
+def repeats_markdown(rows: list[dict]) -> str:
+    """The head-to-head repeats: each run's throughput and p99, and the pooled numbers the targets use."""
+    body = [[w, s, str(p["runs"]), ", ".join(f"{v:.0f}" for v in p["runs_tok_s"]), f"{p['throughput_tok_s']:.0f}",
+             ", ".join("—" if v is None else f"{v:.0f}" for v in p["runs_p99_ms"]),
+             f"{p['tpot_p50_ms']:.0f} / {p['tpot_p99_ms']:.0f}" if p["tpot_p99_ms"] is not None else "—"]
+            for (s, w), p in pooled_by_pair(rows).items()]
+    return ("Head-to-head repeats (after the sweep; the two systems alternated on fresh deployments, new arrivals "
+            "per open-loop repeat, the same for both)\n\n"
+            + table(["workload", "system", "runs", "tokens/s per run", "tokens/s pooled", "p99 per run (ms)",
+                     "p50 / p99 pooled (ms)"], body))
 
 
 def ablation_plots(payload: dict, out_png: str) -> None:

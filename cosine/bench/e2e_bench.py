@@ -67,6 +67,7 @@ def summarize(timings: list[RequestTiming], wall: float, stats: SpecStats) -> di
         "tpot_p99_ms": round(1000 * percentile(tpots, 0.99), 2) if tpots else None,
         "mean_acceptance_length": round(stats.mean_acceptance_length, 3) if stats.drafts else None,
         "acceptance_rate": round(stats.acceptance_rate, 3) if stats.drafts else None,
+        "tpots_ms": sorted(round(1000 * t, 2) for t in tpots),  # every request's, for pooling across runs
     }
 
 

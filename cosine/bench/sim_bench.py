@@ -9,11 +9,13 @@ Every output is checked against the simulated target's own continuation (lossles
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
 from cosine.bench.ablation import ablation_targets
+from cosine.bench.repeats import rivals, run_repeats
 from cosine.bench.report import environment
 from cosine.local_redis import LocalRedis
 from cosine.service.steering import Switches
@@ -48,6 +50,7 @@ class SimBenchConfig:
     fluctuating_requests: int = 96  # enough for the rate to switch at least three times
     max_new_tokens: int = 64
     k: int = 4
+    repeats: int = 3  # head-to-head repeats of the c=8 and fluctuating comparisons (cosine.bench.repeats)
     plain_expert: str = "prose"  # the zoo's best single drafter averaged over domains
     time_scale: float = 1.0
 
@@ -61,37 +64,63 @@ def _workloads(cfg: SimBenchConfig) -> list[tuple[str, dict]]:
                                         "n": cfg.fluctuating_requests})])
 
 
-def run_sim_bench(cfg: SimBenchConfig, progress: bool = True) -> dict:
+@contextmanager
+def _cluster(name: str, cfg: SimBenchConfig, redis_url: str):
+    """A fresh simulated cluster of one system, warmed up; yields it and the request fields it needs."""
     from cosine.sim.cluster import SimCluster, run_workload
 
+    switches, lookahead, controller, fixed, k = SIM_SYSTEMS[name]
+    experts = (cfg.plain_expert,) if fixed else ("code", "prose", "records")
+    cluster = SimCluster(redis_url, verifiers=cfg.verifiers, drafters=cfg.drafters,
+                         experts_per_drafter=experts, verifier_switches=switches, controller=controller,
+                         time_scale=cfg.time_scale, verifier_settings={"k": k or cfg.k},
+                         drafter_settings={"lookahead": lookahead})
+    request = {"speculation": "off"} if name == "target-only" else {}
+    with cluster:
+        run_workload(cluster, 4, concurrency=2, max_new_tokens=8, **request)  # warm-up
+        yield cluster, request
+
+
+def _run(cluster, cfg: SimBenchConfig, load: dict, request: dict, seed: int = 0) -> dict:
+    from cosine.sim.cluster import run_workload
+
+    kw = {"concurrency": load["concurrency"]} if "concurrency" in load else {"rate": load["rate"]}
+    row = run_workload(cluster, load["n"], max_new_tokens=cfg.max_new_tokens, seed=seed, **kw, **request)
+    row.pop("cluster", None)
+    return row
+
+
+def run_sim_bench(cfg: SimBenchConfig, progress: bool = True) -> dict:
     plan = _workloads(cfg)
     bar = tqdm(total=len(cfg.systems) * len(plan), desc="sim", unit="run", disable=not progress)
     results: list[dict] = []
     with LocalRedis() as srv:
         for name in cfg.systems:
-            switches, lookahead, controller, fixed, k = SIM_SYSTEMS[name]
-            experts = (cfg.plain_expert,) if fixed else ("code", "prose", "records")
-            cluster = SimCluster(srv.url, verifiers=cfg.verifiers, drafters=cfg.drafters,
-                                 experts_per_drafter=experts, verifier_switches=switches, controller=controller,
-                                 time_scale=cfg.time_scale, verifier_settings={"k": k or cfg.k},
-                                 drafter_settings={"lookahead": lookahead})
-            request = {"speculation": "off"} if name == "target-only" else {}
-            with cluster:
-                run_workload(cluster, 4, concurrency=2, max_new_tokens=8, **request)  # warm-up
+            with _cluster(name, cfg, srv.url) as (cluster, request):
                 for label, load in plan:
                     bar.set_postfix_str(f"{name}: {label}")
-                    kw = {"concurrency": load["concurrency"]} if "concurrency" in load else {"rate": load["rate"]}
-                    row = run_workload(cluster, load["n"], max_new_tokens=cfg.max_new_tokens, **kw, **request)
-                    row.pop("cluster", None)
-                    results.append({"system": name, "workload": label, **row})
+                    results.append({"system": name, "workload": label, **_run(cluster, cfg, load, request)})
                     bar.update(1)
+        # The drift-prone comparisons again, alternated on fresh clusters (cosine.bench.repeats); repeat r
+        # draws its prompts and arrivals with seed 1 + r.
+        pairs = rivals(results) if cfg.repeats else []
+        bar.total += 2 * cfg.repeats * len(pairs)
+        loads = dict(plan)
+
+        def measure(system: str, workload: str, r: int) -> dict:
+            bar.set_postfix_str(f"repeat {r + 1}/{cfg.repeats} {system}: {workload}")
+            with _cluster(system, cfg, srv.url) as (cluster, request):
+                return _run(cluster, cfg, loads[workload], request, seed=1 + r)
+
+        repeats = run_repeats(pairs, cfg.repeats, measure, on_run=lambda: bar.update(1))
     bar.close()
     return {
         "benchmark": "sim",
         "environment": environment(),
         "config": asdict(cfg),
         "results": results,
-        "targets": ablation_targets(results, cfg),  # type: ignore[arg-type]
+        "repeats": repeats,
+        "targets": ablation_targets(results, cfg, repeats),  # type: ignore[arg-type]
     }
 
 

@@ -349,6 +349,7 @@ def run_workload(cluster: SimCluster, n_requests: int, concurrency: int | None =
         "ttft_p50_ms": _ms(statistics.median(ttfts)) if ttfts else None,
         "tpot_p50_ms": _ms(percentile(tpots, 0.5)) if tpots else None,
         "tpot_p99_ms": _ms(percentile(tpots, 0.99)) if tpots else None,
+        "tpots_ms": sorted(_ms(t) for t in tpots),  # every request's, for pooling across runs
         "mean_acceptance_length": round(total.mean_acceptance_length, 3) if total.drafts else None,
         "acceptance_rate": round(total.acceptance_rate, 3) if total.drafts else None,
         "plain_steps": total.plain_steps,

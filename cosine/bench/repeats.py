@@ -1,0 +1,90 @@
+"""Head-to-head repeats: the two comparisons a drift of the machine can tip, measured again, alternated.
+
+An ablation sweep runs its systems one after another for about half an hour, and a shared machine's speed
+drifts over that time (here a single-thread matmul timed between runs took 114-176 µs): the system run
+first and the one run near the end meet different machines. Two full sweeps of the same code put CoSine
+at concurrency 8 at 1.69x and at 1.28x plain DSD. So after the sweep each such target's two systems run
+its workload again, ``repeats`` times each, alternated A B, B A, A B ... on fresh deployments, so that a
+drift hits both alike; open-loop repeats draw new arrivals per repeat, the same draws for both systems.
+The targets are computed from these runs, pooled: tokens over wall time summed, percentiles over every
+request of every repeat.
+
+Standard library only (the cluster simulation uses the same pooling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from cosine.bench.timing import percentile
+from cosine.errors import InvalidParameterError
+
+FIXED_K = ("no-adaptive", "fixed-k2", "fixed-k6", "fixed-k8")  # the fixed speculation lengths adaptive must beat
+C8, FLUCTUATING = "closed c=8", "poisson fluctuating"
+
+
+def _get(results: list[dict], system: str, workload: str, key: str):
+    return next((r.get(key) for r in results if r["system"] == system and r["workload"] == workload), None)
+
+
+def rivals(results: list[dict]) -> list[tuple[str, str, str]]:
+    """The ``(workload, system, rival)`` pairs to repeat, from the sweep's ``results``: CoSine against plain
+    DSD at concurrency 8, and CoSine against the fixed length with the sweep's lowest p99 under fluctuating
+    load (the sweep's pick; the repeats then measure the two afresh, free of the luck that made it the best)."""
+    pairs = []
+    if _get(results, "cosine", C8, "tokens") and _get(results, "plain-dsd", C8, "tokens"):
+        pairs.append((C8, "cosine", "plain-dsd"))
+    fixed = [n for n in FIXED_K if _get(results, n, FLUCTUATING, "tpot_p99_ms")]
+    if fixed and _get(results, "cosine", FLUCTUATING, "tokens"):
+        pairs.append((FLUCTUATING, "cosine", min(fixed, key=lambda n: _get(results, n, FLUCTUATING, "tpot_p99_ms"))))
+    return pairs
+
+
+def alternated(a: str, b: str, repeats: int) -> list[tuple[int, str]]:
+    """``(repeat, system)`` in run order: A B, B A, A B, ..."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
+        raise InvalidParameterError("repeats", f"must be an integer >= 0, got {repeats!r}")
+    return [(r, s) for r in range(repeats) for s in ((a, b) if r % 2 == 0 else (b, a))]
+
+
+def run_repeats(pairs: list[tuple[str, str, str]], repeats: int,
+                measure: Callable[[str, str, int], dict], on_run: Callable[[], None] | None = None) -> list[dict]:
+    """Run every pair's two systems alternated; ``measure(system, workload, repeat)`` returns one run's row
+    (with ``tokens``, ``wall_s`` and ``tpots_ms``). Returns the rows, each marked with its system, workload
+    and repeat."""
+    rows = []
+    for workload, a, b in pairs:
+        for r, system in alternated(a, b, repeats):
+            rows.append({"system": system, "workload": workload, "repeat": r, **measure(system, workload, r)})
+            if on_run is not None:
+                on_run()
+    return rows
+
+
+def pooled(rows: list[dict]) -> dict:
+    """One system's repeats of one workload as one sample: throughput = tokens / wall time, both summed
+    (not a mean of ratios), and per-token latency percentiles over every request of every run."""
+    tokens = sum(r["tokens"] for r in rows)
+    wall = sum(r["wall_s"] for r in rows)
+    tpots = [t for r in rows for t in r.get("tpots_ms") or []]
+    p50, p99 = percentile(tpots, 0.5), percentile(tpots, 0.99)
+    return {
+        "runs": len(rows),
+        "requests": sum(r["requests"] for r in rows),
+        "throughput_tok_s": round(tokens / wall, 2) if wall else 0.0,
+        "runs_tok_s": [r["throughput_tok_s"] for r in rows],
+        "tpot_p50_ms": None if p50 is None else round(p50, 2),
+        "tpot_p99_ms": None if p99 is None else round(p99, 2),
+        "runs_p99_ms": [r["tpot_p99_ms"] for r in rows],
+    }
+
+
+def pooled_by_pair(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """``(system, workload)`` -> :func:`pooled` over its repeats."""
+    keys = list(dict.fromkeys((r["system"], r["workload"]) for r in rows))
+    return {k: pooled([r for r in rows if (r["system"], r["workload"]) == k]) for k in keys}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b and math.isfinite(a) and math.isfinite(b) else None
