@@ -16,6 +16,10 @@ concurrency levels, and open loop with Poisson arrivals at a low, a high and a f
 switches between low and high every ``fluctuate_s`` seconds). Reported per system and workload:
 throughput, per-token latency p50/p99, time to first token, mean acceptance length, and the counters
 that explain them (lookahead hits, late drafts, controller decisions).
+
+After the sweep, the two comparisons a drift of the machine can tip (CoSine against plain DSD at c=8, and
+against the sweep's best fixed length under fluctuating load) run again, alternated on fresh deployments
+(:mod:`cosine.bench.repeats`); those targets are computed from the pooled repeats.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from cosine.bench.e2e_bench import (
     summarize,
     worker_counters,
 )
-from cosine.bench.repeats import C8, FIXED_K, FLUCTUATING, _get, pooled_by_pair, rivals, run_repeats
+from cosine.bench.repeats import C8, FIXED_K, FLUCTUATING, pooled_by_pair, rivals, run_repeats
+from cosine.bench.repeats import cell_value as _get
 from cosine.bench.repeats import ratio as _ratio
 from cosine.bench.report import environment
 from cosine.bench.timing import RequestTiming, poisson_arrivals

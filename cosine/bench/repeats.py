@@ -24,7 +24,8 @@ FIXED_K = ("no-adaptive", "fixed-k2", "fixed-k6", "fixed-k8")  # the fixed specu
 C8, FLUCTUATING = "closed c=8", "poisson fluctuating"
 
 
-def _get(results: list[dict], system: str, workload: str, key: str):
+def cell_value(results: list[dict], system: str, workload: str, key: str):
+    """One field of one (system, workload) row of a sweep's results; None when there is no such row."""
     return next((r.get(key) for r in results if r["system"] == system and r["workload"] == workload), None)
 
 
@@ -33,11 +34,12 @@ def rivals(results: list[dict]) -> list[tuple[str, str, str]]:
     DSD at concurrency 8, and CoSine against the fixed length with the sweep's lowest p99 under fluctuating
     load (the sweep's pick; the repeats then measure the two afresh, free of the luck that made it the best)."""
     pairs = []
-    if _get(results, "cosine", C8, "tokens") and _get(results, "plain-dsd", C8, "tokens"):
+    if cell_value(results, "cosine", C8, "tokens") and cell_value(results, "plain-dsd", C8, "tokens"):
         pairs.append((C8, "cosine", "plain-dsd"))
-    fixed = [n for n in FIXED_K if _get(results, n, FLUCTUATING, "tpot_p99_ms")]
-    if fixed and _get(results, "cosine", FLUCTUATING, "tokens"):
-        pairs.append((FLUCTUATING, "cosine", min(fixed, key=lambda n: _get(results, n, FLUCTUATING, "tpot_p99_ms"))))
+    fixed = [n for n in FIXED_K if cell_value(results, n, FLUCTUATING, "tpot_p99_ms")]
+    if fixed and cell_value(results, "cosine", FLUCTUATING, "tokens"):
+        best = min(fixed, key=lambda n: cell_value(results, n, FLUCTUATING, "tpot_p99_ms"))
+        pairs.append((FLUCTUATING, "cosine", best))
     return pairs
 
 
