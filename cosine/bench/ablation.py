@@ -379,10 +379,12 @@ def ablation_plots(payload: dict, out_png: str) -> None:
     systems = list(dict.fromkeys(r["system"] for r in results))
     fig, axes = plt.subplots(1, 2, figsize=(16, 4.8))
     width = 0.8 / max(1, len(systems))
+    colours = plt.get_cmap("tab20").colors  # more systems than the default cycle's 10 colours
     for i, system in enumerate(systems):
         xs = [j + i * width for j in range(len(workloads))]
         for ax, key in zip(axes, ("throughput_tok_s", "tpot_p99_ms")):
-            ax.bar(xs, [_get(results, system, w, key) or 0 for w in workloads], width, label=system)
+            ax.bar(xs, [_get(results, system, w, key) or 0 for w in workloads], width, label=system,
+                   color=colours[(2 * i) % 20 + (2 * i) // 20])
     for ax, title in zip(axes, ("throughput (tokens/s)", "per-token latency p99 (ms)")):
         ax.set_title(title)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(workloads))], workloads, rotation=20, fontsize=8)
