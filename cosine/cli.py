@@ -161,6 +161,13 @@ def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, m
     _report("e2e", payload, e2e_markdown(payload), out, update_readme, e2e_plots, "end-to-end benchmark")
 
 
+_repeats_option = click.option(
+    "--repeats", type=click.IntRange(0), default=3, show_default=True,
+    help="After the sweep, run the c=8 and the fluctuating comparisons again this many times per system, "
+         "alternated on fresh deployments, against the machine's drift; their targets use these runs (0: the "
+         "sweep's cells).")
+
+
 @bench.command("ablation")
 @click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
 @click.option("--system", "systems", multiple=True, default=None,
@@ -177,10 +184,7 @@ def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, m
               help="Requests in the fluctuating open-loop run (about four low/high cycles).")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--k", type=int, default=4, show_default=True, help="k where speculation length is fixed.")
-@click.option("--repeats", type=click.IntRange(0), default=3, show_default=True,
-              help="After the sweep, run the c=8 and the fluctuating comparisons again this many times per "
-                   "system, alternated on fresh deployments, against the machine's drift; their targets use "
-                   "these runs (0: the sweep's cells).")
+@_repeats_option
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
 def bench_ablation(zoo_path, systems, concurrency, rates, requests_per_client, open_requests, fluctuating_requests,
@@ -231,10 +235,7 @@ def bench_cross_fusion(zoo_path, systems, concurrency, max_new_tokens, out, upda
 @click.option("--requests", type=int, default=48, show_default=True, help="Requests per run.")
 @click.option("--time-scale", type=float, default=1.0, show_default=True,
               help="Scale every simulated forward (timings mean something only at 1).")
-@click.option("--repeats", type=click.IntRange(0), default=3, show_default=True,
-              help="After the sweep, run the c=8 and the fluctuating comparisons again this many times per "
-                   "system, alternated on fresh deployments, against the machine's drift; their targets use "
-                   "these runs (0: the sweep's cells).")
+@_repeats_option
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
 def bench_sim(verifiers, drafters, systems, concurrency, rates, requests, time_scale, repeats, out,

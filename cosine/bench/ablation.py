@@ -200,16 +200,13 @@ def run_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
 def run_head_to_head(results: list[dict], cfg: AblationConfig, zoo, bar) -> list[dict]:
     """The sweep's drift-prone comparisons again, alternated on fresh deployments (cosine.bench.repeats);
     open-loop repeat ``r`` draws its arrivals with seed ``cfg.seed + 1 + r``."""
-    pairs = rivals(results)
-    bar.total += 2 * cfg.repeats * len(pairs)
     loads = dict(_workloads(cfg))
 
     def measure(system: str, workload: str, r: int) -> dict:
-        bar.set_postfix_str(f"repeat {r + 1}/{cfg.repeats} {system}: {workload}")
         with _deployed(system, cfg, zoo) as dep:
             return _measure(dep.url, zoo, cfg, loads[workload], cfg.seed + 1 + r)
 
-    return run_repeats(pairs, cfg.repeats, measure, on_run=lambda: bar.update(1))
+    return run_repeats(rivals(results), cfg.repeats, measure, bar)
 
 
 def run_inprocess_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:

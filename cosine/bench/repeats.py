@@ -51,16 +51,20 @@ def alternated(a: str, b: str, repeats: int) -> list[tuple[int, str]]:
 
 
 def run_repeats(pairs: list[tuple[str, str, str]], repeats: int,
-                measure: Callable[[str, str, int], dict], on_run: Callable[[], None] | None = None) -> list[dict]:
+                measure: Callable[[str, str, int], dict], bar=None) -> list[dict]:
     """Run every pair's two systems alternated; ``measure(system, workload, repeat)`` returns one run's row
-    (with ``tokens``, ``wall_s`` and ``tpots_ms``). Returns the rows, each marked with its system, workload
-    and repeat."""
+    (with ``tokens``, ``wall_s`` and ``tpots_ms``). ``bar``: a tqdm progress bar the runs are added to.
+    Returns the rows, each marked with its system, workload and repeat."""
+    if bar is not None:
+        bar.total += 2 * repeats * len(pairs)
     rows = []
     for workload, a, b in pairs:
         for r, system in alternated(a, b, repeats):
+            if bar is not None:
+                bar.set_postfix_str(f"repeat {r + 1}/{repeats} {system}: {workload}")
             rows.append({"system": system, "workload": workload, "repeat": r, **measure(system, workload, r)})
-            if on_run is not None:
-                on_run()
+            if bar is not None:
+                bar.update(1)
     return rows
 
 

@@ -103,16 +103,13 @@ def run_sim_bench(cfg: SimBenchConfig, progress: bool = True) -> dict:
                     bar.update(1)
         # The drift-prone comparisons again, alternated on fresh clusters (cosine.bench.repeats); repeat r
         # draws its prompts and arrivals with seed 1 + r.
-        pairs = rivals(results) if cfg.repeats else []
-        bar.total += 2 * cfg.repeats * len(pairs)
         loads = dict(plan)
 
         def measure(system: str, workload: str, r: int) -> dict:
-            bar.set_postfix_str(f"repeat {r + 1}/{cfg.repeats} {system}: {workload}")
             with _cluster(system, cfg, srv.url) as (cluster, request):
                 return _run(cluster, cfg, loads[workload], request, seed=1 + r)
 
-        repeats = run_repeats(pairs, cfg.repeats, measure, on_run=lambda: bar.update(1))
+        repeats = run_repeats(rivals(results), cfg.repeats, measure, bar)
     bar.close()
     return {
         "benchmark": "sim",
