@@ -185,3 +185,31 @@ def test_forward_over_some_rows_equals_forward_over_all():
             row = runner.row_of(sid)
             assert len(runner.kv.slots_of(row)) == len(committed[sid])
         assert_row_matches(alone, sid, committed[sid])
+
+
+def test_last_node_logits_and_prefill_without_logits_match_the_full_forward():
+    """``logits="last"`` (a drafter's step) gives each row the logits after its last node, ``"none"`` (a
+    prefill) the same cache, on the full-rows path and on the subset path alike."""
+    model = tiny_llama(vocab=53, seed=6)
+    rng = random.Random(7)
+    committed = {f"r{i}": [rng.randrange(53) for _ in range(2)] for i in range(4)}
+    runners = {}
+    for mode in ("all", "last", "none"):
+        runner = ModelRunner(model)
+        runner.add_rows(list(committed), list(committed.values()))
+        runners[mode] = runner
+    for fed in (list(committed), ["r1"]):  # every row, then one row alone (the subset path)
+        feeds = {sid: [rng.randrange(53) for _ in range(rng.randint(1, 6))] for sid in fed}
+        segments = [Segment.chain(feeds[sid]) if sid in feeds else None for sid in committed]
+        out = {mode: runner.forward(segments, logits=mode) for mode, runner in runners.items()}
+        assert out["none"] is None
+        for row, seg in enumerate(segments):
+            if seg is not None:
+                torch.testing.assert_close(out["last"][row], out["all"][row, len(seg) - 1], atol=2e-5, rtol=1e-4)
+        for runner in runners.values():
+            runner.commit_segments(segments)
+        for sid, toks in feeds.items():
+            committed[sid] += toks
+    for sid, toks in committed.items():
+        for runner in runners.values():
+            assert_row_matches(runner, sid, toks)

@@ -121,7 +121,7 @@ class Drafter:
         """One batched forward that feeds and commits each row's tokens in ``feed`` (rows not in it get
         nothing); returns, per sequence id in row order, the logits after its last fed token."""
         segments = [Segment.chain(feed[sid]) if sid in feed else None for sid in self.runner.row_ids]
-        logits = self.runner.forward(segments)
+        logits = self.runner.forward(segments, logits="last")
         assert logits is not None
         self.runner.commit_segments(segments)
         self.steps += 1
@@ -129,7 +129,7 @@ class Drafter:
         for row, sid in enumerate(self.runner.row_ids):
             if sid in feed:
                 self.cached[sid].extend(feed[sid])
-                out[sid] = logits[row, len(feed[sid]) - 1]
+                out[sid] = logits[row]
         return out
 
     def _extend(

@@ -10,8 +10,10 @@ plus the node's depth. Nothing new is committed until :meth:`commit` says which 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -63,6 +65,10 @@ class ModelRunner:
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.kv = BatchKV(self.device)
         self._cache_kwarg = cache_kwarg(model)
+        # Models that take ``logits_to_keep`` project only the positions asked for onto the vocabulary: a
+        # drafter's step needs each row's last position, a prefill none (the projection is over half of a
+        # small drafter's compute per token).
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.row_ids: list[str] = []
         self.forwards = 0
         self.rows_run = 0  # rows computed over all forwards (fed or padding)
@@ -96,7 +102,7 @@ class ModelRunner:
         fresh.row_ids = list(seq_ids)
         if any(prefixes):
             segments = [Segment.chain(p) for p in prefixes]
-            fresh.forward(segments, logits=False)
+            fresh.forward(segments, logits="none")
             fresh.commit_segments(segments)
         self.kv.merge(fresh.kv)
         self.row_ids.extend(seq_ids)
@@ -127,12 +133,14 @@ class ModelRunner:
         return mask
 
     @torch.no_grad()
-    def forward(self, segments: list[Segment | None], logits: bool = True) -> torch.Tensor | None:
+    def forward(self, segments: list[Segment | None],
+                logits: Literal["all", "last", "none"] = "all") -> torch.Tensor | None:
         """Run one forward with a segment per row (``None`` = nothing for that row).
 
-        Returns float32 logits ``[rows, Q, vocab]`` (row ``r``, node ``i``: the distribution of the token
-        that follows node ``i``; undefined for rows given ``None``), or ``None`` when ``logits`` is false.
-        The new slots stay uncommitted.
+        Returns float32 logits: with ``"all"``, ``[rows, Q, vocab]`` (row ``r``, node ``i``: the
+        distribution of the token that follows node ``i``); with ``"last"``, ``[rows, vocab]``, after each
+        row's last node; undefined for rows given ``None``. ``"none"`` returns ``None``. The new slots stay
+        uncommitted.
         """
         if len(segments) != self.kv.rows:
             raise ValueError(f"{self.name}: {len(segments)} segments for {self.kv.rows} rows")
@@ -180,6 +188,11 @@ class ModelRunner:
         valid = self.kv.valid[work] if subset else self.kv.valid
         allowed = torch.cat([valid[:, None, :].expand(rows, q, self.kv.physical), anc], dim=2)
         mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        keep: dict = {}
+        if self._keeps_logits and logits == "none":
+            keep = {"logits_to_keep": 1}
+        elif self._keeps_logits and logits == "last":  # each row's last node ([rows, 1] positions)
+            keep = {"logits_to_keep": torch.tensor([[max(n, 1) - 1] for n in sizes], device=self.device)}
         with self.kv.only_rows(work) if subset else contextlib.nullcontext():
             out = self.model(
                 input_ids=torch.tensor(ids, device=self.device),
@@ -187,18 +200,22 @@ class ModelRunner:
                 attention_mask=mask[:, None].to(self.device),
                 use_cache=True,
                 **{self._cache_kwarg: self.kv.cache},
+                **keep,
             )
         self.kv.after_forward(q)
         self.forwards += 1
         self.rows_run += rows
         self.slots_run += rows * q
         self.slots_fed += sum(sizes)
-        if not logits:
+        if logits == "none":
             return None
+        got = out.logits
+        if logits == "last":
+            got = got[:, 0] if keep else got[torch.arange(rows), torch.tensor([max(n, 1) - 1 for n in sizes])]
         if not subset:
-            return out.logits.float()
-        full = out.logits.new_empty((len(segments), q, out.logits.shape[-1]), dtype=torch.float32)
-        return full.index_copy_(0, torch.tensor(work, device=full.device), out.logits.float())
+            return got.float()
+        full = got.new_empty((len(segments), *got.shape[1:]), dtype=torch.float32)
+        return full.index_copy_(0, torch.tensor(work, device=full.device), got.float())
 
     def commit(self, keep: torch.Tensor) -> None:
         """Commit the nodes marked in ``keep`` (``[rows, Q]``) of the last forward."""

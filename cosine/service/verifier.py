@@ -154,6 +154,8 @@ class VerifierService:
         self.rounds = 0
         self.busy_s = 0.0  # time in target forwards
         self.messaging_s = 0.0  # time in Redis calls and (de)serialisation on the round path
+        self.blocked_s = 0.0  # time in blocking reads: waiting for drafts or requests (idle)
+        self.scheduling_s = 0.0  # time choosing what to verify (the scheduler and its candidates)
         self.completed = 0
         self.counters = collections.Counter()
         self.heartbeat = Heartbeat(Streams(connect(redis_settings), self.keys), self.me, self.info)
@@ -172,6 +174,8 @@ class VerifierService:
             "completed": self.completed,
             "busy": round(self.busy_s / up, 4),
             "messaging_s": round(self.messaging_s, 4),
+            "blocked_s": round(self.blocked_s, 4),
+            "scheduling_s": round(self.scheduling_s, 4),
             "busy_s": round(self.busy_s, 4),
             "uptime_s": round(up, 3),
             "draft_budget_ms": round(self.draft_budget_ms(), 2),
@@ -264,13 +268,17 @@ class VerifierService:
             drafts += self.streams.read_group(self.verify_stream, VERIFIERS_GROUP, self.me, DRAFT_READ_COUNT, None)
         if block is None:  # a non-blocking read is messaging overhead; a blocking one is idle time
             self.messaging_s += time.perf_counter() - t0
+        else:
+            self.blocked_s += time.perf_counter() - t0
         if drafts:
             t1 = time.perf_counter()
             self.absorb(drafts)
             self.messaging_s += time.perf_counter() - t1
         if got.get(self.keys.requests):
             self.admit(got[self.keys.requests])
+        t2 = time.perf_counter()
         ready = self.pick_ready(time.monotonic())
+        self.scheduling_s += time.perf_counter() - t2
         if ready:
             self.verify(ready)
         elif self.consumed:  # drafts that turned out stale still have to be acknowledged
