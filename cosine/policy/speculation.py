@@ -6,15 +6,19 @@ round commits ``E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)`` tokens on a
 pass (its share of one, growing with the tokens it feeds) plus ``k`` drafter steps, so
 :class:`SpeculationController` picks the ``k`` in its bounds maximising::
 
-    U(k) = E(k) / (1 + (v + c * (1 + pressure)) * k)
+    U(k) = E(k) / (1 + (v + c * dearer(pressure)) * k)
 
 ``c`` is the drafter-step / target-step cost ratio; ``v`` is what one drafted token adds to the request's
 share of a verification pass (from the cost model at the verifier's batch and context: for the CPU zoo
 about 0.23 at batch 8 and 0.05 at batch 1 with 150 tokens of context; 0 for a big target under its roofline
 knee). ``pressure`` in [-1, 1] comes from :meth:`balance`: positive when work piles up (drafts waiting
 for the verifier, draft jobs waiting for drafters, a verifier busier than its target), which makes
-drafting dearer and drafts shorter; negative when the verifier idles, which makes drafting cheaper and
-drafts longer (at -1 it is free, and ``k`` goes to its upper bound).
+drafting dearer and drafts shorter (:func:`dearer`). Negative pressure (the verifier idles) changes no
+price: the verifier idles waiting for drafts, so drafting's time is on every round's path, and pricing it
+at nothing made requests draft their longest with every expert, which lengthened each round (in the cluster
+simulation under fluctuating load, per-token latency p50 26 ms against 23 ms priced as it is). Drafting
+more when the verifier idles is the controller's rule: it raises ``k_max`` and the cooperating drafters,
+and each request's optimum moves only up to them.
 
 A round is verified as part of a batch, and the requests whose jobs go out together come back to be
 verified together: the pass waits for the batch's longest draft anyway, so a request drafting fewer
@@ -30,7 +34,7 @@ computes their slots for one token. For such an engine the round gets one depth 
 expected tokens per ms of pass plus drafting), and the per-request ``k`` above only bounds it.
 
 Because ``E(1) = 1 + a`` against a cost ``1 + v + c``, plain decoding (``k = 0``) beats every ``k >= 1`` exactly
-when ``a <= v + c * (1 + pressure)``: that is the computed off switch (``SpecSettings.off_below = None``).
+when ``a <= v + c * dearer(pressure)``: that is the computed off switch (``SpecSettings.off_below = None``).
 
 Stabilisers (after SGLang's adaptive speculation): ``k_init`` for the first ``warmup_rounds`` verified
 rounds, and hysteresis: ``k`` moves only when the new optimum's ``U`` beats the current one's by
@@ -85,7 +89,7 @@ class SpecSettings:
     # c: one drafter step / one target pass. The zoo manifest's drafter/target step ratio is about 0.22;
     # CostModel.draft_cost_ratio() computes it from a profile of the machine at hand.
     draft_cost_ratio: float = 0.2
-    # Acceptance rate below which k = 0. None: computed, c * (1 + pressure) (where U(1) stops beating U(0)).
+    # Acceptance rate below which k = 0. None: computed, c * dearer(pressure) (where U(1) stops beating U(0)).
     off_below: float | None = None
     prior_acceptance: float = 0.6  # acceptance rate assumed before any round is observed
     # How many tested draft positions the prior counts as, for good: it keeps a few unlucky rounds from
@@ -251,8 +255,8 @@ class SpeculationController:
 
     # -- the model ------------------------------------------------------------------------------------
     def cost_ratio(self, pressure: float = 0.0) -> float:
-        """The effective drafter/target cost ratio ``c * (1 + pressure)``."""
-        return self.settings.draft_cost_ratio * (1 + _pressure(pressure))
+        """The effective drafter/target cost ratio ``c * dearer(pressure)``."""
+        return self.settings.draft_cost_ratio * dearer(pressure)
 
     def off_threshold(self, pressure: float = 0.0, verify_cost: float = 0.0) -> float:
         """The acceptance rate under which k = 0 pays more than any k >= 1."""
@@ -261,7 +265,7 @@ class SpeculationController:
         return min(1.0, self.cost_ratio(pressure) + _number("verify_cost", verify_cost, 0.0))
 
     def utility(self, rate: float, k: int, pressure: float = 0.0, verify_cost: float = 0.0) -> float:
-        """Expected committed tokens per unit of cost: ``E(k) / (1 + (v + c * (1 + pressure)) * k)``, where
+        """Expected committed tokens per unit of cost: ``E(k) / (1 + (v + c * dearer(pressure)) * k)``, where
         ``v`` (``verify_cost``) is what one drafted token adds to the request's share of a verification pass,
         relative to that share without a draft (0 for a target whose pass does not grow with the tokens fed)."""
         return expected_tokens(rate, k) / (1 + (self.cost_ratio(pressure) + verify_cost) * k)
@@ -348,7 +352,7 @@ class SpeculationController:
 
         The pass waits for the longest draft, ``K`` positions, whatever the others draft, so a request at
         ``k < K`` drafting ``k' <= K`` costs the round only the ``(k' - k) * width`` tokens it adds to the
-        pass, ``token_ms`` each, weighed by ``1 + pressure`` like any drafting. It is lengthened to the
+        pass, ``token_ms`` each, weighed by ``dearer(pressure)`` like any drafting. It is lengthened to the
         longest ``k'`` whose added tokens ``E(k') - E(k)`` per added ms are at least the round's own tokens
         per ms (``sum of E(k) / round_ms``), i.e. when lengthening raises the batch's rate.
         """
@@ -373,7 +377,7 @@ class SpeculationController:
             limit = min(top, _int(f"limits[{rid}]", limits.get(rid, top)))
             base = expected_tokens(rate, k)
             for longer in range(limit, k, -1):
-                cost = token_ms * (longer - k) * width * (1 + pressure)
+                cost = token_ms * (longer - k) * width * dearer(pressure)
                 added = expected_tokens(rate, longer) - base
                 if added > 0 and added >= per_ms * cost:
                     out[rid] = longer
@@ -400,3 +404,9 @@ class SpeculationController:
 
 def _pressure(value: float) -> float:
     return min(1.0, max(-1.0, _number("pressure", value)))
+
+
+def dearer(pressure: float) -> float:
+    """The factor pressure puts on the price of drafting and of the tokens a draft adds to a pass:
+    ``1 + max(0, pressure)`` (see the module docstring: an idle verifier makes nothing cheaper)."""
+    return 1 + max(0.0, _pressure(pressure))

@@ -17,7 +17,7 @@ from cosine.policy.control import ControlDecision
 from cosine.policy.cost_model import CostModel
 from cosine.policy.routing import PriorTable, RequestRouter, RoutingSettings, round_feedback, solo_acceptance
 from cosine.policy.scheduling import Candidate, SchedulerSettings, choose_batch, expected_tokens, hold_ms
-from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationController
+from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationController, dearer
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Steering:
             longest = max(depth, fixed)
             total = sum(1 + (min(depth, rooms[rid]) if rid in mine else k) * width for rid, k in ks.items())
             fed = self.cost.fed(n, total, 1 + longest * width)
-            return self.cost.verify_ms(n, context, fed) + (1 + pressure) * self.cost.draft_ms(n, longest)
+            return self.cost.verify_ms(n, context, fed) + dearer(pressure) * self.cost.draft_ms(n, longest)
 
         depth = self.controller.round_depth({rid: a[0].spec.acceptance_rate for rid, a in mine.items()}, rooms,
                                             low, high, round_ms, other_tokens=float(len(ks) - len(mine)))
