@@ -106,10 +106,12 @@ def test_a_job_coming_in_ends_drafting_ahead(redis_url, zoo_engine, zoo_prompts)
     service.streams.r.delete(service.stream)
     service.look_ahead([job])
     assert service.requests["r"].ahead is not None and service.requests["r"].ahead.draft.tree.depth == 4
-    # The fused drafter ends every tree at the depth reached when asked to stop.
-    calls = []
-    drafts = FusedDrafter(_drafters(zoo_engine)).draft(
-        [FusedRequest("a", prompt, 5, EXPERTS), FusedRequest("b", prompt[:-3], 3, EXPERTS)],
-        stop=lambda: calls.append(1) or len(calls) >= 2)
-    assert [drafts[s].tree.depth for s in ("a", "b")] == [2, 2]
-    assert all(len(v) == 2 for v in drafts["a"].votes.values())
+    # The fused drafter ends every tree at the last depth completed when asked to stop: it asks before every
+    # expert's forward after the first depth, and a depth some experts did not draft is dropped.
+    reqs = [FusedRequest("a", prompt, 5, EXPERTS), FusedRequest("b", prompt[:-3], 3, EXPERTS)]
+    for stop_at, depth in ((len(EXPERTS) + 1, 2), (2, 1)):
+        calls = []
+        drafts = FusedDrafter(_drafters(zoo_engine)).draft(
+            reqs, stop=lambda: calls.append(1) or len(calls) >= stop_at)  # noqa: B023 - used at once
+        assert [drafts[s].tree.depth for s in ("a", "b")] == [depth, depth]
+        assert all(len(v) == depth for v in drafts["a"].votes.values())

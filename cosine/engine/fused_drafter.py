@@ -94,8 +94,9 @@ class FusedDrafter:
     def draft(self, requests: list[FusedRequest], remote: RemoteExperts | None = None,
               stop: Callable[[], bool] | None = None) -> dict[str, FusedDraft]:
         """Draft every request with its experts: per depth one forward per local expert (and one ask per
-        remote one); a fused tree per sequence. ``stop`` is asked before every depth after the first: when
-        it says so, the trees end at the depth reached (drafting ahead gives way to a job that came in)."""
+        remote one); a fused tree per sequence. ``stop`` is asked before every forward after the first
+        depth: when it says so, the trees end at the last depth completed (drafting ahead gives way to a job
+        that came in after one expert's forward at most, not after every expert's)."""
         requests = [r for r in requests if r.k > 0]
         for r in requests:
             self._check(r, remote is not None)
@@ -110,8 +111,6 @@ class FusedDrafter:
         }
         spine_parent = {r.seq_id: -1 for r in requests}
         for depth in range(1, max(r.k for r in requests) + 1):
-            if depth > 1 and stop is not None and stop():
-                break
             now = [r for r in requests if r.k >= depth and live[r.seq_id]]
             if not now:
                 break
@@ -125,11 +124,20 @@ class FusedDrafter:
                 remote.ask(asks, widths)
             # candidates[sid][e]: expert e's top-width (token, prob) for sequence sid at this depth.
             candidates: dict[str, dict[str, list[tuple[int, float]]]] = {}
+            stopped = False
             for e, seqs in local.items():
+                if depth > 1 and stop is not None and stop():
+                    stopped = True  # a depth some experts did not draft is dropped (their rows catch up later)
+                    break
                 with self.lock:
                     proposed = self.drafters[e].propose(seqs, widths)
                 for sid, c in proposed.items():
                     candidates.setdefault(sid, {})[e] = c
+            if stopped:
+                if asks:
+                    assert remote is not None
+                    remote.collect()  # this depth's answers are not used
+                break
             if asks:
                 assert remote is not None
                 answers = remote.collect()
