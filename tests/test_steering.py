@@ -142,3 +142,23 @@ def test_a_padded_round_stays_within_the_longest_asked_for_room_and_fixed_length
     # The token cap counts every row at the largest tree: 2 rows x (1 + k) <= 10.
     out = round_ks(s, {"g": good, "f": fair}, token_cap=10)
     assert 2 * (1 + max(out.values())) <= 10
+
+
+def test_fused_siblings_are_priced_as_the_tokens_they_feed():
+    """A drafted position feeds the spine node and the siblings fusion kept: the verification price of a
+    position, and the width the token cap counts, follow the draft trees the verifier is sent."""
+    s = Steering(Switches(), k=4, cost=CPU)
+    s.batch, s.context = 8, 150
+    chains = s.verify_cost()
+    steer = s.new()
+    for _ in range(200):  # trees of three nodes per position (each expert's candidate kept)
+        s.observe(steer, 4, 2, [1, 2, 3], {}, {}, nodes=12)
+    assert abs(s.nodes_per_depth - 3.0) < 0.01
+    assert s.verify_cost() > 2.5 * chains
+    # The token cap counts three slots per position now: 4 requests at k=8 (4 x 25 = 100 > 64) are cut.
+    ks = s.cap({str(i): 8 for i in range(4)}, 1, 64)
+    assert sum(1 + 3 * k for k in ks.values()) <= 64
+    # A draft cut short by its request's room says nothing about the tree shape, nor does a plain step.
+    s.observe(steer, 2, 1, [1, 2], {}, {}, nodes=0)
+    s.observe(steer, 0, 0, [1], {}, {}, nodes=0)
+    assert abs(s.nodes_per_depth - 3.0) < 0.01

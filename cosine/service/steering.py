@@ -11,6 +11,7 @@ Pure glue over ``cosine.policy``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cosine.policy.control import ControlDecision
@@ -18,6 +19,9 @@ from cosine.policy.cost_model import CostModel
 from cosine.policy.routing import PriorTable, RequestRouter, RoutingSettings, round_feedback, solo_acceptance
 from cosine.policy.scheduling import Candidate, SchedulerSettings, choose_batch, expected_tokens, hold_ms
 from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationController, dearer
+
+
+NODES_EWMA = 0.05  # weight of the newest draft in Steering.nodes_per_depth
 
 
 @dataclass
@@ -60,6 +64,10 @@ class Steering:
         # made a drafted token look twice as dear at a batch of 30 and switched fair requests off).
         self.batch = 1
         self.context = 0
+        # Draft nodes the verifier is fed per draft position (spine plus fused siblings; EWMA over verified
+        # drafts): what a drafted position adds to a pass, where the tree width alone counts one per expert
+        # candidate kept and fusion keeps the ones its experts disagreed on.
+        self.nodes_per_depth = 1.0
 
     def new(self) -> RequestSteer:
         return RequestSteer(RequestSpec(self.spec_settings))
@@ -84,14 +92,16 @@ class Steering:
         return max(0, min(k, room))
 
     def verify_cost(self) -> float:
-        """What one drafted token adds to a request's share of a verification pass, relative to that share
-        with no draft, at the verifier's batch and context (``batch``, ``context``) and a draft of its default
-        length (the cost model's knee makes it 0 for a big target feeding few tokens)."""
+        """What one drafted position adds to a request's share of a verification pass, relative to that share
+        with no draft, at the verifier's batch and context (``batch``, ``context``), a draft of its default
+        length and the nodes a position feeds (``nodes_per_depth``; the cost model's knee makes it 0 for a
+        big target feeding few tokens)."""
         n, k = max(1, self.batch), max(1, self.k)
         single = self.cost.verify_ms(n, self.context, n)
         if single <= 0:
             return 0.0
-        return (self.cost.verify_ms(n, self.context, n * (1 + k)) - single) / (k * single)
+        fed = math.ceil(n * (1 + k * self.nodes_per_depth))  # each drafted position feeds its fused siblings too
+        return (self.cost.verify_ms(n, self.context, fed) - single) / (k * single)
 
     def cap(self, ks: dict[str, int], width: int, token_cap: int,
             adaptive: dict[str, tuple[RequestSteer, int]] | None = None) -> dict[str, int]:
@@ -102,6 +112,7 @@ class Steering:
         draft tokens (padded or not) would exceed the verifier's cap."""
         if not self.switches.adaptive:
             return ks
+        width = max(width, round(self.nodes_per_depth))
         if adaptive and self.cost.padded:
             ks = self.one_depth(ks, adaptive, width)
         elif adaptive and len(ks) > 1:
@@ -188,10 +199,13 @@ class Steering:
 
     # -- feedback -----------------------------------------------------------------------------------------
     def observe(self, steer: RequestSteer, depth: int, accepted: int, committed: list[int],
-                votes: dict[str, list[int]], vote_conf: dict[str, list[float]]) -> None:
-        """One verified round: acceptance for speculation control, each expert's votes for routing."""
+                votes: dict[str, list[int]], vote_conf: dict[str, list[float]], nodes: int = 0) -> None:
+        """One verified round: acceptance for speculation control, each expert's votes for routing, and
+        the draft's ``nodes`` (tree size) for what a drafted position feeds a pass."""
         if depth > 0:
             steer.spec.observe(depth, accepted)
+            if nodes >= depth:
+                self.nodes_per_depth += NODES_EWMA * (nodes / depth - self.nodes_per_depth)
         if not votes:
             return
         if steer.feature:  # the prior learns what each expert alone would have reached, not the ensemble

@@ -507,7 +507,8 @@ class VerifierService:
             st = self.active[r.seq.seq_id]
             d = st.draft
             self.steering.observe(st.steer, r.depth, r.accepted, r.new_tokens, d.votes if d else {},
-                                  d.vote_conf if d else {})
+                                  d.vote_conf if d else {},
+                                  len(d.tokens) if d and r.depth == depth_of(d.parents) else 0)  # not cut short
         pipe = self.streams.r.pipeline(transaction=True)
         finished: list[Active] = []
         continuing: list[Active] = []
