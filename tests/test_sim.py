@@ -183,12 +183,13 @@ def test_drafts_are_reproducible_and_fusion_adds_alternatives():
         SimFusedDrafter(["code"], time_scale=0).draft([FusedRequest("a", prompt, 4, ["prose"])])
     # Asked to stop (drafting ahead when a job comes in), the drafts end at the depth reached, and only the
     # positions drafted are charged.
-    calls = []
-    stopped = SimFusedDrafter(EXPERTS, model=model, time_scale=0)
-    cut = stopped.draft(reqs, stop=lambda: calls.append(1) or len(calls) >= 2)["a"]
-    assert cut.tree.depth == 2 and cut.tree.tokens == one.tree.truncated(2).tokens
-    assert all(v == one.votes[e][:2] for e, v in cut.votes.items())
-    assert stopped.steps == 2
+    for stop_at, depth in ((len(EXPERTS) + 1, 2), (2, 1)):  # asked before every expert's forward after depth 1
+        calls = []
+        stopped = SimFusedDrafter(EXPERTS, model=model, time_scale=0)
+        cut = stopped.draft(reqs, stop=lambda: calls.append(1) or len(calls) >= stop_at)["a"]  # noqa: B023
+        assert cut.tree.depth == depth and cut.tree.tokens == one.tree.truncated(depth).tokens
+        assert all(v == one.votes[e][:depth] for e, v in cut.votes.items())
+        assert stopped.steps == depth
 
 
 def test_costs_are_charged_per_forward():

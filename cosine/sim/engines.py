@@ -205,8 +205,8 @@ class SimFusedDrafter:
         return [sim_features([p], list(self.drafters), self.feature_accuracy, self._key)[0] for p in prompts]
 
     def draft(self, requests: list[FusedRequest], stop: Callable[[], bool] | None = None) -> dict[str, FusedDraft]:
-        """As :meth:`cosine.engine.fused_drafter.FusedDrafter.draft`: ``stop``, asked before every depth after
-        the first (in simulated time), ends the trees at the depth reached."""
+        """As :meth:`cosine.engine.fused_drafter.FusedDrafter.draft`: ``stop``, asked before every expert's
+        forward after the first depth (in simulated time), ends the trees at the last depth completed."""
         t0 = time.perf_counter()
         requests = [r for r in requests if r.k > 0]
         for r in requests:
@@ -231,13 +231,20 @@ class SimFusedDrafter:
         ms = sum(self.cost.prefill_ms(n) for n in prefill.values())
         depth = max((r.k for r in requests), default=0)
         for d in range(depth):  # one batched forward per expert per position, over the rows still drafting
-            if d > 0 and stop is not None:
-                _sleep_until(t0, ms, self.time_scale)
-                if stop():
-                    out = {sid: fd.truncated(d) for sid, fd in out.items()}
-                    depth = d
-                    break
-            ms += sum(self.cost.draft_step_ms(sum(1 for k in ks if k > d)) for ks in rows.values())
+            stopped = False
+            for ks in rows.values():
+                if not any(k > d for k in ks):
+                    continue
+                if d > 0 and stop is not None:
+                    _sleep_until(t0, ms, self.time_scale)
+                    stopped = stop()
+                    if stopped:  # the depth some experts did not draft is dropped
+                        break
+                ms += self.cost.draft_step_ms(sum(1 for k in ks if k > d))
+            if stopped:
+                out = {sid: fd.truncated(d) for sid, fd in out.items()}
+                depth = d
+                break
         self.steps += depth
         self.simulated_ms += ms
         _sleep_until(t0, ms, self.time_scale)
