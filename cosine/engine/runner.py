@@ -188,11 +188,12 @@ class ModelRunner:
         valid = self.kv.valid[work] if subset else self.kv.valid
         allowed = torch.cat([valid[:, None, :].expand(rows, q, self.kv.physical), anc], dim=2)
         mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        last = torch.tensor([max(n, 1) - 1 for n in sizes])  # each row's last node
         keep: dict = {}
         if self._keeps_logits and logits == "none":
             keep = {"logits_to_keep": 1}
-        elif self._keeps_logits and logits == "last":  # each row's last node ([rows, 1] positions)
-            keep = {"logits_to_keep": torch.tensor([[max(n, 1) - 1] for n in sizes], device=self.device)}
+        elif self._keeps_logits and logits == "last":  # [rows, 1] positions
+            keep = {"logits_to_keep": last[:, None].to(self.device)}
         with self.kv.only_rows(work) if subset else contextlib.nullcontext():
             out = self.model(
                 input_ids=torch.tensor(ids, device=self.device),
@@ -211,7 +212,7 @@ class ModelRunner:
             return None
         got = out.logits
         if logits == "last":
-            got = got[:, 0] if keep else got[torch.arange(rows), torch.tensor([max(n, 1) - 1 for n in sizes])]
+            got = got[:, 0] if keep else got[torch.arange(rows), last]
         if not subset:
             return got.float()
         full = got.new_empty((len(segments), *got.shape[1:]), dtype=torch.float32)
