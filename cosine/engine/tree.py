@@ -69,15 +69,19 @@ class DraftTree:
             depths.append(d)
             if d <= depth:
                 keep.append(i)
+        return self.subset(keep)
+
+    def subset(self, keep: list[int]) -> DraftTree:
+        """The nodes ``keep`` (ascending) as a tree of their own: a kept node whose parent is not kept becomes
+        a root (proposal distributions kept). With every kept node's parent kept, the same tree cut down."""
         remap = {old: new for new, old in enumerate(keep)}
-        out = DraftTree(
+        return DraftTree(
             tokens=[self.tokens[i] for i in keep],
             parents=[remap.get(self.parents[i], -1) for i in keep],
             confidences=[self.confidences[i] for i in keep],
             sources=[self.sources[i] for i in keep],
             q=[self.q[i] for i in keep] if self.q is not None else None,
         )
-        return out
 
     def spine(self) -> list[int]:
         """Node indices of the spine: from the root, always the first child (a chain's nodes in order)."""
@@ -111,11 +115,4 @@ class DraftTree:
             if p in inside:
                 inside.add(i)
                 keep.append(i)
-        remap = {old: new for new, old in enumerate(keep)}
-        return DraftTree(
-            tokens=[self.tokens[i] for i in keep],
-            parents=[remap.get(self.parents[i], -1) for i in keep],
-            confidences=[self.confidences[i] for i in keep],
-            sources=[self.sources[i] for i in keep],
-            q=[self.q[i] for i in keep] if self.q is not None else None,
-        )
+        return self.subset(keep)
