@@ -246,3 +246,17 @@ def test_fused_acceptance_not_below_single_drafters(engine, mixed_ids, capsys):
             print(f"{name:<20}" + "".join(f"{row[c]:>9.3f}" for c in cols))
     for name in EXPERTS:
         assert rows["fused-3"]["all"] >= rows[name]["all"], (name, rows)
+
+
+def test_prompt_tail_loss_names_the_prompts_domain(zoo_engine, zoo_prompts):
+    """The cold-start prior: on the zoo's held-out prompts, the drafter with the lowest loss on a prompt's
+    last TAIL_TOKENS tokens is that prompt's domain's for nearly all of them (97.5% of 120 when measured)."""
+    from cosine.engine.prompt_scoring import TAIL_TOKENS, best_by_prompt_loss
+
+    models = {name: d.runner.model for name, d in zoo_engine.drafters.items()}
+    items = [(domain, zoo_engine.tokenizer.encode(text)) for domain, texts in zoo_prompts.items()
+             for text in texts[:10]]
+    assert any(len(ids) > TAIL_TOKENS for _, ids in items)  # the tail is a cut, not the whole prompt
+    best = best_by_prompt_loss(models, [ids for _, ids in items])
+    right = sum(b == domain for b, (domain, _) in zip(best, items))
+    assert right >= 0.9 * len(items), list(zip(best, [d for d, _ in items]))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Only the prompt's last tokens are scored: enough to tell domains apart, cheap for any prompt length.
-TAIL_TOKENS = 128
+# Only the prompt's last tokens are scored: enough to tell domains apart, cheap for any prompt length. On the
+# demo zoo's 120 held-out prompts (82 tokens on average) the lowest-loss drafter was the prompt's domain for
+# 97.5% at 32 tokens and 98.3% at 128, and scoring with its three drafters took 9.4 ms a prompt against
+# 28 ms: at 128, scoring was about a seventh of a loaded drafter's time, for a prior the router then corrects.
+TAIL_TOKENS = 32
 
 
 @torch.no_grad()
