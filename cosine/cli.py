@@ -185,10 +185,12 @@ _repeats_option = click.option(
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--k", type=int, default=4, show_default=True, help="k where speculation length is fixed.")
 @_repeats_option
+@click.option("--cost-model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The verifiers' cost model, written by `cosine profile` [default: the built-in CPU numbers].")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
 def bench_ablation(zoo_path, systems, concurrency, rates, requests_per_client, open_requests, fluctuating_requests,
-                   max_new_tokens, k, repeats, out, update_readme) -> None:
+                   max_new_tokens, k, repeats, cost_model, out, update_readme) -> None:
     """Full CoSine vs each mechanism switched off, plain distributed speculative decoding (one fixed
     drafter, fixed k), the coupled single-process path and target-only, under closed-loop and Poisson load."""
     from cosine.bench.ablation import AblationConfig, ablation_markdown, ablation_plots, run_ablation
@@ -196,7 +198,7 @@ def bench_ablation(zoo_path, systems, concurrency, rates, requests_per_client, o
     cfg = AblationConfig(zoo=zoo_path, concurrency=tuple(concurrency), rates=tuple(rates),
                          requests_per_client=requests_per_client, open_requests=open_requests,
                          fluctuating_requests=fluctuating_requests, max_new_tokens=max_new_tokens, k=k,
-                         repeats=repeats)
+                         repeats=repeats, cost_model=cost_model)
     if systems:
         cfg.systems = tuple(systems)
     payload = run_ablation(cfg)

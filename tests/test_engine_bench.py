@@ -32,15 +32,24 @@ def test_engine_bench_small(tmp_path, zoo_root):
 
 @pytest.mark.slow
 def test_ablation_bench_small(tmp_path, zoo_root):
-    """Two systems, one closed-loop level and a short open loop: rows, targets and the tables come out."""
+    """Two systems, one closed-loop level and a short open loop: rows, targets and the tables come out; the
+    verifiers get the cost model given (without one the bench profiles this machine first)."""
+    from cosine.policy.cost_model import CostModel
+
+    cost = CostModel.default()
+    cost.verify_base_ms = 9.5
+    cost.save(tmp_path / "cost.json")
     result = CliRunner().invoke(
         cli,
         ["bench", "ablation", "--system", "cosine", "--system", "plain-dsd", "--concurrency", "1",
-         "--open-requests", "2", "--rates", "2", "4", "--max-new-tokens", "8", "--out", str(tmp_path)],
+         "--open-requests", "2", "--rates", "2", "4", "--max-new-tokens", "8", "--cost-model",
+         str(tmp_path / "cost.json"), "--out", str(tmp_path)],
     )
     assert result.exit_code == 0, result.output
     [js] = list(tmp_path.glob("ablation-*.json"))
     payload = json.loads(js.read_text())
+    assert payload["cost_model"]["verify_ms"]["verify_base_ms"] == 9.5
+    assert payload["config"]["cost_model"] == str(tmp_path / "cost.json")
     assert {(r["system"], r["workload"]) for r in payload["results"]} >= {("cosine", "closed c=1"),
                                                                          ("plain-dsd", "poisson fluctuating")}
     assert all(r["tokens"] == 8 * r["requests"] for r in payload["results"])

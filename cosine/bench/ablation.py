@@ -98,6 +98,7 @@ class AblationConfig:
     worker_threads: int = 1
     inproc_threads: int = 2
     seed: int = 0
+    cost_model: str | None = None  # the verifiers' cost model (a `cosine profile` file); None: the built-in one
 
 
 def best_single_drafter(zoo) -> str:
@@ -161,6 +162,8 @@ def _deployed(name: str, cfg: AblationConfig, zoo):
     if name == "plain-dsd":
         one = cfg.plain_drafter or best_single_drafter(zoo)
         d_args = [*d_args, "--model", f"{one}={paths.drafter_dir(one, zoo)}"]
+    if cfg.cost_model:
+        v_args = [*v_args, "--cost-model", cfg.cost_model]
     specs = [WorkerSpec("verifier", "verifier-0", ["--k", str(cfg.k), *v_args], cfg.worker_threads),
              WorkerSpec("drafter", "drafter-0", d_args, cfg.worker_threads)]
     if controller:
@@ -232,12 +235,15 @@ def run_inprocess_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]
 
 
 def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
+    from cosine.policy.cost_model import CostModel
+
     zoo = paths.zoo_dir(cfg.zoo)
     unknown = [s for s in cfg.systems if s not in SYSTEMS and s not in IN_PROCESS]
     if unknown:
         from cosine.errors import InvalidParameterError
 
         raise InvalidParameterError("systems", f"unknown {unknown}; choose from {[*SYSTEMS, *IN_PROCESS]}")
+    cost = CostModel.load(cfg.cost_model) if cfg.cost_model else CostModel.default()
     bar = tqdm(total=len(cfg.systems) * len(_workloads(cfg)), desc="ablation", unit="run", disable=not progress)
     results: list[dict] = []
     for name in cfg.systems:
@@ -248,6 +254,7 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
         "benchmark": "ablation",
         "environment": environment(),
         "config": {**asdict(cfg), "zoo": str(zoo), "plain_drafter": cfg.plain_drafter or best_single_drafter(zoo)},
+        "cost_model": cost.to_dict(),
         "results": results,
         "repeats": repeats,
         "targets": ablation_targets(results, cfg, repeats),
