@@ -33,7 +33,7 @@ def test_engine_bench_small(tmp_path, zoo_root):
 @pytest.mark.slow
 def test_ablation_bench_small(tmp_path, zoo_root):
     """Two systems, one closed-loop level and a short open loop: rows, targets and the tables come out; the
-    verifiers get the cost model given (without one the bench profiles this machine first)."""
+    payload records the cost model given to the verifiers."""
     from cosine.policy.cost_model import CostModel
 
     cost = CostModel.default()

@@ -50,6 +50,7 @@ from cosine.bench.report import environment
 from cosine.bench.timing import RequestTiming, poisson_arrivals
 from cosine.engine.sequence import SpecStats
 from cosine.markdown import table
+from cosine.policy.cost_model import CostModel
 from cosine.sampling_params import SamplingParams
 from cosine.zoo import paths
 
@@ -235,8 +236,6 @@ def run_inprocess_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]
 
 
 def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
-    from cosine.policy.cost_model import CostModel
-
     zoo = paths.zoo_dir(cfg.zoo)
     unknown = [s for s in cfg.systems if s not in SYSTEMS and s not in IN_PROCESS]
     if unknown:

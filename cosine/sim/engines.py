@@ -233,14 +233,15 @@ class SimFusedDrafter:
         for d in range(depth):  # one batched forward per expert per position, over the rows still drafting
             stopped = False
             for ks in rows.values():
-                if not any(k > d for k in ks):
+                drafting = sum(1 for k in ks if k > d)
+                if not drafting:
                     continue
                 if d > 0 and stop is not None:
                     _sleep_until(t0, ms, self.time_scale)
                     stopped = stop()
                     if stopped:  # the depth some experts did not draft is dropped
                         break
-                ms += self.cost.draft_step_ms(sum(1 for k in ks if k > d))
+                ms += self.cost.draft_step_ms(drafting)
             if stopped:
                 out = {sid: fd.truncated(d) for sid, fd in out.items()}
                 depth = d
