@@ -126,11 +126,14 @@ def sim_markdown(payload: dict) -> str:
 
     cfg = payload["config"]
     lossless = all(r["lossless"] for r in payload["results"])
+    failed = [f"{r['system']} {r['workload']}: {r['requests'] - r['completed']}" for r in payload["results"]
+              if r["completed"] < r["requests"]]
     head = (f"Simulated cluster: {cfg['verifiers']} verifiers (70B target on 4xA100 each, cost model), "
             f"{cfg['drafters']} drafter workers (68M drafters on RTX 3090s, each hosting the three experts; "
             f"plain DSD: `{cfg['plain_expert']}` only), real Redis, real services, controller and policies; "
             f"{cfg['max_new_tokens']} tokens per request, k={cfg['k']} where fixed; Poisson rates {cfg['rates'][0]} "
             f"and {cfg['rates'][1]} requests/s, {cfg['requests']} requests per run ({cfg.get('fluctuating_requests')} "
             f"in the fluctuating one, switching every {cfg['fluctuate_s']} s); every output "
-            f"{'equal to' if lossless else '**not** always equal to'} the simulated target's own.\n\n")
+            f"{'equal to' if lossless else '**not** always equal to'} the simulated target's own"
+            f"{'; requests that ended with an error: ' + ', '.join(failed) if failed else ''}.\n\n")
     return head + ablation_markdown(payload, note=False)
