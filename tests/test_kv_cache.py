@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cosine.engine.drafter import Drafter, DraftRequest
-from cosine.engine.runner import ModelRunner, Segment
+from cosine.engine.runner import ModelRunner, Segment, prefill_groups
 from cosine.engine.sequence import Sequence
 from cosine.engine.tree import DraftTree
 from cosine.engine.verifier import TargetVerifier
@@ -161,16 +161,18 @@ def test_forward_over_some_rows_equals_forward_over_all():
         runner.add_rows(ids, prompts)
         runners.append(runner)
     full, alone = runners
+    assert full.row_ids == alone.row_ids and sorted(full.row_ids) == ids  # rows in prefill-group order
+    order = full.row_ids
     committed = {sid: list(p) for sid, p in zip(ids, prompts)}
     for _ in range(8):
         fed = set(rng.sample(ids, rng.randint(1, 3)))
         segments = []
-        for sid in ids:
+        for sid in order:
             tree = random_tree(rng, 53) if sid in fed else None
             segments.append(None if tree is None else Segment(tree.tokens, tree.parents))
         keep = torch.zeros((len(ids), max(len(s) for s in segments if s)), dtype=torch.bool)
         outs = [runner.forward(segments) for runner in runners]
-        for row, sid in enumerate(ids):
+        for row, sid in enumerate(order):
             if segments[row] is None:
                 continue
             n = len(segments[row])
@@ -185,6 +187,21 @@ def test_forward_over_some_rows_equals_forward_over_all():
             row = runner.row_of(sid)
             assert len(runner.kv.slots_of(row)) == len(committed[sid])
         assert_row_matches(alone, sid, committed[sid])
+
+
+def test_prompts_of_very_different_lengths_are_prefilled_in_groups_not_padded_to_the_longest():
+    assert prefill_groups([14, 297, 17, 265, 80, 60, 0]) == [[1, 3], [4, 5], [2, 0], [6]]
+    assert prefill_groups([5, 5, 5]) == [[0, 1, 2]]  # equal lengths: one forward, in the order given
+    model = tiny_llama(vocab=53, seed=8)
+    rng = random.Random(9)
+    prompts = {"short": [rng.randrange(53) for _ in range(3)], "long": [rng.randrange(53) for _ in range(40)],
+               "mid": [rng.randrange(53) for _ in range(33)]}
+    runner = ModelRunner(model)
+    runner.add_rows(list(prompts), list(prompts.values()))
+    assert runner.forwards == 2 and runner.slots_run == 2 * 40 + 3  # not 3 x 40
+    assert runner.row_ids == ["long", "mid", "short"]
+    for sid, toks in prompts.items():
+        assert_row_matches(runner, sid, toks)
 
 
 def test_last_node_logits_and_prefill_without_logits_match_the_full_forward():
