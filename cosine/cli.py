@@ -404,6 +404,8 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 @click.option("--model", "model", default=None, help="Target model folder [default: the zoo's target].")
 @click.option("--max-active", type=int, default=None, help="Requests held at once (batch limit).")
 @click.option("--max-batch-tokens", type=int, default=None, help="Tokens per verification forward.")
+@click.option("--admit-per-tick", type=int, default=None,
+              help="New requests prefilled between two verification passes (the rest wait in the stream).")
 @click.option("--k", type=int, default=None, help="Draft positions per round (0 = no speculation).")
 @click.option("--tree-width", type=int, default=None, help="Candidates per draft position (1 = chains).")
 @click.option("--proposal", type=click.Choice(["onehot", "sampled"]), default=None,
@@ -434,10 +436,8 @@ def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, pas
     from workers import verifier as verifier_worker
 
     settings = VerifierSettings(worker_id=name or _default_name("verifier"),
-                                switches=Switches(routing, fusion, scheduling, adaptive))
-    for attr, value in overrides.items():
-        if value is not None:
-            setattr(settings, attr, value)
+                                switches=Switches(routing, fusion, scheduling, adaptive),
+                                **{attr: value for attr, value in overrides.items() if value is not None})
     target = model or str(paths.target_dir(paths.zoo_dir(zoo_path)))
     verifier_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
                          settings, target, device, dtype, threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cosine.engine.fused_drafter import FusedRequest
+from cosine.errors import InvalidParameterError
 from cosine.engine.sequence import Sequence, SpecStats
 from cosine.engine.tree import DraftTree
 from cosine.local_redis import LocalRedis
@@ -244,3 +245,28 @@ def test_cluster_open_loop_with_routing_and_fusion_off(redis_url):
         result = run_workload(cluster, 8, rate=100.0, max_new_tokens=16, domain_mix={"code": 1.0}, timeout=60)
     assert result["lossless"] and result["completed"] == 8
     assert result["mean_acceptance_length"] > 1.0
+
+
+def test_a_verifier_admits_a_burst_a_few_requests_per_pass_not_all_at_once(redis_url):
+    """A burst of arrivals is prefilled ``admit_per_tick`` at a time between verification passes (the rest
+    wait in the request stream), so requests in flight are not stalled for the whole burst's prefill."""
+    from cosine.client import Client
+    from cosine.service.verifier import VerifierSettings
+    from cosine.sim.cluster import SimCluster
+
+    cluster = SimCluster(redis_url, verifiers=1, drafters=1, controller=False, time_scale=0.01,
+                         verifier_settings={"admit_per_tick": 2})
+    cluster._build()
+    verifier = cluster.verifiers[0]
+    verifier.heartbeat.beat()
+    verifier.recover_own()
+    with Client(settings=cluster.redis) as client:
+        for i in range(5):
+            client.submit([1 + i, 2, 3, 4], max_new_tokens=4)
+    seen = []
+    for _ in range(3):
+        verifier.tick()
+        seen.append(verifier.counters["admitted"])
+    assert seen == [2, 4, 5]
+    with pytest.raises(InvalidParameterError, match="admit_per_tick"):
+        VerifierSettings(worker_id="v", admit_per_tick=0)

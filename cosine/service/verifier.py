@@ -62,6 +62,7 @@ class VerifierSettings:
     worker_id: str
     max_active: int = defaults.VERIFIER_MAX_ACTIVE
     max_batch_tokens: int = defaults.VERIFIER_MAX_BATCH_TOKENS
+    admit_per_tick: int = defaults.VERIFIER_ADMIT_PER_TICK
     k: int = defaults.SPEC_K
     tree_width: int = defaults.SPEC_TREE_WIDTH
     # Sampling requests: "onehot" (deterministic drafts; output = the target's own keyed samples, however
@@ -82,6 +83,12 @@ class VerifierSettings:
     cost_model: str | None = None  # a profile written by `cosine profile`; None = built-in defaults
     # Fusion across drafter workers: a request's experts may live on several workers (the job's worker leads).
     cross_fusion: bool = defaults.CROSS_PROCESS_FUSION
+
+    def __post_init__(self) -> None:
+        for name in ("max_active", "admit_per_tick"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(name, f"must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -255,7 +262,8 @@ class VerifierService:
     def tick(self, admit: bool = True) -> None:
         now = time.monotonic()
         self.maintenance(now, admit)
-        capacity = self.settings.max_active - len(self.active) if admit else 0
+        room = self.settings.max_active - len(self.active)
+        capacity = min(room, self.settings.admit_per_tick) if admit else 0
         streams = ([self.keys.requests] if capacity > 0 else []) + [self.verify_stream]
         block = self.block_ms(now)
         # COUNT applies to each stream: never take more requests than there is room for (an entry read is
