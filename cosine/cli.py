@@ -405,7 +405,7 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 @click.option("--max-active", type=int, default=None, help="Requests held at once (batch limit).")
 @click.option("--max-batch-tokens", type=int, default=None, help="Tokens per verification forward.")
 @click.option("--admit-per-tick", type=int, default=None,
-              help="New requests prefilled between two verification passes (the rest wait in the stream).")
+              help="New requests prefilled between two verification passes (the rest of a burst waits its turn).")
 @click.option("--k", type=int, default=None, help="Draft positions per round (0 = no speculation).")
 @click.option("--tree-width", type=int, default=None, help="Candidates per draft position (1 = chains).")
 @click.option("--proposal", type=click.Choice(["onehot", "sampled"]), default=None,

@@ -33,8 +33,8 @@ MAX_DELIVERIES = 5  # an admission entry delivered more often goes to the dead-l
 VERIFIER_MAX_ACTIVE = 32  # requests one verifier holds at once (its batch limit)
 VERIFIER_MAX_BATCH_TOKENS = 2048  # cap on tokens (roots + draft nodes) in one verification forward
 # New requests a verifier admits (prefills) per loop turn, between verification passes: a burst admitted at
-# once stalls every request in flight for its whole prefill (11 prompts took 0.85 s on the CPU zoo); the rest
-# wait in the request stream, where another verifier may take them.
+# once stalls every request in flight for its whole prefill (11 prompts took 0.85 s on the CPU zoo). The rest
+# of what one read took waits, read and pending for this verifier, for the next turns.
 VERIFIER_ADMIT_PER_TICK = 2
 VERIFIER_IDLE_BLOCK_MS = 50  # blocking read when the verifier has nothing to do
 CANCEL_POLL_S = 0.02  # how often a verifier looks for cancellations (one XREAD)

@@ -248,8 +248,8 @@ def test_cluster_open_loop_with_routing_and_fusion_off(redis_url):
 
 
 def test_a_verifier_admits_a_burst_a_few_requests_per_pass_not_all_at_once(redis_url):
-    """A burst of arrivals is prefilled ``admit_per_tick`` at a time between verification passes (the rest
-    wait in the request stream), so requests in flight are not stalled for the whole burst's prefill."""
+    """A burst of arrivals is prefilled ``admit_per_tick`` at a time between verification passes (the rest,
+    read in the same call, wait their turn), so requests in flight are not stalled for the whole burst."""
     from cosine.client import Client
     from cosine.service.verifier import VerifierSettings
     from cosine.sim.cluster import SimCluster

@@ -148,6 +148,9 @@ class VerifierService:
         self.verify_stream = self.keys.verify(self.me)
         self.active: dict[str, Active] = {}
         self.consumed: list[bytes] = []  # draft-stream entries to acknowledge with the next write
+        # Admission entries read but not admitted yet (at most admit_per_tick are prefilled between passes);
+        # they are pending for this verifier, so a restart re-admits them and a death hands them to another.
+        self.arrivals: list = []
         self.rtts: collections.deque[float] = collections.deque(maxlen=64)
         self.drafters: dict[str, dict] = {}
         self._drafters_at = 0.0
@@ -262,8 +265,7 @@ class VerifierService:
     def tick(self, admit: bool = True) -> None:
         now = time.monotonic()
         self.maintenance(now, admit)
-        room = self.settings.max_active - len(self.active)
-        capacity = min(room, self.settings.admit_per_tick) if admit else 0
+        capacity = self.settings.max_active - len(self.active) - len(self.arrivals) if admit else 0
         streams = ([self.keys.requests] if capacity > 0 else []) + [self.verify_stream]
         block = self.block_ms(now)
         # COUNT applies to each stream: never take more requests than there is room for (an entry read is
@@ -282,8 +284,11 @@ class VerifierService:
             t1 = time.perf_counter()
             self.absorb(drafts)
             self.messaging_s += time.perf_counter() - t1
-        if got.get(self.keys.requests):
-            self.admit(got[self.keys.requests])
+        self.arrivals += got.get(self.keys.requests, [])
+        if self.arrivals and admit:
+            now_in, self.arrivals = (self.arrivals[: self.settings.admit_per_tick],
+                                     self.arrivals[self.settings.admit_per_tick :])
+            self.admit(now_in)
         t2 = time.perf_counter()
         ready = self.pick_ready(time.monotonic())
         self.scheduling_s += time.perf_counter() - t2
@@ -298,6 +303,8 @@ class VerifierService:
     def block_ms(self, now: float) -> int | None:
         """Block only while nothing can be verified (or the pass is held for drafts on their way), and not
         past the earliest draft budget; a draft arriving ends the block."""
+        if self.arrivals:  # requests read and waiting to be admitted
+            return None
         if not self.active:
             return self.settings.idle_block_ms
         if self.hold_until > now:
