@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from cosine.engine.fused_drafter import FusedRequest
-from cosine.errors import InvalidParameterError
 from cosine.engine.sequence import Sequence, SpecStats
 from cosine.engine.tree import DraftTree
+from cosine.errors import InvalidParameterError
 from cosine.local_redis import LocalRedis
 from cosine.sampling_params import SamplingParams
 from cosine.sim.costs import (
@@ -256,17 +256,20 @@ def test_a_verifier_admits_a_burst_a_few_requests_per_pass_not_all_at_once(redis
 
     cluster = SimCluster(redis_url, verifiers=1, drafters=1, controller=False, time_scale=0.01,
                          verifier_settings={"admit_per_tick": 2})
-    cluster._build()
-    verifier = cluster.verifiers[0]
-    verifier.heartbeat.beat()
-    verifier.recover_own()
-    with Client(settings=cluster.redis) as client:
-        for i in range(5):
-            client.submit([1 + i, 2, 3, 4], max_new_tokens=4)
-    seen = []
-    for _ in range(3):
-        verifier.tick()
-        seen.append(verifier.counters["admitted"])
+    cluster._build()  # the services, not their threads: the test turns the verifier's loop itself
+    try:
+        verifier = cluster.verifiers[0]
+        verifier.heartbeat.beat()
+        verifier.recover_own()
+        with Client(settings=cluster.redis) as client:
+            for i in range(5):
+                client.submit([1 + i, 2, 3, 4], max_new_tokens=4)
+        seen = []
+        for _ in range(3):
+            verifier.tick()
+            seen.append(verifier.counters["admitted"])
+    finally:
+        cluster.stop()
     assert seen == [2, 4, 5]
     with pytest.raises(InvalidParameterError, match="admit_per_tick"):
         VerifierSettings(worker_id="v", admit_per_tick=0)

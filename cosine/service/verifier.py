@@ -25,7 +25,7 @@ import redis
 import torch
 
 from cosine import defaults
-from cosine.broker import RedisSettings, Streams, connect, is_nogroup, now_ms
+from cosine.broker import Entry, RedisSettings, Streams, connect, is_nogroup, now_ms
 from cosine.engine.sequence import FinishReason, Sequence
 from cosine.engine.stopping import apply_stop_strings
 from cosine.engine.tree import DraftTree, depth_of
@@ -150,7 +150,7 @@ class VerifierService:
         self.consumed: list[bytes] = []  # draft-stream entries to acknowledge with the next write
         # Admission entries read but not admitted yet (at most admit_per_tick are prefilled between passes);
         # they are pending for this verifier, so a restart re-admits them and a death hands them to another.
-        self.arrivals: list = []
+        self.arrivals: list[Entry] = []
         self.rtts: collections.deque[float] = collections.deque(maxlen=64)
         self.drafters: dict[str, dict] = {}
         self._drafters_at = 0.0
