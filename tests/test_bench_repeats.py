@@ -3,7 +3,7 @@
 import pytest
 
 from cosine.bench.ablation import AblationConfig, ablation_markdown, ablation_targets
-from cosine.bench.repeats import alternated, pooled, rivals, run_repeats
+from cosine.bench.repeats import alternated, pooled, ratio_interval, rivals, run_repeats
 from cosine.errors import InvalidParameterError
 
 C8, FL = "closed c=8", "poisson fluctuating"
@@ -68,3 +68,37 @@ def test_targets_use_the_pooled_repeats_where_both_systems_have_them():
     md = ablation_markdown({"environment": {"git_sha": "x", "time": "t"}, "config": {}, "results": results,
                             "repeats": repeats, "targets": t}, note=False)
     assert "Head-to-head repeats" in md and "| closed c=8 | cosine | 2 | 210, 210 | 210 |" in md
+
+
+def run(repeat, tp, tpots):
+    return {"repeat": repeat, "tokens": int(tp * 10), "wall_s": 10.0, "requests": len(tpots),
+            "throughput_tok_s": tp, "tpot_p99_ms": max(tpots), "tpots_ms": tpots}
+
+
+def test_ratio_interval_resamples_repeats_paired_and_brackets_the_pooled_ratio():
+    a = [run(0, 110.0, [10.0] * 50), run(1, 90.0, [30.0] * 50), run(2, 100.0, [20.0] * 50)]
+    b = [run(0, 100.0, [20.0] * 50), run(1, 100.0, [20.0] * 50), run(2, 100.0, [20.0] * 50)]
+    iv = ratio_interval(a, b)
+    lo, hi = iv["throughput_tok_s"]
+    assert 0.9 <= lo < 1.0 < hi <= 1.1  # the pooled ratio, 1.0, inside; no draw beyond the extreme runs
+    assert iv["tpot_p99_ms"][0] <= 1.0 and iv["tpot_p99_ms"][1] == 1.5  # run 1 (p99 30 ms) in most draws
+    assert ratio_interval(a, b) == iv  # a fixed seed: the same rows, the same interval
+    # identical systems: no spread at all, whatever the draws
+    assert ratio_interval(b, b) == {"throughput_tok_s": (1.0, 1.0), "tpot_p99_ms": (1.0, 1.0)}
+    # only the repeats both systems ran count; fewer than two give no interval
+    assert ratio_interval(a[:1], b) is None and ratio_interval(a, b[2:]) is None
+    with pytest.raises(InvalidParameterError, match="level"):
+        ratio_interval(a, b, level=1.0)
+
+
+def test_targets_carry_the_repeats_interval_into_the_table():
+    results = [cell("cosine", C8, 200, 50), cell("plain-dsd", C8, 150, 70)]
+    pairs = [(210.0, 150.0), (190.0, 150.0)]  # repeat r: (cosine, plain-dsd) tokens/s
+    repeats = [{"system": s, "workload": C8, **run(r, tp, [20.0] * 10)}
+               for r, (x, y) in enumerate(pairs) for s, tp in (("cosine", x), ("plain-dsd", y))]
+    t = ablation_targets(results, AblationConfig(), repeats)
+    assert t["throughput_c8"]["interval"] == "1.27–1.40"
+    assert ablation_targets(results, AblationConfig())["throughput_c8"]["interval"] == "—"
+    md = ablation_markdown({"environment": {"git_sha": "x", "time": "t"}, "config": {}, "results": results,
+                            "repeats": repeats, "targets": t}, note=False)
+    assert "90% interval over the repeats" in md and "| 1.27–1.40 |" in md

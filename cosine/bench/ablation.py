@@ -43,7 +43,16 @@ from cosine.bench.e2e_bench import (
     summarize,
     worker_counters,
 )
-from cosine.bench.repeats import C8, FIXED_K, FLUCTUATING, pooled_by_pair, rivals, run_repeats
+from cosine.bench.repeats import (
+    C8,
+    FIXED_K,
+    FLUCTUATING,
+    INTERVAL_LEVEL,
+    pooled_by_pair,
+    ratio_interval,
+    rivals,
+    run_repeats,
+)
 from cosine.bench.repeats import cell_value as _get
 from cosine.bench.repeats import ratio as _ratio
 from cosine.bench.report import environment
@@ -295,6 +304,16 @@ def ablation_targets(results: list[dict], cfg: AblationConfig, repeats: list[dic
     def how(runs: int) -> str:
         return f"{runs} alternated runs each, pooled" if runs else "the sweep's cells"
 
+    def interval(system: str, rival: str, workload: str, keys: tuple[str, ...]) -> str:
+        """The bootstrap interval of the pooled ratios over the repeats (:func:`ratio_interval`); "—" without."""
+        rows = [r for r in repeats or [] if r["workload"] == workload]
+        iv = ratio_interval([r for r in rows if r["system"] == system], [r for r in rows if r["system"] == rival], keys)
+        if not iv:
+            return "—"
+        names = {"throughput_tok_s": "throughput", "tpot_p99_ms": "p99"}
+        return ", ".join(f"{lo:.2f}–{hi:.2f}x {names[k]}" if len(keys) > 1 else f"{lo:.2f}–{hi:.2f}"
+                         for k, (lo, hi) in iv.items())
+
     fixed = [n for n in FIXED_K if _get(results, n, FLUCTUATING, "throughput_tok_s")]
     rival = next((r for w, _, r in rivals(results) if w == FLUCTUATING), None)
     if rival is not None:
@@ -310,7 +329,9 @@ def ablation_targets(results: list[dict], cfg: AblationConfig, repeats: list[dic
             out["adaptive_fluctuating"] = {
                 "value": f"{tp}x throughput, {p99}x p99", "target": "> 1x throughput, < 1x p99",
                 "met": tp > 1 and p99 < 1,
-                "what": f"adaptive vs the best fixed k under fluctuating load ({against})"}
+                "what": f"adaptive vs the best fixed k under fluctuating load ({against})",
+                "interval": interval("cosine", rival, FLUCTUATING, ("throughput_tok_s", "tpot_p99_ms")),
+            }
     la, pl = _get(results, "cosine", "closed c=1", "tpot_p50_ms"), _get(results, "plain-dsd", "closed c=1", "tpot_p50_ms")
     if la and pl:
         v = _ratio(la, pl)
@@ -320,7 +341,8 @@ def ablation_targets(results: list[dict], cfg: AblationConfig, repeats: list[dic
     v = _ratio(a["throughput_tok_s"], b["throughput_tok_s"])
     if v:
         out["throughput_c8"] = {"value": v, "target": 1.3, "met": v >= 1.3,
-                                "what": f"throughput at c=8, CoSine / plain DSD ({how(runs)})"}
+                                "what": f"throughput at c=8, CoSine / plain DSD ({how(runs)})",
+                                "interval": interval("cosine", "plain-dsd", C8, ("throughput_tok_s",))}
     return out
 
 
@@ -339,8 +361,8 @@ def ablation_markdown(payload: dict, note: bool = True) -> str:
                  for s in systems])
     mal = table(["system", *workloads],
                 [[s, *(cell(s, w, "mean_acceptance_length", "{:.2f}") for w in workloads)] for s in systems])
-    tg = table(["target", "what", "measured", "goal", "met"],
-               [[k, v["what"], v["value"], v["target"], "yes" if v["met"] else "**no**"]
+    tg = table(["target", "what", "measured", f"{INTERVAL_LEVEL:.0%} interval over the repeats", "goal", "met"],
+               [[k, v["what"], v["value"], v.get("interval", "—"), v["target"], "yes" if v["met"] else "**no**"]
                 for k, v in payload["targets"].items()])
     tables = (f"Throughput (tokens/s)\n\n{tp}\n\nPer-token latency p50 / p99 (ms)\n\n{lat}\n\n"
               f"Mean acceptance length\n\n{mal}\n\n{tg}")
