@@ -614,6 +614,9 @@ def demo(zoo_path, prompts_per_domain, max_new_tokens, drafters, log_dir, local)
 
 
 def main() -> None:
+    from cosine.service.loop import exit_on_sigterm
+
+    exit_on_sigterm()  # benchmarks and the demo stop the deployments they started; workers install their own
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:

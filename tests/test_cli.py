@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -26,3 +29,44 @@ def test_bad_parameter_is_a_clean_error():
     )
     assert proc.returncode == 2
     assert "top_p" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of the processes whose parent is ``pid``."""
+    out = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(rest[1]) == pid:
+            out.append((int(d), name))
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_benchmark_stops_the_deployment_it_started(tmp_path):
+    """Python dies at once on SIGTERM by default; the benchmark must instead stop its workers and Redis."""
+    proc = subprocess.Popen([sys.executable, "-m", "cosine.cli", "bench", "ablation", "--system", "plain-dsd",
+                             "--repeats", "0", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "log").open("w"))
+    started: list[tuple[int, str]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(_children(proc.pid)) < 3:  # Redis, verifier, drafter
+            assert proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
+            time.sleep(0.2)
+        started = _children(proc.pid)
+        assert any("redis" in name for _, name in started) and len(started) >= 3, started
+        time.sleep(2)  # the workers are loading their models or serving the warm-up
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        left = [(pid, name) for pid, name in started if os.path.exists(f"/proc/{pid}")]
+        assert not left, f"left running after SIGTERM: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid, _ in started:  # what a failure left behind
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)

@@ -1,4 +1,5 @@
-"""Pieces every worker loop shares: reconnect backoff and graceful shutdown on SIGTERM/SIGINT."""
+"""Pieces every worker loop shares: reconnect backoff and graceful shutdown on SIGTERM/SIGINT; and, for a
+command that owns child processes, an exit on SIGTERM that stops them."""
 
 from __future__ import annotations
 
@@ -44,3 +45,17 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def exit_on_sigterm() -> None:
+    """For a command that owns a deployment (a benchmark, the demo): SIGTERM raises ``SystemExit(143)`` in the
+    main thread, so every ``with Deployment(...)`` / ``with LocalRedis()`` unwinds and stops its workers and
+    Redis (Python's default on SIGTERM is to die at once, leaving them running). Further SIGTERMs are
+    ignored while that cleanup runs; Ctrl-C already unwinds (KeyboardInterrupt)."""
+
+    def handler(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log.info("received %s: stopping what this command started", signal.Signals(signum).name)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
