@@ -48,9 +48,9 @@ def _children(pid: int) -> list[tuple[int, str]]:
 @pytest.mark.slow
 def test_sigterm_to_a_benchmark_stops_the_deployment_it_started(tmp_path):
     """Python dies at once on SIGTERM by default; the benchmark must instead stop its workers and Redis."""
-    proc = subprocess.Popen([sys.executable, "-m", "cosine.cli", "bench", "ablation", "--system", "plain-dsd",
-                             "--repeats", "0", "--out", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "log").open("w"))
+    with (tmp_path / "log").open("w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "cosine.cli", "bench", "ablation", "--system", "plain-dsd",
+                                 "--repeats", "0", "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=log)
     started: list[tuple[int, str]] = []
     try:
         deadline = time.monotonic() + 120
