@@ -163,7 +163,7 @@ def test_off_and_fixed_modes():
 
 
 def test_switched_off_requests_probe_and_recover():
-    ctl = SpeculationController(SpecSettings(probe_every=5))
+    ctl = SpeculationController(SpecSettings(probe_every=5, probe_first=5))
     state = ctl.new_request()
     for _ in range(10):
         state.observe(4, 0)
@@ -172,6 +172,19 @@ def test_switched_off_requests_probe_and_recover():
     for _ in range(4):  # the drafter got good (e.g. the text turned predictable)
         state.observe(ks[9], ks[9])
     assert ctl.k_for(state) > 0
+
+
+def test_probes_back_off_from_the_first_gap_to_probe_every():
+    ctl = SpeculationController(SpecSettings(probe_first=2, probe_every=16))
+    state = ctl.new_request()
+    for _ in range(10):
+        state.observe(4, 0)
+    ks = [ctl.k_for(state) for _ in range(62)]
+    probes = [i + 1 for i, k in enumerate(ks) if k > 0]  # decisions since going off, 1-based
+    assert probes == [2, 6, 14, 30, 46, 62]  # gaps 2, 4, 8, 16, then 16 for good
+    state.observe(4, 4)  # a probe that was all accepted turns it back on ...
+    state.observe(4, 4)
+    assert ctl.k_for(state) > 0 and state.probe_gap == 0  # ... and the next time it goes off starts at 2 again
 
 
 def test_balance_is_bounded_smooth_and_monotone():

@@ -90,8 +90,9 @@ class AblationConfig:
     # differed by more than the mechanisms did (CoSine at c=8: 1.06x plain DSD in one run, 1.21x at 6).
     requests_per_client: int = 6
     min_requests: int = 6
-    # Low and high Poisson arrival rates (requests/s): the high one is above what one verifier serves here
-    # (about 5 requests/s of 48 tokens), so the fluctuating run alternates calm and overload.
+    # Low and high Poisson arrival rates (requests/s): the high one is at or above what one verifier serves on
+    # two cores (about 5 requests/s of 48 tokens on an AMD EPYC, 7 on an Intel Xeon), so the fluctuating run
+    # alternates calm and bursts that queue.
     rates: tuple[float, float] = (1.0, 8.0)
     open_requests: int = 24  # requests per open-loop run at a steady rate
     # The fluctuating run's requests: about four low/high cycles, so that its p99 is not just its single
