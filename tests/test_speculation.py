@@ -162,11 +162,17 @@ def test_off_and_fixed_modes():
         ctl.k_for(state, mode="fixed", fixed_k=-1)
 
 
-def test_switched_off_requests_probe_and_recover():
-    ctl = SpeculationController(SpecSettings(probe_every=5, probe_first=5))
+def rejected(**settings) -> tuple[SpeculationController, RequestSpec]:
+    """A request whose first ten drafts were rejected outright (its estimate says: switch off)."""
+    ctl = SpeculationController(SpecSettings(**settings))
     state = ctl.new_request()
     for _ in range(10):
         state.observe(4, 0)
+    return ctl, state
+
+
+def test_switched_off_requests_probe_and_recover():
+    ctl, state = rejected(probe_every=5, probe_first=5)
     ks = [ctl.k_for(state) for _ in range(10)]
     assert ks.count(0) == 8 and ks[4] > 0 and ks[9] > 0
     for _ in range(4):  # the drafter got good (e.g. the text turned predictable)
@@ -175,10 +181,7 @@ def test_switched_off_requests_probe_and_recover():
 
 
 def test_probes_back_off_from_the_first_gap_to_probe_every():
-    ctl = SpeculationController(SpecSettings(probe_first=2, probe_every=16))
-    state = ctl.new_request()
-    for _ in range(10):
-        state.observe(4, 0)
+    ctl, state = rejected(probe_first=2, probe_every=16)
     ks = [ctl.k_for(state) for _ in range(62)]
     probes = [i + 1 for i, k in enumerate(ks) if k > 0]  # decisions since going off, 1-based
     assert probes == [2, 6, 14, 30, 46, 62]  # gaps 2, 4, 8, 16, then 16 for good
