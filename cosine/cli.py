@@ -427,6 +427,9 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 @click.option("--cross-process-fusion/--no-cross-process-fusion", "cross_fusion", default=None,
               help="Fuse experts hosted by different drafter workers: the job's worker leads the lockstep and "
                    "asks the others per draft position (one Redis round trip each).  [default: off]")
+@click.option("--trace-passes", type=click.Path(dir_okay=False), default=None,
+              help="Append a JSON line per verification pass to this file: its requests, depths and forward "
+                   "time, and where the time since the previous pass went (prefill, Redis, waiting).")
 def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
                     threads, name, model, routing, fusion, scheduling, adaptive, **overrides) -> None:
     """Own requests: verify drafts with the target model and stream the committed tokens."""

@@ -33,8 +33,14 @@ def redis_server():
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_server, tmp_path_factory, zoo_root):
-    dep = deployment(redis_server.url, verifiers=1, drafters=1, log_dir=str(tmp_path_factory.mktemp("logs")))
+def trace_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("trace") / "passes.jsonl"
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server, tmp_path_factory, zoo_root, trace_file):
+    dep = deployment(redis_server.url, verifiers=1, drafters=1, log_dir=str(tmp_path_factory.mktemp("logs")),
+                     verifier_args=["--trace-passes", str(trace_file)])
     with dep:
         yield dep
 
@@ -116,6 +122,21 @@ def test_routing_and_lookahead_at_work(cluster, client, zoo_prompts):
     assert sum(r.stats["lookahead_hits"] for r in results) > 0
     info = streams(cluster.url).live_workers("drafter")["drafter-0"]
     assert int(info["lookahead_hits"]) > 0 and int(info["lookahead_misses"]) >= 0
+
+
+def test_pass_trace_accounts_for_the_verifiers_time(cluster, client, zoo_prompts, trace_file):
+    """--trace-passes: a line per pass, whose prefill time adds up to the verifier's own counter."""
+    client.generate_many([zoo_prompts[d][0] for d in sorted(zoo_prompts)], max_new_tokens=16)
+    lines = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    assert lines
+    for line in lines:
+        assert 1 <= line["verified"] == len(line["depths"]) and line["forward_ms"] > 0
+        assert line["slots_run"] >= line["slots_fed"] >= line["verified"]
+        assert min(line[k] for k in ("admit_ms", "messaging_ms", "blocked_ms", "scheduling_ms")) >= 0
+    assert any(d > 0 for line in lines for d in line["depths"])
+    info = streams(cluster.url).live_workers("verifier")["verifier-0"]
+    traced = sum(line["admit_ms"] for line in lines)
+    assert 0 < traced <= float(info["admit_s"]) * 1000 + 1
 
 
 def test_seeded_sampling_is_reproducible(client, zoo_prompts):

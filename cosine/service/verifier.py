@@ -49,6 +49,7 @@ from cosine.protocol import (
 from cosine.service.control import ControlView
 from cosine.service.heartbeat import Heartbeat
 from cosine.service.loop import Backoff
+from cosine.service.pass_trace import PassTrace
 from cosine.service.steering import RequestSteer, Steering, Switches
 from cosine.service.text import TextStream
 
@@ -83,6 +84,7 @@ class VerifierSettings:
     cost_model: str | None = None  # a profile written by `cosine profile`; None = built-in defaults
     # Fusion across drafter workers: a request's experts may live on several workers (the job's worker leads).
     cross_fusion: bool = defaults.CROSS_PROCESS_FUSION
+    trace_passes: str | None = None  # append a JSON line per verification pass to this file (PassTrace)
 
     def __post_init__(self) -> None:
         for name in ("max_active", "admit_per_tick"):
@@ -162,7 +164,8 @@ class VerifierService:
         # metrics
         self.started = time.monotonic()
         self.rounds = 0
-        self.busy_s = 0.0  # time in target forwards
+        self.busy_s = 0.0  # time in target forwards (prefills included)
+        self.admit_s = 0.0  # of it, time prefilling admitted requests
         self.messaging_s = 0.0  # time in Redis calls and (de)serialisation on the round path
         self.blocked_s = 0.0  # time in blocking reads: waiting for drafts or requests (idle)
         self.scheduling_s = 0.0  # time choosing what to verify (the scheduler and its candidates)
@@ -172,6 +175,7 @@ class VerifierService:
         cost = CostModel.load(settings.cost_model) if settings.cost_model else None
         self.steering = Steering(settings.switches, settings.k, cost)
         self.control = ControlView(self.streams.r, self.keys)
+        self.trace = PassTrace(settings.trace_passes) if settings.trace_passes else None
 
     # -- observability --------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -187,6 +191,7 @@ class VerifierService:
             "blocked_s": round(self.blocked_s, 4),
             "scheduling_s": round(self.scheduling_s, 4),
             "busy_s": round(self.busy_s, 4),
+            "admit_s": round(self.admit_s, 4),
             "uptime_s": round(up, 3),
             "draft_budget_ms": round(self.draft_budget_ms(), 2),
             "draft_rtt_p50_ms": round(statistics.median(self.rtts), 2) if self.rtts else 0.0,
@@ -237,6 +242,8 @@ class VerifierService:
             self.drain()
         finally:
             self.heartbeat.stop()
+            if self.trace is not None:
+                self.trace.close()
             log.info("verifier %s stopped with %d requests left for others to reclaim", self.me, len(self.active))
 
     def drain(self) -> None:
@@ -352,7 +359,9 @@ class VerifierService:
             return
         t0 = time.perf_counter()
         self.engine.admit([st.seq for st in fresh])
-        self.busy_s += time.perf_counter() - t0
+        prefill_s = time.perf_counter() - t0
+        self.busy_s += prefill_s
+        self.admit_s += prefill_s
         for st in fresh:
             self.active[st.rid] = st
             self.counters["admitted"] += 1
@@ -545,8 +554,18 @@ class VerifierService:
         pipe.execute()
         self._jobs_sent(jobs)
         self.messaging_s += time.perf_counter() - t1
+        if self.trace is not None:
+            self.trace.record(self._trace_counters(), active=len(self.active), verified=len(ready),
+                              depths=[t.depth if t else 0 for t in drafts.values()],
+                              forward_ms=round(forward_s * 1000, 3))
         if finished:
             self._release(finished)
+
+    def _trace_counters(self) -> dict[str, float]:
+        """What a pass-trace line reports as grown since the previous pass."""
+        return {"admit_ms": self.admit_s * 1000, "messaging_ms": self.messaging_s * 1000,
+                "blocked_ms": self.blocked_s * 1000, "scheduling_ms": self.scheduling_s * 1000,
+                "slots_run": self.engine.runner.slots_run, "slots_fed": self.engine.runner.slots_fed}
 
     def _tree(self, d: Draft) -> DraftTree:
         tree = DraftTree(list(d.tokens), list(d.parents), list(d.confidences), list(d.sources))
