@@ -339,3 +339,14 @@ def test_a_drafted_tokens_share_of_the_pass_shortens_drafts_and_raises_the_off_s
     assert ctl.best_k(0.3, 0, 8, verify_cost=0.3) == 0 < ctl.best_k(0.3, 0, 8)
     with pytest.raises(InvalidParameterError):
         ctl.best_k(0.5, 0, 8, verify_cost=-1)
+
+
+def test_drafting_is_priced_by_its_share_on_the_rounds_path():
+    ctl = SpeculationController(SpecSettings(draft_cost_ratio=0.2))
+    assert ctl.cost_ratio(0.5, draft_share=0.25) == pytest.approx(0.25 * ctl.cost_ratio(0.5))
+    assert ctl.off_threshold(draft_share=0.0) == 0.0  # nothing on the path: any acceptance pays
+    for rate in (0.5, 0.75, 0.9):
+        assert ctl.best_k(rate, 0, 8, draft_share=0.1) >= ctl.best_k(rate, 0, 8)
+    assert ctl.best_k(0.75, 0, 8, draft_share=0.1) > ctl.best_k(0.75, 0, 8)
+    with pytest.raises(InvalidParameterError):
+        ctl.best_k(0.5, 0, 8, draft_share=1.5)

@@ -162,3 +162,40 @@ def test_fused_siblings_are_priced_as_the_tokens_they_feed():
     s.observe(steer, 2, 1, [1, 2], {}, {}, nodes=0)
     s.observe(steer, 0, 0, [1], {}, {}, nodes=0)
     assert abs(s.nodes_per_depth - 3.0) < 0.01
+
+
+def test_drafting_is_priced_by_the_part_of_it_a_round_waits_for():
+    """The verifier's measured wait for drafts, set against the drafting time predicted for the jobs it
+    sent: 1 until a pass is seen, about 0 when drafts come back while it is busy with other requests."""
+    s = Steering(Switches(), k=4, cost=CPU)
+    assert s.draft_share() == 1.0
+    ks = s.cap({str(i): 4 for i in range(8)}, 1, 2048)
+    assert s.draft_ms_sent == CPU.draft_ms(8, 4)
+    s.observe_pass(draft_wait_ms=50.0, overhead_ms=3.0)
+    assert s.draft_share() == 1.0  # waited longer than drafting takes: all of it is on the round's path
+    for _ in range(100):
+        s.observe_pass(draft_wait_ms=0.0, overhead_ms=3.0)
+    assert s.draft_share() < 0.01 and abs(s.pass_overhead_ms - 3.0) < 1e-6
+    assert ks == {str(i): 4 for i in range(8)}
+
+
+def test_a_loaded_verifier_that_never_waits_for_drafts_drafts_longer():
+    """Under load on a CPU target, a round's drafting runs while the verifier verifies other requests, and
+    its own work between passes (Redis, scheduling, prefilling arrivals) is paid per pass whatever the depth:
+    priced as the cost model's bare forward plus drafting, rounds drafted shorter than the best fixed length."""
+    def depth(wait_ms: float | None, overhead_ms: float) -> int:
+        s = Steering(Switches(), k=4, cost=PADDED_CPU)
+        s.control = decision()
+        s.batch, s.context = 16, 250
+        steers = {str(i): steered(s, [(4, 3)] * 6) for i in range(8)}  # acceptance about 0.75
+        steers["good"] = steered(s, [(8, 8)] * 6)  # asks for the longest draft
+        if wait_ms is not None:
+            round_ks(s, steers)  # the jobs' predicted drafting time, which the wait is set against
+            for _ in range(50):
+                s.observe_pass(wait_ms, overhead_ms)
+        return max(round_ks(s, steers).values())
+
+    priced_in_full = depth(None, 0.0)
+    assert depth(100.0, 0.0) == priced_in_full  # a verifier waiting for its drafts: as before
+    assert depth(0.0, 0.0) > priced_in_full  # drafts back before they are needed: drafting is off the path
+    assert depth(0.0, 30.0) > depth(0.0, 0.0)  # a round's own overhead makes every position cheaper

@@ -6,12 +6,16 @@ round commits ``E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)`` tokens on a
 pass (its share of one, growing with the tokens it feeds) plus ``k`` drafter steps, so
 :class:`SpeculationController` picks the ``k`` in its bounds maximising::
 
-    U(k) = E(k) / (1 + (v + c * dearer(pressure)) * k)
+    U(k) = E(k) / (1 + (v + c * s * dearer(pressure)) * k)
 
 ``c`` is the drafter-step / target-step cost ratio; ``v`` is what one drafted token adds to the request's
 share of a verification pass (from the cost model at the verifier's batch and context: for the CPU zoo
 about 0.23 at batch 8 and 0.05 at batch 1 with 150 tokens of context; 0 for a big target under its roofline
-knee). ``pressure`` in [-1, 1] comes from :meth:`balance`: positive when work piles up (drafts waiting
+knee); ``s`` (``draft_share``, 1 by default) is the part of drafting's time the round waits for: the
+verifier measures it (:mod:`cosine.service.steering`), and it falls when drafts come back while the verifier
+is busy with other requests. The verifier also measures its work per pass outside the forward (Redis,
+scheduling, prefilling arrivals), which a round of plain steps pays too, so ``v`` and ``c`` are taken
+relative to the pass plus that. ``pressure`` in [-1, 1] comes from :meth:`balance`: positive when work piles up (drafts waiting
 for the verifier, draft jobs waiting for drafters, a verifier busier than its target), which makes
 drafting dearer and drafts shorter (:func:`dearer`). Negative pressure (the verifier idles) changes no
 price: the verifier idles waiting for drafts, so drafting's time is on every round's path, and pricing it
@@ -262,30 +266,35 @@ class SpeculationController:
         return RequestSpec(self.settings, prior)
 
     # -- the model ------------------------------------------------------------------------------------
-    def cost_ratio(self, pressure: float = 0.0) -> float:
-        """The effective drafter/target cost ratio ``c * dearer(pressure)``."""
-        return self.settings.draft_cost_ratio * dearer(pressure)
+    def cost_ratio(self, pressure: float = 0.0, draft_share: float = 1.0) -> float:
+        """The effective drafter/target cost ratio ``c * share * dearer(pressure)``: ``draft_share`` is the part
+        of drafting's time a round waits for (1: all of it; less where drafts come back while the verifier is
+        busy with other work, so their time is off the round's path)."""
+        return self.settings.draft_cost_ratio * _number("draft_share", draft_share, 0.0, 1.0) * dearer(pressure)
 
-    def off_threshold(self, pressure: float = 0.0, verify_cost: float = 0.0) -> float:
+    def off_threshold(self, pressure: float = 0.0, verify_cost: float = 0.0, draft_share: float = 1.0) -> float:
         """The acceptance rate under which k = 0 pays more than any k >= 1."""
         if self.settings.off_below is not None:
             return self.settings.off_below
-        return min(1.0, self.cost_ratio(pressure) + _number("verify_cost", verify_cost, 0.0))
+        return min(1.0, self.cost_ratio(pressure, draft_share) + _number("verify_cost", verify_cost, 0.0))
 
-    def utility(self, rate: float, k: int, pressure: float = 0.0, verify_cost: float = 0.0) -> float:
-        """Expected committed tokens per unit of cost: ``E(k) / (1 + (v + c * dearer(pressure)) * k)``, where
-        ``v`` (``verify_cost``) is what one drafted token adds to the request's share of a verification pass,
-        relative to that share without a draft (0 for a target whose pass does not grow with the tokens fed)."""
-        return expected_tokens(rate, k) / (1 + (self.cost_ratio(pressure) + verify_cost) * k)
+    def utility(self, rate: float, k: int, pressure: float = 0.0, verify_cost: float = 0.0,
+                draft_share: float = 1.0) -> float:
+        """Expected committed tokens per unit of cost: ``E(k) / (1 + (v + c * share * dearer(pressure)) * k)``,
+        where ``v`` (``verify_cost``) is what one drafted token adds to the request's share of a verification
+        pass, relative to that share without a draft (0 for a target whose pass does not grow with the tokens
+        fed), and ``share`` (``draft_share``) the part of drafting a round waits for (:meth:`cost_ratio`)."""
+        return expected_tokens(rate, k) / (1 + (self.cost_ratio(pressure, draft_share) + verify_cost) * k)
 
-    def best_k(self, rate: float, low: int, high: int, pressure: float = 0.0, verify_cost: float = 0.0) -> int:
+    def best_k(self, rate: float, low: int, high: int, pressure: float = 0.0, verify_cost: float = 0.0,
+               draft_share: float = 1.0) -> int:
         """The k in ``[low, high]`` with the highest utility (the smallest one on ties)."""
         if low == 0 and self.settings.off_below is not None and rate < self.settings.off_below:
             return 0
         verify_cost = _number("verify_cost", verify_cost, 0.0)
         best, best_u = low, -math.inf
         for k in range(low, high + 1):
-            u = self.utility(rate, k, pressure, verify_cost)
+            u = self.utility(rate, k, pressure, verify_cost, draft_share)
             if u > best_u * (1 + 1e-12):
                 best, best_u = k, u
         return best
@@ -299,6 +308,7 @@ class SpeculationController:
         bounds: tuple[int, int] | None = None,
         pressure: float = 0.0,
         verify_cost: float = 0.0,
+        draft_share: float = 1.0,
     ) -> int:
         """The k to draft this round (call once per round).
 
@@ -328,10 +338,10 @@ class SpeculationController:
         else:
             rate = state.acceptance_rate
             current = clamp(s.k_init if state.k is None else state.k)
-            best = self.best_k(rate, low, high, pressure, verify_cost)
+            best = self.best_k(rate, low, high, pressure, verify_cost, draft_share)
             forced_off = best == 0 and s.off_below is not None and rate < s.off_below
-            better = (self.utility(rate, best, pressure, verify_cost)
-                      > (1 + s.hysteresis) * self.utility(rate, current, pressure, verify_cost))
+            better = (self.utility(rate, best, pressure, verify_cost, draft_share)
+                      > (1 + s.hysteresis) * self.utility(rate, current, pressure, verify_cost, draft_share))
             if best != current and (forced_off or better):
                 log.debug("k %d -> %d (rate %.3f, pressure %.2f)", current, best, rate, pressure)
                 k = best

@@ -22,6 +22,7 @@ from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationCont
 
 
 NODES_EWMA = 0.05  # weight of the newest draft in Steering.nodes_per_depth
+PASS_EWMA = 0.1  # weight of the newest pass in Steering's measured draft wait and pass overhead
 
 
 @dataclass
@@ -68,6 +69,14 @@ class Steering:
         # drafts): what a drafted position adds to a pass, where the tree width alone counts one per expert
         # candidate kept and fusion keeps the ones its experts disagreed on.
         self.nodes_per_depth = 1.0
+        # What a round costs beyond the cost model's bare forward and drafting job, measured by the verifier
+        # per pass (EWMA, :meth:`observe_pass`): how long it waited for drafts while holding requests, and its
+        # other time outside forwards (Redis calls, serialisation, scheduling, prefilling arrivals between
+        # passes). ``draft_ms_sent`` is the drafting time the cost model predicts for the latest round of jobs,
+        # which the wait is set against.
+        self.draft_wait_ms: float | None = None
+        self.pass_overhead_ms = 0.0
+        self.draft_ms_sent = 0.0
 
     def new(self) -> RequestSteer:
         return RequestSteer(RequestSpec(self.spec_settings))
@@ -87,21 +96,46 @@ class Steering:
             return max(0, min(self.k, room))
         c = self.control
         bounds = (c.k_min, c.k_max) if c is not None else None
+        single = self.cost.verify_ms(max(1, self.batch), self.context, max(1, self.batch))
+        # The drafter/target ratio is relative to a bare forward; a round of plain steps costs its overhead too.
+        diluted = single / (single + self.pass_overhead_ms) if single > 0 else 1.0
         k = self.controller.k_for(steer.spec, bounds=bounds, pressure=c.pressure if c is not None else 0.0,
-                                  verify_cost=self.verify_cost())
+                                  verify_cost=self.verify_cost(), draft_share=self.draft_share() * diluted)
         return max(0, min(k, room))
 
     def verify_cost(self) -> float:
         """What one drafted position adds to a request's share of a verification pass, relative to that share
-        with no draft, at the verifier's batch and context (``batch``, ``context``), a draft of its default
-        length and the nodes a position feeds (``nodes_per_depth``; the cost model's knee makes it 0 for a
-        big target feeding few tokens)."""
+        with no draft (the pass plus the verifier's measured overhead per pass), at the verifier's batch and
+        context (``batch``, ``context``), a draft of its default length and the nodes a position feeds
+        (``nodes_per_depth``; the cost model's knee makes it 0 for a big target feeding few tokens)."""
         n, k = max(1, self.batch), max(1, self.k)
         single = self.cost.verify_ms(n, self.context, n)
         if single <= 0:
             return 0.0
         fed = math.ceil(n * (1 + k * self.nodes_per_depth))  # each drafted position feeds its fused siblings too
-        return (self.cost.verify_ms(n, self.context, fed) - single) / (k * single)
+        return (self.cost.verify_ms(n, self.context, fed) - single) / (k * (single + self.pass_overhead_ms))
+
+    # -- what a round costs beyond the cost model -------------------------------------------------------
+    def observe_pass(self, draft_wait_ms: float, overhead_ms: float) -> None:
+        """The verifier's time since its previous pass: waiting for drafts while it held requests, and the rest
+        besides the pass's forward (Redis, serialisation, scheduling, prefilling arrivals)."""
+        if self.draft_wait_ms is None:
+            self.draft_wait_ms, self.pass_overhead_ms = draft_wait_ms, overhead_ms
+            return
+        self.draft_wait_ms += PASS_EWMA * (draft_wait_ms - self.draft_wait_ms)
+        self.pass_overhead_ms += PASS_EWMA * (overhead_ms - self.pass_overhead_ms)
+
+    def draft_share(self) -> float:
+        """The part of drafting's time a round waits for: the verifier's measured wait for drafts per pass
+        against the drafting time predicted for the jobs it sends, at most 1 (and 1 before any pass).
+
+        When the verifier is busy with other requests while a round's drafts are made (under load, with
+        requests verified in turns), drafts come back before they are needed and their time is off the
+        round's path: pricing it in full made drafts shorter than the best fixed length under load (on the
+        demo zoo at a burst's peak, the verifier waited about 1 ms per pass for drafts predicted at 6 ms)."""
+        if self.draft_wait_ms is None or self.draft_ms_sent <= 0:
+            return 1.0
+        return min(1.0, self.draft_wait_ms / self.draft_ms_sent)
 
     def cap(self, ks: dict[str, int], width: int, token_cap: int,
             adaptive: dict[str, tuple[RequestSteer, int]] | None = None) -> dict[str, int]:
@@ -117,7 +151,11 @@ class Steering:
             ks = self.one_depth(ks, adaptive, width)
         elif adaptive and len(ks) > 1:
             ks = self.align(ks, adaptive, width)
-        return self.controller.cap_total(ks, {rid: width for rid in ks}, token_cap, self.cost.padded)
+        ks = self.controller.cap_total(ks, {rid: width for rid in ks}, token_cap, self.cost.padded)
+        drafting = [k for k in ks.values() if k > 0]
+        if drafting:
+            self.draft_ms_sent = self.cost.draft_ms(len(drafting), max(drafting))
+        return ks
 
     def one_depth(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]],
                   width: int) -> dict[str, int]:
@@ -137,12 +175,14 @@ class Steering:
         pressure = c.pressure if c is not None else 0.0
         n, context = len(ks), self.context
         rooms = {rid: a[1] for rid, a in mine.items()}
+        drafting = dearer(pressure) * self.draft_share()
 
         def round_ms(depth: int) -> float:
             longest = max(depth, fixed)
             total = sum(1 + (min(depth, rooms[rid]) if rid in mine else k) * width for rid, k in ks.items())
             fed = self.cost.fed(n, total, 1 + longest * width)
-            return self.cost.verify_ms(n, context, fed) + dearer(pressure) * self.cost.draft_ms(n, longest)
+            return (self.cost.verify_ms(n, context, fed) + self.pass_overhead_ms
+                    + drafting * self.cost.draft_ms(n, longest))
 
         depth = self.controller.round_depth({rid: a[0].spec.acceptance_rate for rid, a in mine.items()}, rooms,
                                             low, high, round_ms, other_tokens=float(len(ks) - len(mine)))
@@ -159,7 +199,8 @@ class Steering:
         c = self.control
         tokens = sum(1 + k * width for k in ks.values())
         n, context = len(ks), self.context
-        round_ms = self.cost.verify_ms(n, context, tokens) + self.cost.draft_ms(1, top)
+        round_ms = (self.cost.verify_ms(n, context, tokens) + self.pass_overhead_ms
+                    + self.draft_share() * self.cost.draft_ms(1, top))
         # What a fed token adds to the pass, on average over what alignment could add (a knee makes the first
         # ones free on a big target).
         most = tokens + sum(top - ks[rid] for rid in mine) * width

@@ -168,6 +168,7 @@ class VerifierService:
         self.admit_s = 0.0  # of it, time prefilling admitted requests
         self.messaging_s = 0.0  # time in Redis calls and (de)serialisation on the round path
         self.blocked_s = 0.0  # time in blocking reads: waiting for drafts or requests (idle)
+        self.draft_wait_s = 0.0  # of it, time waiting while holding requests (for drafts on their way)
         self.scheduling_s = 0.0  # time choosing what to verify (the scheduler and its candidates)
         self.completed = 0
         self.counters = collections.Counter()
@@ -176,6 +177,7 @@ class VerifierService:
         self.steering = Steering(settings.switches, settings.k, cost)
         self.control = ControlView(self.streams.r, self.keys)
         self.trace = PassTrace(settings.trace_passes) if settings.trace_passes else None
+        self._since_pass: tuple[float, float] | None = None  # draft wait, overhead (s) at the last pass
 
     # -- observability --------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -287,6 +289,8 @@ class VerifierService:
             self.messaging_s += time.perf_counter() - t0
         else:
             self.blocked_s += time.perf_counter() - t0
+            if self.active:
+                self.draft_wait_s += time.perf_counter() - t0
         if drafts:
             t1 = time.perf_counter()
             self.absorb(drafts)
@@ -515,6 +519,7 @@ class VerifierService:
                 st.drafters_used.add(d.drafter)
         self.counters["passes"] += 1
         self.counters["pass_tokens"] += sum(1 + (len(t.tokens) if t else 0) for t in drafts.values())
+        self._observe_pass()
         t0 = time.perf_counter()
         try:
             results = self.engine.step(drafts)
@@ -557,9 +562,20 @@ class VerifierService:
         if self.trace is not None:
             self.trace.record(self._trace_counters(), active=len(self.active), verified=len(ready),
                               depths=[t.depth if t else 0 for t in drafts.values()],
-                              forward_ms=round(forward_s * 1000, 3))
+                              forward_ms=round(forward_s * 1000, 3),
+                              draft_share=round(self.steering.draft_share(), 3),
+                              pass_overhead_ms=round(self.steering.pass_overhead_ms, 3))
         if finished:
             self._release(finished)
+
+    def _observe_pass(self) -> None:
+        """Tell steering what the time since the previous pass held besides its forward: waiting for drafts,
+        and the rest of a round's work (Redis, serialisation, scheduling, prefilling arrivals)."""
+        wait, overhead = self.draft_wait_s, self.messaging_s + self.scheduling_s + self.admit_s
+        if self._since_pass is not None:  # the first pass has no previous one (start-up is not a round)
+            last_wait, last_overhead = self._since_pass
+            self.steering.observe_pass(1000 * (wait - last_wait), 1000 * (overhead - last_overhead))
+        self._since_pass = (wait, overhead)
 
     def _trace_counters(self) -> dict[str, float]:
         """What a pass-trace line reports as grown since the previous pass."""
