@@ -237,7 +237,7 @@ def test_cap_total_padded_counts_every_row_at_the_largest_draft():
     assert cap_total(ks, None, 2, padded=True) == {"a": 0, "b": 0, "c": 0}
 
 
-def test_round_depth_maximises_the_rounds_tokens_per_ms():
+def test_round_depth_of_alike_requests_maximises_the_rounds_tokens_per_ms():
     # A pass of 4 padded rows: 10 ms + 0.5 ms per slot, no drafting cost.
     def ms(depth):
         return 10.0 + 0.5 * 4 * (1 + depth)
@@ -260,6 +260,30 @@ def test_round_depth_maximises_the_rounds_tokens_per_ms():
     with pytest.raises(InvalidParameterError):
         round_depth({"a": 1.5}, {}, 0, 2, ms)
     assert SpeculationController.round_depth(rates, {}, 0, 8, ms) == good
+
+
+def test_round_depth_minimises_the_rounds_mean_per_token_latency():
+    """Requests that accept unlike: the depth serves the round's mean per-token latency, which weighs the
+    poorly accepting requests (the latency tail) more than the round's tokens per ms would."""
+    def ms(depth):
+        return 10.0 + 0.5 * 4 * (1 + depth)
+
+    rates = {"good": 0.98, "a": 0.5, "b": 0.5, "c": 0.5}
+    depth = round_depth(rates, {}, 0, 8, ms)
+
+    def latency(k):
+        return ms(k) * sum(1 / expected_tokens(x, k) for x in rates.values()) / len(rates)
+
+    def per_ms(k):
+        return sum(expected_tokens(x, k) for x in rates.values()) / ms(k)
+
+    assert all(latency(depth) <= latency(k) for k in range(9))
+    most_tokens = max(range(9), key=per_ms)
+    assert depth < most_tokens
+    # A request of fixed length counts as one token a round, whatever the depth: it weighs towards short rounds.
+    assert round_depth({"a": 0.8}, {}, 0, 8, ms, others=3) <= round_depth({"a": 0.8}, {}, 0, 8, ms)
+    with pytest.raises(InvalidParameterError):
+        round_depth(rates, {}, 0, 2, ms, others=-1)
 
 
 def test_default_hysteresis_does_not_pin_k_at_k_init():

@@ -185,7 +185,7 @@ class Steering:
                     + drafting * self.cost.draft_ms(n, longest))
 
         depth = self.controller.round_depth({rid: a[0].spec.acceptance_rate for rid, a in mine.items()}, rooms,
-                                            low, high, round_ms, other_tokens=float(len(ks) - len(mine)))
+                                            low, high, round_ms, others=len(ks) - len(mine))
         return {rid: min(depth, rooms[rid]) if rid in mine else k for rid, k in ks.items()}
 
     def align(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]], width: int) -> dict[str, int]:
