@@ -15,14 +15,14 @@ knee); ``s`` (``draft_share``, 1 by default) is the part of drafting's time the 
 verifier measures it (:mod:`cosine.service.steering`), and it falls when drafts come back while the verifier
 is busy with other requests. The verifier also measures its work per pass outside the forward (Redis,
 scheduling, prefilling arrivals), which a round of plain steps pays too, so ``v`` and ``c`` are taken
-relative to the pass plus that. ``pressure`` in [-1, 1] comes from :meth:`balance`: positive when work piles up (drafts waiting
-for the verifier, draft jobs waiting for drafters, a verifier busier than its target), which makes
-drafting dearer and drafts shorter (:func:`dearer`). Negative pressure (the verifier idles) changes no
-price: the verifier idles waiting for drafts, so drafting's time is on every round's path, and pricing it
-at nothing made requests draft their longest with every expert, which lengthened each round (in the cluster
-simulation under fluctuating load, per-token latency p50 26 ms against 23 ms priced as it is). Drafting
-more when the verifier idles is the controller's rule: it raises ``k_max`` and the cooperating drafters,
-and each request's optimum moves only up to them.
+relative to the pass plus that. ``pressure`` in [-1, 1] comes from :meth:`balance`: positive when work
+piles up (drafts waiting for the verifier, draft jobs waiting for drafters, a verifier busier than its
+target), which makes drafting dearer and drafts shorter (:func:`dearer`). Negative pressure (the verifier
+idles) changes no price: the verifier idles waiting for drafts, so drafting's time is on every round's
+path, and pricing it at nothing made requests draft their longest with every expert, which lengthened each
+round (in the cluster simulation under fluctuating load, per-token latency p50 26 ms against 23 ms priced as
+it is). Drafting more when the verifier idles is the controller's rule: it raises ``k_max`` and the
+cooperating drafters, and each request's optimum moves only up to them.
 
 A round is verified as part of a batch, and the requests whose jobs go out together come back to be
 verified together: the pass waits for the batch's longest draft anyway, so a request drafting fewer
