@@ -1,4 +1,4 @@
-"""Head-to-head repeats: the two comparisons a drift of the machine can tip, measured again, alternated.
+"""Head-to-head repeats: the comparisons a drift of the machine can tip, measured again, alternated.
 
 An ablation sweep runs its systems one after another for about half an hour, and a shared machine's speed
 drifts over that time (here a single-thread matmul timed between runs took 114-176 µs): the system run
@@ -6,10 +6,14 @@ first and the one run near the end meet different machines. Two full sweeps of t
 at concurrency 8 at 1.69x and at 1.28x plain DSD. So after the sweep each such target's two systems run
 its workload again, ``repeats`` times each, alternated A B, B A, A B ... on fresh deployments, so that a
 drift hits both alike; open-loop repeats draw new arrivals per repeat, the same draws for both systems.
-The targets are computed from these runs, pooled: tokens over wall time summed, percentiles over every
-request of every repeat. How far the draws alone move a pooled ratio is shown by a bootstrap over the
-repeats (:func:`ratio_interval`): three sets of the same code once put adaptive control's pooled p99 at
-0.88x, 1.15x and 0.95x the fixed length's, so a ratio near 1 says little without its interval.
+Adaptive control is repeated against the sweep's two best fixed lengths, not its one best: a single cell
+picks among lengths that differ by less than the draws do (one sweep picked k=6, whose repeats adaptive
+control won, while a separate head-to-head against k=4, second in that sweep, went k=4's way), so the three
+systems alternate together (A B C, C B A, ...) and the target must hold against both. The targets are
+computed from these runs, pooled: tokens over wall time summed, percentiles over every request of every
+repeat. How far the draws alone move a pooled ratio is shown by a bootstrap over the repeats
+(:func:`ratio_interval`): three sets of the same code once put adaptive control's pooled p99 at 0.88x,
+1.15x and 0.95x the fixed length's, so a ratio near 1 says little without its interval.
 
 Standard library only (the cluster simulation uses the same pooling).
 """
@@ -24,6 +28,7 @@ from cosine.bench.timing import percentile
 from cosine.errors import InvalidParameterError
 
 FIXED_K = ("no-adaptive", "fixed-k2", "fixed-k6", "fixed-k8")  # the fixed speculation lengths adaptive must beat
+FIXED_RIVALS = 2  # adaptive control is repeated against this many of them: the sweep's lowest p99s
 C8, FLUCTUATING = "closed c=8", "poisson fluctuating"
 
 
@@ -34,35 +39,41 @@ def cell_value(results: list[dict], system: str, workload: str, key: str):
 
 def rivals(results: list[dict]) -> list[tuple[str, str, str]]:
     """The ``(workload, system, rival)`` pairs to repeat, from the sweep's ``results``: CoSine against plain
-    DSD at concurrency 8, and CoSine against the fixed length with the sweep's lowest p99 under fluctuating
-    load (the sweep's pick; the repeats then measure the two afresh, free of the luck that made it the best)."""
+    DSD at concurrency 8, and CoSine against each of the ``FIXED_RIVALS`` fixed lengths with the sweep's lowest
+    p99 under fluctuating load, lowest first (the sweep's picks; the repeats then measure them afresh, free of
+    the luck that ranked them)."""
     pairs = []
     if cell_value(results, "cosine", C8, "tokens") and cell_value(results, "plain-dsd", C8, "tokens"):
         pairs.append((C8, "cosine", "plain-dsd"))
     fixed = [n for n in FIXED_K if cell_value(results, n, FLUCTUATING, "tpot_p99_ms")]
     if fixed and cell_value(results, "cosine", FLUCTUATING, "tokens"):
-        best = min(fixed, key=lambda n: cell_value(results, n, FLUCTUATING, "tpot_p99_ms"))
-        pairs.append((FLUCTUATING, "cosine", best))
+        best = sorted(fixed, key=lambda n: cell_value(results, n, FLUCTUATING, "tpot_p99_ms"))[:FIXED_RIVALS]
+        pairs += [(FLUCTUATING, "cosine", rival) for rival in best]
     return pairs
 
 
-def alternated(a: str, b: str, repeats: int) -> list[tuple[int, str]]:
-    """``(repeat, system)`` in run order: A B, B A, A B, ..."""
+def alternated(systems: list[str], repeats: int) -> list[tuple[int, str]]:
+    """``(repeat, system)`` in run order: A B C, C B A, A B C, ..."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
         raise InvalidParameterError("repeats", f"must be an integer >= 0, got {repeats!r}")
-    return [(r, s) for r in range(repeats) for s in ((a, b) if r % 2 == 0 else (b, a))]
+    return [(r, s) for r in range(repeats) for s in (systems if r % 2 == 0 else systems[::-1])]
 
 
 def run_repeats(pairs: list[tuple[str, str, str]], repeats: int,
                 measure: Callable[[str, str, int], dict], bar=None) -> list[dict]:
-    """Run every pair's two systems alternated; ``measure(system, workload, repeat)`` returns one run's row
-    (with ``tokens``, ``wall_s`` and ``tpots_ms``). ``bar``: a tqdm progress bar the runs are added to.
-    Returns the rows, each marked with its system, workload and repeat."""
-    if bar is not None:
-        bar.total += 2 * repeats * len(pairs)
-    rows = []
+    """Run the systems of every workload's pairs alternated together (a system in several pairs of one
+    workload runs once per repeat, and each of its runs counts for every pair); ``measure(system, workload,
+    repeat)`` returns one run's row (with ``tokens``, ``wall_s`` and ``tpots_ms``). ``bar``: a tqdm progress
+    bar the runs are added to. Returns the rows, each marked with its system, workload and repeat."""
+    groups: dict[str, list[str]] = {}
     for workload, a, b in pairs:
-        for r, system in alternated(a, b, repeats):
+        group = groups.setdefault(workload, [])
+        group += [s for s in (a, b) if s not in group]
+    if bar is not None:
+        bar.total += repeats * sum(len(group) for group in groups.values())
+    rows = []
+    for workload, group in groups.items():
+        for r, system in alternated(group, repeats):
             if bar is not None:
                 bar.set_postfix_str(f"repeat {r + 1}/{repeats} {system}: {workload}")
             rows.append({"system": system, "workload": workload, "repeat": r, **measure(system, workload, r)})
