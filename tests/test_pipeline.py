@@ -134,9 +134,13 @@ def test_pass_trace_accounts_for_the_verifiers_time(cluster, client, zoo_prompts
         assert line["slots_run"] >= line["slots_fed"] >= line["verified"]
         assert min(line[k] for k in ("admit_ms", "messaging_ms", "blocked_ms", "scheduling_ms")) >= 0
     assert any(d > 0 for line in lines for d in line["depths"])
-    info = streams(cluster.url).live_workers("verifier")["verifier-0"]
     traced = sum(line["admit_ms"] for line in lines)
-    assert 0 < traced <= float(info["admit_s"]) * 1000 + 1
+    assert traced > 0
+
+    def counted_ms() -> float:  # the heartbeat publishes the counter every HEARTBEAT_INTERVAL_S: it may lag
+        return float(streams(cluster.url).live_workers("verifier")["verifier-0"]["admit_s"]) * 1000
+
+    wait_for(lambda: traced <= counted_ms() + 1, timeout=10, what=f"the heartbeat's admit_s to reach {traced} ms")
 
 
 def test_seeded_sampling_is_reproducible(client, zoo_prompts):
