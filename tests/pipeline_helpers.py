@@ -31,6 +31,19 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def heartbeat_until(url: str, role: str, worker: str, predicate, timeout: float = 5.0,
+                    prefix: str = "cosine") -> dict:
+    """A worker's heartbeat once ``predicate`` holds for it. Workers publish their counters every
+    HEARTBEAT_INTERVAL_S, so a counter read right after a request finishes may not yet include it."""
+    s = streams(url, prefix)
+
+    def current():
+        info = s.live_workers(role).get(worker)
+        return info if info is not None and predicate(info) else None
+
+    return wait_for(current, timeout, what=f"{worker}'s heartbeat")
+
+
 def committed_tokens(url: str, request_ids: list[str], prefix: str = "cosine") -> int:
     """Tokens already written to the output streams of these requests."""
     s = streams(url, prefix)

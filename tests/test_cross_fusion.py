@@ -167,10 +167,14 @@ def test_pipeline_fuses_experts_of_three_workers_and_survives_a_killed_peer(
     with _deployment(redis_server.url, prefix, str(tmp_path), zoo_root) as dep, \
             Client(redis_server.url, prefix=prefix) as c:
         first = [c.generate(t, max_new_tokens=n, timeout=240) for t in texts[:6]]
-        info = streams(redis_server.url, prefix).live_workers("drafter")
-        asked = sum(int(w.get("vote_asks", 0)) for w in info.values())
-        served = sum(int(w.get("votes_served", 0)) for w in info.values())
-        assert asked > 0 and served > 0, info  # experts of other workers took part
+        drafters = streams(redis_server.url, prefix)
+
+        def voted() -> bool:  # experts of other workers took part (heartbeats may lag by HEARTBEAT_INTERVAL_S)
+            info = drafters.live_workers("drafter").values()
+            return sum(int(w.get("vote_asks", 0)) for w in info) > 0 and \
+                sum(int(w.get("votes_served", 0)) for w in info) > 0
+
+        wait_for(voted, 5, what="drafters' heartbeats to count votes asked and served")
         # Kill a drafter mid-run: drafts go on without its expert, the output stays the target's.
         ids = [c.submit(t, max_new_tokens=n, timeout=240) for t in texts[6:]]
         wait_for(lambda: committed_tokens(redis_server.url, ids, prefix) >= 30, 120, what="progress")

@@ -21,7 +21,7 @@ from cosine.local_redis import LocalRedis
 from cosine.sampling_params import SamplingParams
 
 from .helpers import greedy_divergences
-from .pipeline_helpers import deployment, streams, wait_for
+from .pipeline_helpers import deployment, heartbeat_until, streams, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -120,8 +120,8 @@ def test_routing_and_lookahead_at_work(cluster, client, zoo_prompts):
     used = {name for r in results for name in r.stats["tokens_by_drafter"]}
     assert len(used) >= 2, used
     assert sum(r.stats["lookahead_hits"] for r in results) > 0
-    info = streams(cluster.url).live_workers("drafter")["drafter-0"]
-    assert int(info["lookahead_hits"]) > 0 and int(info["lookahead_misses"]) >= 0
+    info = heartbeat_until(cluster.url, "drafter", "drafter-0", lambda w: int(w["lookahead_hits"]) > 0)
+    assert int(info["lookahead_misses"]) >= 0
 
 
 def test_pass_trace_accounts_for_the_verifiers_time(cluster, client, zoo_prompts, trace_file):
@@ -136,11 +136,7 @@ def test_pass_trace_accounts_for_the_verifiers_time(cluster, client, zoo_prompts
     assert any(d > 0 for line in lines for d in line["depths"])
     traced = sum(line["admit_ms"] for line in lines)
     assert traced > 0
-
-    def counted_ms() -> float:  # the heartbeat publishes the counter every HEARTBEAT_INTERVAL_S: it may lag
-        return float(streams(cluster.url).live_workers("verifier")["verifier-0"]["admit_s"]) * 1000
-
-    wait_for(lambda: traced <= counted_ms() + 1, timeout=10, what=f"the heartbeat's admit_s to reach {traced} ms")
+    heartbeat_until(cluster.url, "verifier", "verifier-0", lambda w: traced <= float(w["admit_s"]) * 1000 + 1)
 
 
 def test_seeded_sampling_is_reproducible(client, zoo_prompts):
