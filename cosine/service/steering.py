@@ -96,12 +96,17 @@ class Steering:
             return max(0, min(self.k, room))
         c = self.control
         bounds = (c.k_min, c.k_max) if c is not None else None
-        single = self.cost.verify_ms(max(1, self.batch), self.context, max(1, self.batch))
+        single = self.plain_pass_ms()
         # The drafter/target ratio is relative to a bare forward; a round of plain steps costs its overhead too.
         diluted = single / (single + self.pass_overhead_ms) if single > 0 else 1.0
         k = self.controller.k_for(steer.spec, bounds=bounds, pressure=c.pressure if c is not None else 0.0,
                                   verify_cost=self.verify_cost(), draft_share=self.draft_share() * diluted)
         return max(0, min(k, room))
+
+    def plain_pass_ms(self) -> float:
+        """The cost model's forward of a pass of plain steps at the verifier's batch and context."""
+        n = max(1, self.batch)
+        return self.cost.verify_ms(n, self.context, n)
 
     def verify_cost(self) -> float:
         """What one drafted position adds to a request's share of a verification pass, relative to that share
@@ -109,7 +114,7 @@ class Steering:
         context (``batch``, ``context``), a draft of its default length and the nodes a position feeds
         (``nodes_per_depth``; the cost model's knee makes it 0 for a big target feeding few tokens)."""
         n, k = max(1, self.batch), max(1, self.k)
-        single = self.cost.verify_ms(n, self.context, n)
+        single = self.plain_pass_ms()
         if single <= 0:
             return 0.0
         fed = math.ceil(n * (1 + k * self.nodes_per_depth))  # each drafted position feeds its fused siblings too

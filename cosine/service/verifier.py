@@ -288,9 +288,10 @@ class VerifierService:
         if block is None:  # a non-blocking read is messaging overhead; a blocking one is idle time
             self.messaging_s += time.perf_counter() - t0
         else:
-            self.blocked_s += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.blocked_s += waited
             if self.active:
-                self.draft_wait_s += time.perf_counter() - t0
+                self.draft_wait_s += waited
         if drafts:
             t1 = time.perf_counter()
             self.absorb(drafts)
