@@ -191,6 +191,7 @@ class VerifierService:
             "busy": round(self.busy_s / up, 4),
             "messaging_s": round(self.messaging_s, 4),
             "blocked_s": round(self.blocked_s, 4),
+            "draft_wait_s": round(self.draft_wait_s, 4),
             "scheduling_s": round(self.scheduling_s, 4),
             "busy_s": round(self.busy_s, 4),
             "admit_s": round(self.admit_s, 4),
