@@ -2,7 +2,9 @@
 optionally a controller (``WorkerSpec("controller", ...)``).
 
 Used by ``cosine up``, ``cosine demo``, the end-to-end benchmark and the tests. Workers are separate
-processes (``cosine worker ...``) that talk to each other only through Redis.
+processes (``cosine worker ...``) that talk to each other only through Redis. A worker given ``cpus`` runs
+pinned to those cores from its first instruction (the benchmarks' node-emulated view); ``redis_cpus`` pins
+the private Redis.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import redis
 
 from cosine import defaults
+from cosine.bench.pinning import pin_threads, pinned_command
 from cosine.broker import RedisSettings, Streams, connect
 from cosine.errors import CosineError
 from cosine.keys import Keys
@@ -37,13 +40,15 @@ class WorkerSpec:
     args: list[str] = field(default_factory=list)  # extra `cosine worker <role>` (`cosine controller`) flags
     threads: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    cpus: frozenset[int] | None = None  # cores the process is pinned to (None: wherever the OS puts it)
 
 
 class Deployment:
     def __init__(self, workers: list[WorkerSpec], redis_url: str | None = None, prefix: str = defaults.KEY_PREFIX,
                  appendonly: bool = False, log_dir: str | None = None, device: str | None = None,
-                 dtype: str | None = None, zoo: str | None = None) -> None:
+                 dtype: str | None = None, zoo: str | None = None, redis_cpus: frozenset[int] | None = None) -> None:
         self.specs = workers
+        self.redis_cpus = redis_cpus
         self.prefix = prefix
         self.local = None if redis_url else LocalRedis(appendonly=appendonly)
         self._url = redis_url
@@ -62,6 +67,8 @@ class Deployment:
     def start(self, ready_timeout: float = 120.0) -> Deployment:
         if self.local is not None:
             self.local.start()
+            if self.redis_cpus:
+                pin_threads(self.local.proc.pid, self.redis_cpus)  # type: ignore[union-attr]
         for spec in self.specs:
             self.start_worker(spec)
         self.wait_ready([s.name for s in self.specs], ready_timeout)
@@ -88,7 +95,8 @@ class Deployment:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, f"{spec.name}.log"), "ab")  # noqa: SIM115
             self._logs[spec.name] = out
-        proc = subprocess.Popen(self.command(spec), env=env, stdout=out, stderr=subprocess.STDOUT)
+        cmd = pinned_command(self.command(spec), spec.cpus) if spec.cpus else self.command(spec)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         self.procs[spec.name] = proc
         return proc
 

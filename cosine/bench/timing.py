@@ -6,6 +6,7 @@ Standard library only, so the cluster simulation uses the same definitions as ``
 from __future__ import annotations
 
 import random
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,26 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(timings: list[RequestTiming], wall: float, stats) -> dict:
+    """One run's row: throughput over ``wall`` seconds, TTFT and per-token latency percentiles, and the
+    acceptance of ``stats`` (a ``SpecStats``: drafts, drafted, accepted) where anything was drafted."""
+    tokens = sum(t.tokens for t in timings)
+    tpots = [t.tpot for t in timings if t.tpot is not None]
+    ttfts = [t.ttft for t in timings]
+    return {
+        "requests": len(timings),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "throughput_tok_s": round(tokens / wall, 2) if wall else 0.0,
+        "ttft_p50_ms": round(1000 * statistics.median(ttfts), 2) if ttfts else None,
+        "tpot_p50_ms": round(1000 * percentile(tpots, 0.5), 2) if tpots else None,
+        "tpot_p99_ms": round(1000 * percentile(tpots, 0.99), 2) if tpots else None,
+        "mean_acceptance_length": round(stats.mean_acceptance_length, 3) if stats.drafts else None,
+        "acceptance_rate": round(stats.acceptance_rate, 3) if stats.drafts else None,
+        "tpots_ms": sorted(round(1000 * t, 2) for t in tpots),  # every request's, for pooling across runs
+    }
 
 
 def poisson_arrivals(n: int, rate_at: Callable[[float], float], send: Callable[[int], None], seed: int,
