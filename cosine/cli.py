@@ -137,6 +137,16 @@ def _report(name: str, payload: dict, md: str, out: str, update_readme: bool, pl
         click.echo("README.md updated")
 
 
+# cosine.bench.e2e_bench.PATHS, spelled out so that `cosine --help` does not import torch
+E2E_PATHS = ("pipeline", "hf-generate", "hf-batched", "hf-assisted", "target-only", "coupled")
+_cpus_option = click.option(
+    "--cpus", "cpus", multiple=True, metavar="ROLE=CPUS",
+    help="Node-emulated placement: pin each worker to its own cores, e.g. --cpus verifier=0 --cpus drafter=1 "
+         "(one torch thread per core; Redis, the controller and the client on the drafter's cores; baselines "
+         "once on the verifier's cores and once on all of them). 'none': pin nothing, equal compute only. "
+         "[default: verifier on the first core, drafter on the second]")
+
+
 @bench.command("e2e")
 @click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
 @click.option("--concurrency", "concurrency", type=int, multiple=True, default=(1, 4, 8, 16), show_default=True)
@@ -144,37 +154,48 @@ def _report(name: str, payload: dict, md: str, out: str, update_readme: bool, pl
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--k", type=int, default=4, show_default=True)
 @click.option("--tree-width", type=int, default=1, show_default=True)
-@click.option("--path", "paths_", type=click.Choice(["target-only", "coupled", "pipeline"]), multiple=True,
-              default=("target-only", "coupled", "pipeline"), show_default=True)
+@click.option("--path", "paths_", type=click.Choice(list(E2E_PATHS)), multiple=True, default=E2E_PATHS,
+              show_default=True)
+@_cpus_option
+@click.option("--repeats", type=click.IntRange(0), default=5, show_default=True,
+              help="After the sweep, run CoSine and each baseline it has a target against this many times more, "
+                   "alternated, against the machine's drift; the targets use these runs (0: the sweep's cells).")
+@click.option("--controller/--no-controller", default=True, show_default=True,
+              help="Run the controller beside the pipeline's workers.")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--update-readme", is_flag=True, help="Write the table into README.md.")
 def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, max_new_tokens=64, k=4,
-              tree_width=1, paths_=("target-only", "coupled", "pipeline"), out="bench-results",
+              tree_width=1, paths_=E2E_PATHS, cpus=(), repeats=5, controller=True, out="bench-results",
               update_readme=False) -> None:
-    """Closed-loop concurrency sweep: target-only and coupled (in-process, 2 threads) vs the pipeline
-    (drafter and verifier processes, 1 thread each, over a private Redis)."""
-    from cosine.bench.e2e_bench import E2EBenchConfig, e2e_markdown, e2e_plots, run_e2e_bench
+    """CoSine (verifier, drafter and controller processes over a private Redis) against Hugging Face
+    `generate` (batch 1, batched, assisted) in the same run, node-emulated and with equal compute, beside
+    the engine's own target-only and coupled loops; closed loop at each concurrency."""
+    from cosine.bench.e2e_bench import E2EBenchConfig, run_e2e_bench
+    from cosine.bench.e2e_report import e2e_markdown, e2e_plots
 
     cfg = E2EBenchConfig(zoo=zoo_path, concurrency=tuple(concurrency), requests_per_client=requests_per_client,
-                         max_new_tokens=max_new_tokens, k=k, tree_width=tree_width, paths=tuple(paths_))
+                         max_new_tokens=max_new_tokens, k=k, tree_width=tree_width, paths=tuple(paths_),
+                         cpus=tuple(cpus), repeats=repeats, controller=controller)
     payload = run_e2e_bench(cfg)
     _report("e2e", payload, e2e_markdown(payload), out, update_readme, e2e_plots, "end-to-end benchmark")
 
 
 _repeats_option = click.option(
     "--repeats", type=click.IntRange(0), default=None,
-    help="After the sweep, run the c=8 and the fluctuating comparisons again this many times per system, "
-         "alternated on fresh deployments, against the machine's drift; their targets use these runs (0: the "
-         "sweep's cells).  [default: 5 for the ablation, 3 for the simulation]")
+    help="After the sweep, run the c=8 and the fluctuating comparisons (in the ablation also CoSine against "
+         "each baseline it has a target against) again this many times per system, alternated on fresh "
+         "deployments, against the machine's drift; their targets use these runs (0: the sweep's cells).  "
+         "[default: 5 for the ablation, 3 for the simulation]")
 
 
 @bench.command("ablation")
 @click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
 @click.option("--system", "systems", multiple=True, default=None,
               help="Systems to run (repeatable) [default: cosine, each no-<mechanism>, plain-dsd, coupled, "
-                   "target-only].")
+                   "target-only, hf-generate, hf-batched, hf-assisted].")
 @click.option("--concurrency", type=int, multiple=True, default=(1, 4, 8, 16), show_default=True,
               help="Closed-loop concurrency levels.")
+@_cpus_option
 @click.option("--rates", type=(float, float), default=(1.0, 8.0), show_default=True,
               help="Low and high Poisson arrival rates (requests/s); the fluctuating run alternates them.")
 @click.option("--requests-per-client", type=click.IntRange(1), default=6, show_default=True,
@@ -189,13 +210,15 @@ _repeats_option = click.option(
               help="The verifiers' cost model, written by `cosine profile` [default: the built-in CPU numbers].")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
-def bench_ablation(zoo_path, systems, concurrency, rates, requests_per_client, open_requests, fluctuating_requests,
-                   max_new_tokens, k, repeats, cost_model, out, update_readme) -> None:
+def bench_ablation(zoo_path, systems, concurrency, cpus, rates, requests_per_client, open_requests,
+                   fluctuating_requests, max_new_tokens, k, repeats, cost_model, out, update_readme) -> None:
     """Full CoSine vs each mechanism switched off, plain distributed speculative decoding (one fixed
-    drafter, fixed k), the coupled single-process path and target-only, under closed-loop and Poisson load."""
-    from cosine.bench.ablation import AblationConfig, ablation_markdown, ablation_plots, run_ablation
+    drafter, fixed k), the coupled single-process path, target-only and Hugging Face `generate` (batch 1,
+    batched, assisted), under closed-loop and Poisson load."""
+    from cosine.bench.ablation import AblationConfig, run_ablation
+    from cosine.bench.ablation_report import ablation_markdown, ablation_plots
 
-    cfg = AblationConfig(zoo=zoo_path, concurrency=tuple(concurrency), rates=tuple(rates),
+    cfg = AblationConfig(zoo=zoo_path, concurrency=tuple(concurrency), rates=tuple(rates), cpus=tuple(cpus),
                          requests_per_client=requests_per_client, open_requests=open_requests,
                          fluctuating_requests=fluctuating_requests, max_new_tokens=max_new_tokens, k=k,
                          cost_model=cost_model, **({} if repeats is None else {"repeats": repeats}))

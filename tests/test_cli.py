@@ -16,11 +16,19 @@ from cosine.cli import cli
 
 @pytest.mark.parametrize("args", [[], ["zoo"], ["zoo", "build"], ["bench", "engine"], ["demo"], ["generate"],
                                   ["worker"], ["worker", "drafter"], ["worker", "verifier"], ["up"], ["status"],
-                                  ["controller"], ["profile"], ["bench", "ablation"], ["bench", "sim"]])
+                                  ["controller"], ["profile"], ["bench", "ablation"], ["bench", "sim"],
+                                  ["bench", "e2e"]])
 def test_help(args):
     result = CliRunner().invoke(cli, args + ["--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output and len(result.output) > 200
+
+
+def test_the_e2e_paths_the_cli_offers_are_the_benchmarks():
+    from cosine.bench.e2e_bench import PATHS
+    from cosine.cli import E2E_PATHS
+
+    assert E2E_PATHS == PATHS
 
 
 def test_bad_parameter_is_a_clean_error():

@@ -9,7 +9,15 @@ expert drafters, 1 thread each, and the controller, over a private Redis):
                         adaptive control is compared with the best fixed length);
 * ``plain-dsd``       — plain distributed speculative decoding: one fixed drafter for every request, fixed
                         k, no scheduling, no lookahead, no controller;
-* ``coupled`` and ``target-only`` — the single-process engine, 2 threads (as in ``cosine bench e2e``).
+* ``coupled`` and ``target-only`` — the single-process engine (as in ``cosine bench e2e``);
+* ``hf-generate``, ``hf-batched``, ``hf-assisted`` — what a user would run instead, Hugging Face ``generate``
+                        (:mod:`cosine.bench.hf_baselines`), closed loop only, once per view.
+
+Placement as in ``cosine bench e2e`` (:mod:`cosine.bench.pinning`): every deployment's verifier and drafter
+pinned to their own cores, one torch thread per core, Redis, the controller and the client on the
+drafter's; the baselines node-emulated (on the verifier's cores) and with equal compute (every core the
+deployment uses); the engine's loops with equal compute. Each pipeline row carries the verifier's pass
+breakdown (:mod:`cosine.bench.counters`).
 
 Workloads (mixed-domain held-out prompts, greedy, end-of-text ignored): closed loop at the given
 concurrency levels, and open loop with Poisson arrivals at a low, a high and a fluctuating rate (the rate
@@ -17,9 +25,10 @@ switches between low and high every ``fluctuate_s`` seconds). Reported per syste
 throughput, per-token latency p50/p99, time to first token, mean acceptance length, and the counters
 that explain them (lookahead hits, late drafts, controller decisions).
 
-After the sweep, the two comparisons a drift of the machine can tip (CoSine against plain DSD at c=8, and
-against the sweep's two best fixed lengths under fluctuating load) run again, alternated on fresh
-deployments (:mod:`cosine.bench.repeats`); those targets are computed from the pooled repeats.
+After the sweep, the comparisons a drift of the machine can tip (CoSine against plain DSD at c=8, against
+the sweep's two best fixed lengths under fluctuating load, and against each baseline it has a target
+against) run again, alternated on fresh deployments (:mod:`cosine.bench.repeats`); those targets are
+computed from the pooled repeats.
 """
 
 from __future__ import annotations
@@ -33,21 +42,24 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
+from cosine.bench.ablation_report import ablation_markdown, ablation_plots  # noqa: F401 - re-exported
+from cosine.bench.counters import fresh_counters, pipeline_counters
 from cosine.bench.e2e_bench import (
-    delta,
+    client_side,
     mixed_prompts,
+    pipeline_specs,
+    placement,
     run_inprocess,
     run_pipeline,
     spec_stats,
     stream_one,
-    summarize,
-    worker_counters,
 )
+from cosine.bench.hf_baselines import HF_PATHS
+from cosine.bench.pinning import EQUAL, format_cpus, parse_layout, pinned, view_cpus, views
 from cosine.bench.repeats import (
     C8,
     FIXED_K,
     FLUCTUATING,
-    INTERVAL_LEVEL,
     pooled_by_pair,
     ratio_interval,
     rivals,
@@ -56,9 +68,10 @@ from cosine.bench.repeats import (
 from cosine.bench.repeats import cell_value as _get
 from cosine.bench.repeats import ratio as _ratio
 from cosine.bench.report import environment
-from cosine.bench.timing import RequestTiming, poisson_arrivals
+from cosine.bench.timing import RequestTiming, poisson_arrivals, summarize
+from cosine.bench.versus import add_limits, hf_name, hf_targets, versus
+from cosine.bench.versus import rivals as hf_rivals
 from cosine.engine.sequence import SpecStats
-from cosine.markdown import table
 from cosine.policy.cost_model import CostModel
 from cosine.sampling_params import SamplingParams
 from cosine.zoo import paths
@@ -84,7 +97,7 @@ IN_PROCESS = ("coupled", "target-only")
 @dataclass
 class AblationConfig:
     zoo: str | None = None
-    systems: tuple[str, ...] = (*SYSTEMS, *IN_PROCESS)
+    systems: tuple[str, ...] = (*SYSTEMS, *IN_PROCESS, *HF_PATHS)
     concurrency: tuple[int, ...] = (1, 4, 8, 16)
     # Closed loop: requests each client sends. At 2, a run at c=8 was 16 requests, 3 s: cells of one system
     # differed by more than the mechanisms did (CoSine at c=8: 1.06x plain DSD in one run, 1.21x at 6).
@@ -108,8 +121,8 @@ class AblationConfig:
     max_new_tokens: int = 48
     k: int = 4
     plain_drafter: str | None = None  # plain-dsd's fixed drafter; default: the zoo's best on average
-    worker_threads: int = 1
-    inproc_threads: int = 2
+    worker_threads: int = 1  # pipeline workers' torch threads when nothing is pinned (else one per core)
+    cpus: tuple[str, ...] = ()  # ROLE=CPUS items (pinning.parse_layout); (): verifier core 0, drafter 1
     seed: int = 0
     cost_model: str | None = None  # the verifiers' cost model (a `cosine profile` file); None: the built-in one
 
@@ -168,8 +181,8 @@ def _run_workload(url: str, zoo, cfg: AblationConfig, load, params: SamplingPara
 
 @contextmanager
 def _deployed(name: str, cfg: AblationConfig, zoo):
-    """A fresh local deployment of one system, warmed up."""
-    from cosine.deployment import Deployment, WorkerSpec
+    """A fresh local deployment of one system, placed as ``cfg.cpus`` says, warmed up."""
+    from cosine.deployment import Deployment
 
     v_args, d_args, controller = SYSTEMS[name]
     if name == "plain-dsd":
@@ -177,35 +190,34 @@ def _deployed(name: str, cfg: AblationConfig, zoo):
         d_args = [*d_args, "--model", f"{one}={paths.drafter_dir(one, zoo)}"]
     if cfg.cost_model:
         v_args = [*v_args, "--cost-model", cfg.cost_model]
-    specs = [WorkerSpec("verifier", "verifier-0", ["--k", str(cfg.k), *v_args], cfg.worker_threads),
-             WorkerSpec("drafter", "drafter-0", d_args, cfg.worker_threads)]
-    if controller:
-        specs.append(WorkerSpec("controller", "controller-0", []))
-    with Deployment(specs, device="cpu", dtype="float32", zoo=cfg.zoo) as dep:
-        run_pipeline(dep.url, mixed_prompts(zoo, 4), 2, SamplingParams(max_new_tokens=8))  # warm-up
+    layout = parse_layout(cfg.cpus)
+    specs = pipeline_specs(layout, ["--k", str(cfg.k), *v_args], d_args, controller, cfg.worker_threads)
+    with Deployment(specs, device="cpu", dtype="float32", zoo=cfg.zoo,
+                    redis_cpus=layout["drafter"] if layout else None) as dep:
+        with client_side(layout):
+            run_pipeline(dep.url, mixed_prompts(zoo, 4), 2, SamplingParams(max_new_tokens=8))  # warm-up
         yield dep
 
 
 def _measure(url: str, zoo, cfg: AblationConfig, load, seed: int) -> dict:
-    """One workload on a running deployment, with the worker counters that explain it."""
+    """One workload on a running deployment (the client on the drafter's cores), with the worker counters
+    that explain it, from the heartbeats that bracket the run."""
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, ignore_eos=True)
-    before = worker_counters(url)
-    row = _run_workload(url, zoo, cfg, load, params, seed)
-    after = worker_counters(url)
-    v0, v1 = before.get("verifier-0", {}), after.get("verifier-0", {})
-    d0, d1 = before.get("drafter-0", {}), after.get("drafter-0", {})
-    row.update({
-        "lookahead_hits": int(delta(d0, d1, "lookahead_hits")),
-        "lookahead_misses": int(delta(d0, d1, "lookahead_misses")),
-        "late_drafts": int(delta(v0, v1, "late_drafts")),
-        "control_version": int(v1.get("control_version", 0) or 0),
-    })
-    return row
+    with client_side(parse_layout(cfg.cpus)):
+        before = fresh_counters(url)
+        t0 = time.perf_counter()
+        row = _run_workload(url, zoo, cfg, load, params, seed)
+        wall = time.perf_counter() - t0
+        after = fresh_counters(url)
+    return {**row, **pipeline_counters(before, after, wall)}
 
 
-def run_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
+def run_system(name: str, cfg: AblationConfig, zoo, bar, where: dict | None = None) -> list[dict]:
+    """Every workload on one fresh deployment of ``name``; ``where`` gets its placement, read back from the OS."""
     rows = []
     with _deployed(name, cfg, zoo) as dep:
+        if where is not None and not where:
+            where.update(placement(dep, parse_layout(cfg.cpus)))
         for label, load in _workloads(cfg):
             bar.set_postfix_str(f"{name}: {label}")
             rows.append({"system": name, "workload": label, **_measure(dep.url, zoo, cfg, load, cfg.seed)})
@@ -213,62 +225,118 @@ def run_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
     return rows
 
 
-def run_head_to_head(results: list[dict], cfg: AblationConfig, zoo, bar) -> list[dict]:
+def run_head_to_head(results: list[dict], cfg: AblationConfig, zoo, bar, hf=None) -> list[dict]:
     """The sweep's drift-prone comparisons again, alternated on fresh deployments (cosine.bench.repeats);
-    open-loop repeat ``r`` draws its arrivals with seed ``cfg.seed + 1 + r``."""
+    open-loop repeat ``r`` draws its arrivals with seed ``cfg.seed + 1 + r``. A baseline runs in this
+    process, on its view's cores."""
     loads = dict(_workloads(cfg))
+    layout = parse_layout(cfg.cpus)
+    baselines = {hf_name(p, v): (p, v) for p in HF_PATHS for v in views(layout)}
 
     def measure(system: str, workload: str, r: int) -> dict:
+        if system in baselines:
+            return _run_hf(hf, *baselines[system], cfg, zoo, loads[workload])
         with _deployed(system, cfg, zoo) as dep:
             return _measure(dep.url, zoo, cfg, loads[workload], cfg.seed + 1 + r)
 
-    return run_repeats(rivals(results), cfg.repeats, measure, bar)
+    pairs = rivals(results) + (hf_rivals(results, "cosine", views(layout)) if hf is not None else [])
+    return run_repeats(pairs, cfg.repeats, measure, bar)
 
 
 def run_inprocess_system(name: str, cfg: AblationConfig, zoo, bar) -> list[dict]:
-    import torch
-
     from cosine.engine.speculative import SpecConfig, SpeculativeEngine
 
-    torch.set_num_threads(cfg.inproc_threads)
-    engine = SpeculativeEngine.from_zoo(zoo, device="cpu", dtype="float32", config=SpecConfig(k=cfg.k))
-    engine.generate(mixed_prompts(zoo, 2), SamplingParams(max_new_tokens=8))
+    cpus = view_cpus(parse_layout(cfg.cpus), EQUAL)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, ignore_eos=True)
     rows = []
-    for label, load in _workloads(cfg):
-        if not isinstance(load, int):
-            bar.update(1)  # the single-process engine has no arrival process: closed loop only
-            continue
-        bar.set_postfix_str(f"{name}: {label}")
-        n = max(cfg.min_requests, cfg.requests_per_client * load)
-        row = run_inprocess(engine, mixed_prompts(zoo, n), load, params, speculative=name == "coupled")
-        rows.append({"system": name, "workload": label, **row})
-        bar.update(1)
+    with pinned(cpus):
+        engine = SpeculativeEngine.from_zoo(zoo, device="cpu", dtype="float32", config=SpecConfig(k=cfg.k))
+        engine.generate(mixed_prompts(zoo, 2), SamplingParams(max_new_tokens=8))
+        for label, load in _workloads(cfg):
+            if not isinstance(load, int):
+                bar.update(1)  # the single-process engine has no arrival process: closed loop only
+                continue
+            bar.set_postfix_str(f"{name}: {label}")
+            n = max(cfg.min_requests, cfg.requests_per_client * load)
+            row = run_inprocess(engine, mixed_prompts(zoo, n), load, params, speculative=name == "coupled")
+            rows.append({"system": name, "workload": label, "view": EQUAL, "cpus": format_cpus(cpus), **row})
+            bar.update(1)
+    return rows
+
+
+def _hf_loads(path: str, cfg: AblationConfig) -> list[tuple[str, int]]:
+    """The closed-loop workloads a baseline runs: one request at a time once (c=1), batches at each c > 1."""
+    if path != "hf-batched":
+        return [("closed c=1", 1)]
+    return [(label, load) for label, load in _workloads(cfg) if isinstance(load, int) and load > 1]
+
+
+def _run_hf(hf, path: str, view: str, cfg: AblationConfig, zoo, c: int) -> dict:
+    cpus = view_cpus(parse_layout(cfg.cpus), view)
+    n = max(cfg.min_requests, cfg.requests_per_client * c)
+    with pinned(cpus):
+        return {"view": view, "cpus": format_cpus(cpus),
+                **hf.run(path, mixed_prompts(zoo, n), c, cfg.max_new_tokens)}
+
+
+def run_hf_systems(hf, cfg: AblationConfig, zoo, bar) -> list[dict]:
+    """Every baseline asked for, in each view (:mod:`cosine.bench.hf_baselines`)."""
+    rows = []
+    for view in views(parse_layout(cfg.cpus)):
+        with pinned(view_cpus(parse_layout(cfg.cpus), view)):
+            hf.warm_up(mixed_prompts(zoo, 2))
+        for path in (p for p in HF_PATHS if p in cfg.systems):
+            for label, c in _hf_loads(path, cfg):
+                bar.set_postfix_str(f"{hf_name(path, view)}: {label}")
+                rows.append({"system": hf_name(path, view), "workload": label,
+                             **_run_hf(hf, path, view, cfg, zoo, c)})
+                bar.update(1)
     return rows
 
 
 def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     zoo = paths.zoo_dir(cfg.zoo)
-    unknown = [s for s in cfg.systems if s not in SYSTEMS and s not in IN_PROCESS]
+    known = [*SYSTEMS, *IN_PROCESS, *HF_PATHS]
+    unknown = [s for s in cfg.systems if s not in known]
     if unknown:
         from cosine.errors import InvalidParameterError
 
-        raise InvalidParameterError("systems", f"unknown {unknown}; choose from {[*SYSTEMS, *IN_PROCESS]}")
+        raise InvalidParameterError("systems", f"unknown {unknown}; choose from {known}")
+    layout = parse_layout(cfg.cpus)
     cost = CostModel.load(cfg.cost_model) if cfg.cost_model else CostModel.default()
-    bar = tqdm(total=len(cfg.systems) * len(_workloads(cfg)), desc="ablation", unit="run", disable=not progress)
+    pipelines = [s for s in cfg.systems if s not in IN_PROCESS and s not in HF_PATHS]
+    hf_paths = [p for p in HF_PATHS if p in cfg.systems]
+    total = (len(pipelines) + sum(s in IN_PROCESS for s in cfg.systems)) * len(_workloads(cfg)) + len(
+        views(layout)) * sum(len(_hf_loads(p, cfg)) for p in hf_paths)
+    bar = tqdm(total=total, desc="ablation", unit="run", disable=not progress)
     results: list[dict] = []
+    where: dict[str, str] = {}
     for name in cfg.systems:
-        results += (run_inprocess_system if name in IN_PROCESS else run_system)(name, cfg, zoo, bar)
-    repeats = run_head_to_head(results, cfg, zoo, bar) if cfg.repeats else []
+        if name in IN_PROCESS:
+            results += run_inprocess_system(name, cfg, zoo, bar)
+        elif name not in HF_PATHS:
+            results += run_system(name, cfg, zoo, bar, where)
+    hf = None
+    if hf_paths:
+        from cosine.bench.hf_baselines import HFBaselines
+
+        hf = HFBaselines(zoo)
+        results += run_hf_systems(hf, cfg, zoo, bar)
+    repeats = run_head_to_head(results, cfg, zoo, bar, hf) if cfg.repeats else []
     bar.close()
+    limit = add_limits(results, pipelines, views(layout))
     return {
         "benchmark": "ablation",
         "environment": environment(),
-        "config": {**asdict(cfg), "zoo": str(zoo), "plain_drafter": cfg.plain_drafter or best_single_drafter(zoo)},
+        "config": {**asdict(cfg), "zoo": str(zoo), "plain_drafter": cfg.plain_drafter or best_single_drafter(zoo),
+                   "views": list(views(layout))},
+        "placement": where,
+        "physical_limit": limit,
         "cost_model": cost.to_dict(),
         "results": results,
         "repeats": repeats,
-        "targets": ablation_targets(results, cfg, repeats),
+        "versus": versus(results, "cosine", views(layout), cfg.concurrency),
+        "targets": {**ablation_targets(results, cfg, repeats), **hf_targets(results, repeats, "cosine", views(layout))},
     }
 
 
@@ -351,81 +419,3 @@ def ablation_targets(results: list[dict], cfg: AblationConfig, repeats: list[dic
                                 "what": f"throughput at c=8, CoSine / plain DSD ({how(runs)})",
                                 "interval": interval("cosine", "plain-dsd", C8, ("throughput_tok_s",))}
     return out
-
-
-def ablation_markdown(payload: dict, note: bool = True) -> str:
-    env, cfg = payload["environment"], payload["config"]
-    workloads = list(dict.fromkeys(r["workload"] for r in payload["results"]))
-    systems = list(dict.fromkeys(r["system"] for r in payload["results"]))
-
-    def cell(system, workload, key, fmt="{:.0f}"):
-        v = _get(payload["results"], system, workload, key)
-        return "—" if v is None else fmt.format(v)
-
-    tp = table(["system", *workloads], [[s, *(cell(s, w, "throughput_tok_s") for w in workloads)] for s in systems])
-    lat = table(["system", *workloads],
-                [[s, *(f"{cell(s, w, 'tpot_p50_ms')} / {cell(s, w, 'tpot_p99_ms')}" for w in workloads)]
-                 for s in systems])
-    mal = table(["system", *workloads],
-                [[s, *(cell(s, w, "mean_acceptance_length", "{:.2f}") for w in workloads)] for s in systems])
-    tg = table(["target", "what", "measured", f"{INTERVAL_LEVEL:.0%} interval over the repeats", "goal", "met"],
-               [[k, v["what"], v["value"], v.get("interval", "—"), v["target"], "yes" if v["met"] else "**no**"]
-                for k, v in payload["targets"].items()])
-    tables = (f"Throughput (tokens/s)\n\n{tp}\n\nPer-token latency p50 / p99 (ms)\n\n{lat}\n\n"
-              f"Mean acceptance length\n\n{mal}\n\n{tg}")
-    if payload.get("repeats"):
-        tables += "\n\n" + repeats_markdown(payload["repeats"])
-    if not note:
-        return f"{tables}\n\ngit {env['git_sha']}, {env['time']}."
-    text = (f"{cfg['max_new_tokens']} new tokens per request (greedy, end-of-text ignored), mixed-domain held-out "
-            f"prompts; closed loop: {cfg['requests_per_client']} requests per client (at least "
-            f"{cfg['min_requests']} per run); k={cfg['k']} where fixed; Poisson rates {cfg['rates'][0]} and "
-            f"{cfg['rates'][1]} requests/s "
-            f"(fluctuating: switching every {cfg['fluctuate_s']} s), {cfg['open_requests']} requests per open-loop "
-            f"run ({cfg.get('fluctuating_requests', cfg['open_requests'])} in the fluctuating one); "
-            f"plain DSD drafts with `{cfg['plain_drafter']}` only; workers 1 thread each, in-process paths "
-            f"{cfg['inproc_threads']} threads; {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}; "
-            f"git {env['git_sha']}, {env['time']}.")
-    return f"{tables}\n\n{text}"
-
-
-def repeats_markdown(rows: list[dict]) -> str:
-    """The head-to-head repeats: each run's throughput and p99, and the pooled numbers the targets use."""
-    body = [[w, s, str(p["runs"]), ", ".join(f"{v:.0f}" for v in p["runs_tok_s"]), f"{p['throughput_tok_s']:.0f}",
-             ", ".join("—" if v is None else f"{v:.0f}" for v in p["runs_p99_ms"]),
-             f"{p['tpot_p50_ms']:.0f} / {p['tpot_p99_ms']:.0f}" if p["tpot_p99_ms"] is not None else "—"]
-            for (s, w), p in pooled_by_pair(rows).items()]
-    return ("Head-to-head repeats (after the sweep; a workload's systems alternated on fresh deployments, new arrivals "
-            "per open-loop repeat, the same for both)\n\n"
-            + table(["workload", "system", "runs", "tokens/s per run", "tokens/s pooled", "p99 per run (ms)",
-                     "p50 / p99 pooled (ms)"], body))
-
-
-def ablation_plots(payload: dict, out_png: str) -> None:
-    """Throughput and per-token latency p99 per system for every workload (grouped bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = payload["results"]
-    workloads = list(dict.fromkeys(r["workload"] for r in results))
-    systems = list(dict.fromkeys(r["system"] for r in results))
-    fig, axes = plt.subplots(1, 2, figsize=(16, 4.8))
-    width = 0.8 / max(1, len(systems))
-    colours = plt.get_cmap("tab20").colors  # more systems than the default cycle's 10 colours
-    for i, system in enumerate(systems):
-        xs = [j + i * width for j in range(len(workloads))]
-        for ax, key in zip(axes, ("throughput_tok_s", "tpot_p99_ms")):
-            ax.bar(xs, [_get(results, system, w, key) or 0 for w in workloads], width, label=system,
-                   color=colours[(2 * i) % 20 + (2 * i) // 20])
-    for ax, title in zip(axes, ("throughput (tokens/s)", "per-token latency p99 (ms)")):
-        ax.set_title(title)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(workloads))], workloads, rotation=20, fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
-    env = payload["environment"]
-    fig.suptitle(f"CoSine ablations ({env['cpu']}, git {env['git_sha']})")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)

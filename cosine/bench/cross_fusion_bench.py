@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from cosine.bench.e2e_bench import delta, mixed_prompts, run_pipeline, worker_counters
+from cosine.bench.counters import delta, worker_counters
+from cosine.bench.e2e_bench import mixed_prompts, run_pipeline
 from cosine.bench.report import environment
 from cosine.markdown import table
 from cosine.sampling_params import SamplingParams

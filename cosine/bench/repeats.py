@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from cosine.bench.timing import percentile
 from cosine.errors import InvalidParameterError
+from cosine.markdown import table
 
 FIXED_K = ("no-adaptive", "fixed-k2", "fixed-k6", "fixed-k8")  # the fixed speculation lengths adaptive must beat
 FIXED_RIVALS = 2  # adaptive control is repeated against this many of them: the sweep's lowest p99s
@@ -146,3 +147,18 @@ def ratio_interval(a_rows: list[dict], b_rows: list[dict], keys: tuple[str, ...]
             vals.sort()
             out[k] = (vals[int(tail * (len(vals) - 1))], vals[int(math.ceil((1 - tail) * (len(vals) - 1)))])
     return out
+
+
+ON_FRESH_DEPLOYMENTS = "on fresh deployments, new arrivals per open-loop repeat, the same for both"
+
+
+def repeats_markdown(rows: list[dict], how: str = ON_FRESH_DEPLOYMENTS) -> str:
+    """The head-to-head repeats: each run's throughput and p99, and the pooled numbers the targets use; ``how``
+    says how the systems alternated."""
+    body = [[w, s, str(p["runs"]), ", ".join(f"{v:.0f}" for v in p["runs_tok_s"]), f"{p['throughput_tok_s']:.0f}",
+             ", ".join("—" if v is None else f"{v:.0f}" for v in p["runs_p99_ms"]),
+             f"{p['tpot_p50_ms']:.0f} / {p['tpot_p99_ms']:.0f}" if p["tpot_p99_ms"] is not None else "—"]
+            for (s, w), p in pooled_by_pair(rows).items()]
+    return (f"Head-to-head repeats (after the sweep; a workload's systems alternated {how})\n\n"
+            + table(["workload", "system", "runs", "tokens/s per run", "tokens/s pooled", "p99 per run (ms)",
+                     "p50 / p99 pooled (ms)"], body))
