@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from cosine.bench.counters import BREAKDOWN, pass_breakdown
+from cosine.bench.counters import BREAKDOWN, pass_breakdown, pipeline_counters
 from cosine.bench.pinning import (
     EQUAL,
     NODE,
@@ -85,6 +85,9 @@ def test_pass_breakdown_splits_wall_time_into_shares_that_add_up():
     assert b["overhead"] == pytest.approx(0.3 / 5) and b["prefill"] == pytest.approx(0.2 / 5)
     assert sum(b[k] for k in BREAKDOWN) == pytest.approx(1.0, abs=1e-3)
     assert pass_breakdown({}, v1, 5.0) is None  # a heartbeat missing (e.g. an old verifier): no breakdown
+    row = pipeline_counters({"verifier-0": {**v0, "rounds": 10}}, {"verifier-0": {**v1, "rounds": 110}}, 5.0)
+    assert row["forward_ms_per_pass"] == pytest.approx(29.0) and row["verify_ms_per_round"] == pytest.approx(31.0)
+    assert row["verifier_pass"] == b and row["drafter_busy"] == 0.0
 
 
 def cpus_allowed_list(pid: int) -> str:

@@ -91,7 +91,8 @@ def pipeline_counters(before: dict[str, dict], after: dict[str, dict], wall: flo
         "drafter_busy": round(delta(d0, d1, "busy_s") / wall, 3),
         "messaging_share_of_step": round(messaging / busy, 4) if busy else None,
         "messaging_ms_per_round": round(1000 * messaging / rounds, 3) if rounds else None,
-        "verify_ms_per_round": round(1000 * busy / rounds, 3) if rounds else None,
+        "verify_ms_per_round": round(1000 * busy / rounds, 3) if rounds else None,  # prefills included
+        "forward_ms_per_pass": round(1000 * (busy - delta(v0, v1, "admit_s")) / rounds, 3) if rounds else None,
         "late_drafts": int(delta(v0, v1, "late_drafts")),
         "stale_drafts": int(delta(v0, v1, "stale_drafts")),
         "lookahead_hits": int(delta(d0, d1, "lookahead_hits")),

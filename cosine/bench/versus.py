@@ -179,15 +179,18 @@ def _pct(x) -> str:
 
 
 def breakdown_markdown(rows: list[dict], label: str = "workload") -> str:
-    """Per pipeline row: where the verifier's wall time went, and how far the row is from its limit."""
+    """Per pipeline row: where the verifier's wall time went, its forward per verify pass (prefills apart: set
+it against HF's per-token latency), and how far the row is from its limit."""
     body = []
     for r in rows:
         p, lim = r.get("verifier_pass") or {}, r.get("limit") or {}
-        body.append([r[label], *(_pct(p.get(k)) for k in ("forward", "blocked_on_drafts", "messaging", "overhead",
-                                                          "idle")),
-                     _num(r.get("verify_ms_per_round"), "{:.1f}"), _num(r.get("mean_acceptance_length"), "{:.2f}"),
+        overhead = _pct(p.get("overhead")) + (f" (prefill {_pct(p['prefill'])})" if p.get("prefill") else "")
+        body.append([r[label], *(_pct(p.get(k)) for k in ("forward", "blocked_on_drafts", "messaging")), overhead,
+                     _pct(p.get("idle")),
+                     _num(r.get("forward_ms_per_pass"), "{:.1f}"), _num(r.get("mean_acceptance_length"), "{:.2f}"),
                      lim.get("tok_s", "—"), lim.get("per_request_tok_s", "—"), _pct(lim.get("of_limit"))])
-    return table([label, "forward", "blocked on drafts", "messaging", "overhead", "idle", "verify ms / round",
+    return table([label, "forward", "blocked on drafts", "messaging", "overhead (of it prefill)", "idle",
+                  "forward ms / pass",
                   "mean acceptance length", "limit (tokens/s)", "per request (tokens/s)", "of limit"], body)
 
 
