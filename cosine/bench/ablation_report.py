@@ -32,6 +32,13 @@ def ablation_markdown(payload: dict, note: bool = True) -> str:
         tables += ("\n\nVerifier time: forward / blocked on drafts / messaging / overhead (% of the run's wall time)"
                    "\n\n" + table(["system", *workloads], [[s, *(cells.get((s, w), "—") for w in workloads)]
                                                            for s in passes]))
+    limit = payload.get("physical_limit")
+    at_c1 = [(r["system"], r["limit"]) for r in payload["results"] if r["workload"] == "closed c=1" and r.get("limit")]
+    if limit and at_c1:
+        tables += (f"\n\nPhysical limit at c=1 (mean acceptance length x HF's decode rate, {limit['hf_decode_tok_s']} "
+                   f"tokens/s on {limit['from']}), and each system's per-request rate against it: "
+                   + "; ".join(f"{s} {lim['per_request_tok_s']:.0f} of {lim['tok_s']:.0f} tokens/s "
+                               f"({lim['of_limit']:.0%})" for s, lim in at_c1) + ".")
     if payload.get("versus"):
         tables += "\n\n" + versus_markdown(payload["versus"])
     tables += "\n\n" + tg
