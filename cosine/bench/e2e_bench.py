@@ -358,7 +358,7 @@ def run_e2e_bench(cfg: E2EBenchConfig, progress: bool = True) -> dict:
                    "eos": f"ignored: HF gets eos_token_id={run.hf.never} (outside the vocabulary), CoSine and the "
                           "engine ignore_eos", "reference": "hf-generate, batch 1, first view"},
         "placement": where,
-        "hf_assistants": {d: n for d, n in sorted(Counter(run.hf.drafter_for(run.prompts[: run.n_for[1]])).items())},
+        "hf_assisted_drafters": {d: n for d, n in sorted(Counter(run.hf.drafter_for(run.prompts[: run.n_for[1]])).items())},
         "physical_limit": hf_rate,
         "results": results,
         "repeats": repeats,

@@ -71,14 +71,14 @@ class HFBaselines:
         return [self._drafter_of[p] for p in prompts]
 
     @torch.inference_mode()
-    def _generate(self, batch: list[str], max_new_tokens: int, assistant: str | None) -> tuple[list[list[int]], float]:
+    def _generate(self, batch: list[str], max_new_tokens: int, drafter: str | None) -> tuple[list[list[int]], float]:
         """One ``generate`` call; returns each prompt's new tokens and when the first was chosen."""
         if len(batch) == 1:
             enc = {"input_ids": torch.tensor([self.encode(batch[0])])}
         else:
             enc = dict(self.tokenizer(batch, add_special_tokens=False, padding=True, return_tensors="pt"))
         first = _FirstToken()
-        extra = {"assistant_model": self.drafters[assistant]} if assistant else {}
+        extra = {"assistant_model": self.drafters[drafter]} if drafter else {}
         out = self.target.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.never,
                                    pad_token_id=self.tokenizer.pad_token_id,
                                    stopping_criteria=StoppingCriteriaList([first]), **extra)
@@ -90,12 +90,12 @@ class HFBaselines:
         """A closed loop of ``path`` over ``prompts`` (``hf-batched``: batches of ``concurrency``; the others one
         prompt at a time); returns the row :func:`summarize` makes, and fills ``outputs`` by prompt index."""
         size = concurrency if path == "hf-batched" else 1
-        assistants = self.drafter_for(prompts) if path == "hf-assisted" else [None] * len(prompts)
+        helpers = self.drafter_for(prompts) if path == "hf-assisted" else [None] * len(prompts)
         timings: list[RequestTiming] = []
         t0 = time.perf_counter()
         for i in range(0, len(prompts), size):
             begin = time.perf_counter()
-            outs, first = self._generate(prompts[i : i + size], max_new_tokens, assistants[i])
+            outs, first = self._generate(prompts[i : i + size], max_new_tokens, helpers[i])
             end = time.perf_counter()
             for j, out in enumerate(outs):
                 timings.append(RequestTiming(begin, first, end, len(out)))
