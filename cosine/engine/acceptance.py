@@ -53,17 +53,20 @@ def accept(
     params: SamplingParams,
     seed: int,
     position: int,
+    best: list[int] | None = None,
 ) -> Acceptance:
-    """Apply the rule that fits ``params`` and ``tree``; ``position`` is the output index of the first new token."""
+    """Apply the rule that fits ``params`` and ``tree``; ``position`` is the output index of the first new token.
+    ``best`` (greedy only): the argmax of each row of ``logits``, when the caller has it already (a batch's
+    argmax in one op and one read-back instead of one per row)."""
     if params.greedy:
-        return _greedy(logits, tree)
+        return greedy_path(best if best is not None else logits[: len(tree) + 1].argmax(dim=-1).tolist(), tree)
     if tree.q is not None and len(tree) > 0:
         return _rejection(logits, tree, params, seed, position)
     return _one_hot(logits, tree, params, seed, position)
 
 
-def _greedy(logits: torch.Tensor, tree: DraftTree) -> Acceptance:
-    best = logits[: len(tree) + 1].argmax(dim=-1).tolist()
+def greedy_path(best: list[int], tree: DraftTree) -> Acceptance:
+    """The greedy rule given the target's argmax at the root (``best[0]``) and after each node."""
     node, path = -1, []
     while True:
         y = best[node + 1]

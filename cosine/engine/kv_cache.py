@@ -1,52 +1,81 @@
-"""A batched KV cache where every row has its own length, with rollback that recomputes nothing.
+"""A batched KV cache where every row has its own length and stays contiguous.
 
-Layout: per layer, keys and values of shape ``[rows, heads, physical, head_dim]`` live in a growable
-buffer with spare rows and slots (:class:`SlotLayer`, a Hugging Face cache layer that writes in place
-instead of concatenating). A new row is written into a spare row and a dropped row's place is taken by the
-last row, so a request joining or leaving copies its own row, not the cache (on the CPU zoo, dropping one
-of 8 rows of 250 slots by re-selecting the other seven took 21 ms, half a verification pass).
-``valid[row, t]`` says whether physical slot ``t`` of a row holds a committed token. A row's committed
-tokens are its valid slots in physical order, so logical position ``i`` is the ``i``-th valid slot.
+Layout: per layer, keys and values of shape ``[rows, heads, slots, head_dim]`` live in a growable buffer
+with spare rows and slots (:class:`SlotLayer`, a Hugging Face cache layer that writes in place instead of
+concatenating). Row ``r``'s committed tokens are its slots ``[0, length_r)``, in order: there are no holes.
 
-* A forward appends ``Q`` slots to every row (shorter rows pad with masked slots).
-* Commit marks which of the new slots stay (the accepted path of a draft tree); the others become holes.
-* Rollback (``truncate``) turns the last committed slots of a row back into holes.
-* Holes are masked out of attention, so nothing is recomputed; ``compact`` squeezes them out when they
-  waste too much memory. RoPE is applied before keys are cached, so moving a slot does not change it.
+* A forward writes each fed row's ``Q`` new slots at ``[length_r, length_r + Q)``; attention reads the
+  first ``max(length) + Q`` slots of every row, so a row only needs a mask when rows differ in length or
+  its segment is a tree (:meth:`BatchKV.attention_mask`).
+* Commit keeps some of the new slots: a kept prefix (a chain's accepted tokens) only moves the length; a
+  tree's accepted path is moved down to follow the committed slots (at most ``Q`` slots per row).
+* Rollback (``truncate``) only shortens a row. RoPE is applied before keys are cached, so moving a slot
+  does not change it, and nothing is ever recomputed.
+* Slots past a row's length hold stale but finite values (buffers start zeroed): attention gives them
+  weight zero, and a NaN there would survive that.
+* Forwards run under ``torch.inference_mode`` (less bookkeeping per op than ``no_grad``), so the buffers
+  are inference tensors: every method that writes them runs in that mode too.
 
-Every use of transformers' cache classes is in this module, so a change of their API is fixed here.
+A new row is written into a spare row and a dropped row's place is taken by the last row, so a request
+joining or leaving copies its own row, not the cache. Every use of transformers' cache classes is in
+this module, so a change of their API is fixed here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
+@dataclass
+class Feed:
+    """Where one forward's new slots go, shared by every layer.
+
+    ``rows``: the rows fed, in input order: ``None`` = every row, a ``slice`` = a contiguous range (read as
+    a view), a tensor = any rows (their keys and values are copied out). ``start``: the slot of the first
+    new token, the same for every row fed; ``None`` when rows start at different slots, and ``scatter``
+    holds the (row, slot) index of every new slot instead. ``span``: key slots attention reads."""
+
+    rows: torch.Tensor | slice | None
+    start: int | None
+    span: int
+    scatter: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class SlotLayer(DynamicLayer):
     """One layer's KV buffers with spare rows and spare slots (each doubled when outgrown), so that appending
-    slots, adding a row or dropping one copies only what changes; ``keys``/``values`` are views of the used
-    part (the first ``n`` rows, the first ``length`` slots).
+    slots, adding a row or dropping one copies only what changes."""
 
-    Slots below ``length`` always hold finite values (a row's holes are zeros), because attention multiplies
-    them by a mask weight of zero and a garbage NaN would survive that."""
+    feed: Feed | None = None  # set by BatchKV.feed for the duration of a forward
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         b, h, _, d = key_states.shape
-        self.kbuf = key_states.new_empty((b, h, 64, d))
-        self.vbuf = value_states.new_empty((b, value_states.shape[1], 64, value_states.shape[-1]))
+        self.kbuf = key_states.new_zeros((b, h, 64, d))
+        self.vbuf = value_states.new_zeros((b, value_states.shape[1], 64, value_states.shape[-1]))
         self.n = b
-        self.length = 0
-        self._sync()
+        self.length = 0  # slots in use by the longest row
         self.is_initialized = True
 
-    def _sync(self) -> None:
-        self.keys = self.kbuf[: self.n, :, : self.length]
-        self.values = self.vbuf[: self.n, :, : self.length]
+    # ``keys``/``values``: views of the used part, made when read (the length moves with every commit).
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.kbuf[: self.n, :, : self.length] if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value) -> None:  # DynamicLayer's own bookkeeping; the buffers are the truth
+        pass
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.vbuf[: self.n, :, : self.length] if self.is_initialized else None
+
+    @values.setter
+    def values(self, value) -> None:
+        pass
 
     def _reserve(self, rows: int, slots: int) -> None:
         cap_rows, cap_slots = self.kbuf.shape[0], self.kbuf.shape[2]
@@ -56,45 +85,39 @@ class SlotLayer(DynamicLayer):
         slots = cap_slots if slots <= cap_slots else max(slots, 2 * cap_slots)
         for name in ("kbuf", "vbuf"):
             old = getattr(self, name)
-            new = old.new_empty((rows, old.shape[1], slots, old.shape[3]))
+            new = old.new_zeros((rows, old.shape[1], slots, old.shape[3]))
             new[: self.n, :, : self.length] = old[: self.n, :, : self.length]
             setattr(self, name, new)
-
-    # Rows a forward runs over when it feeds only some rows (None: all of them); set by BatchKV.only_rows.
-    rows: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        start, need = self.length, self.length + key_states.shape[-2]
-        self._reserve(self.n, need)
-        if self.rows is None:
-            self.kbuf[: self.n, :, start:need] = key_states
-            self.vbuf[: self.n, :, start:need] = value_states
-        else:  # the rows not fed get zeroed holes (finite, masked out); the fed ones get their new slots
-            for buf, new in ((self.kbuf, key_states), (self.vbuf, value_states)):
-                fresh = buf[: self.n, :, start:need]
-                fresh.zero_()
-                fresh.index_copy_(0, self.rows, new)
-        self.length = need
-        self._sync()
-        if self.rows is None:
-            return self.keys, self.values
-        return self.keys.index_select(0, self.rows), self.values.index_select(0, self.rows)
+        feed = self.feed or Feed(None, self.length, self.length + key_states.shape[-2])
+        self._reserve(self.n, feed.span)
+        rows = slice(0, self.n) if feed.rows is None else feed.rows
+        if feed.scatter is None and isinstance(rows, slice):
+            end = feed.start + key_states.shape[-2]
+            self.kbuf[rows, :, feed.start : end] = key_states
+            self.vbuf[rows, :, feed.start : end] = value_states
+        else:  # one scatter of [rows, Q] slots; inputs go to [rows, Q, heads, dim] to match the index
+            row_idx, slot_idx = feed.scatter
+            self.kbuf[row_idx, :, slot_idx] = key_states.transpose(1, 2)
+            self.vbuf[row_idx, :, slot_idx] = value_states.transpose(1, 2)
+        if isinstance(rows, slice):
+            return self.kbuf[rows, :, : feed.span], self.vbuf[rows, :, : feed.span]
+        return self.kbuf[:, :, : feed.span].index_select(0, rows), self.vbuf[:, :, : feed.span].index_select(0, rows)
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
     # -- row and slot surgery used by BatchKV ---------------------------------------------------------
-    def gather_slots(self, index: torch.Tensor) -> None:
-        """Keep, per row, the slots listed in ``index`` (``[rows, new_len]``), in that order (in place)."""
-        new_len = index.shape[1]
-        idx = index[:, None, :, None].to(self.kbuf.device)
+    def move_slots(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy slot ``src[i]`` of row ``rows[i]`` onto its slot ``dst[i]``, for all ``i`` at once."""
         for buf in (self.kbuf, self.vbuf):
-            kept = buf[: self.n].gather(2, idx.expand(self.n, buf.shape[1], new_len, buf.shape[3]))
-            buf[: self.n, :, :new_len] = kept
-        self.length = new_len
-        self._sync()
+            buf[rows, :, dst] = buf[rows, :, src]
+
+    def set_length(self, length: int) -> None:
+        self.length = length
 
     def move_rows(self, moves: list[tuple[int, int]], rows: int) -> None:
         """Copy row ``src`` onto row ``dst`` for each ``(src, dst)`` in turn, then keep the first ``rows``."""
@@ -102,43 +125,27 @@ class SlotLayer(DynamicLayer):
             self.kbuf[dst, :, : self.length] = self.kbuf[src, :, : self.length]
             self.vbuf[dst, :, : self.length] = self.vbuf[src, :, : self.length]
         self.n = rows
-        self._sync()
 
-    def append_rows(self, other: SlotLayer) -> None:
-        """Add ``other``'s rows after this layer's rows (the shorter side's extra slots are zeroed holes)."""
-        m, length = other.n, max(self.length, other.length)
+    def append_rows(self, other: SlotLayer, length: int) -> None:
+        """Add ``other``'s rows after this layer's rows; ``length`` is the longest row after that."""
+        m = other.n
         self._reserve(self.n + m, length)
-        for buf, theirs in ((self.kbuf, other.kbuf), (self.vbuf, other.vbuf)):
-            buf[: self.n, :, self.length : length] = 0
-            buf[self.n : self.n + m, :, : other.length] = theirs[:m, :, : other.length]
-            buf[self.n : self.n + m, :, other.length : length] = 0
+        copied = min(other.length, length)
+        self.kbuf[self.n : self.n + m, :, :copied] = other.kbuf[:m, :, :copied]
+        self.vbuf[self.n : self.n + m, :, :copied] = other.vbuf[:m, :, :copied]
         self.n += m
         self.length = length
-        self._sync()
-
-    def adopt(self, other: SlotLayer) -> None:
-        """Take ``other``'s buffers and shape."""
-        self.kbuf, self.vbuf, self.n, self.length = other.kbuf, other.vbuf, other.n, other.length
-        self._sync()
-
-
-def _pad_cols(mask: torch.Tensor, physical: int) -> torch.Tensor:
-    if mask.shape[1] == physical:
-        return mask
-    pad = torch.zeros((mask.shape[0], physical - mask.shape[1]), dtype=mask.dtype, device=mask.device)
-    return torch.cat([mask, pad], dim=1)
 
 
 def _empty_like(layer: SlotLayer, rows: int) -> SlotLayer:
-    """A layer with ``rows`` rows and no slots, shaped like ``layer``."""
+    """A layer with ``rows`` rows and no slots in use, shaped like ``layer``."""
     empty = SlotLayer()
     empty.device = layer.device
-    empty.kbuf = layer.kbuf.new_zeros((rows, layer.kbuf.shape[1], 0, layer.kbuf.shape[3]))
-    empty.vbuf = layer.vbuf.new_zeros((rows, layer.vbuf.shape[1], 0, layer.vbuf.shape[3]))
+    empty.kbuf = layer.kbuf.new_zeros((rows, layer.kbuf.shape[1], 64, layer.kbuf.shape[3]))
+    empty.vbuf = layer.vbuf.new_zeros((rows, layer.vbuf.shape[1], 64, layer.vbuf.shape[3]))
     empty.n = rows
     empty.length = 0
     empty.is_initialized = True
-    empty._sync()
     return empty
 
 
@@ -153,51 +160,35 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 
 class BatchKV:
-    """The HF cache object plus per-row slot validity."""
-
-    # Compact when at least this share of the physical slots are holes (and there are enough slots).
-    COMPACT_WASTE = 0.5
-    COMPACT_MIN_SLOTS = 64
+    """The HF cache object plus each row's committed length."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
-        # Slot validity is bookkeeping for building attention masks on the host: it stays on the CPU, so a
-        # forward on a GPU never waits for it; only gather indices travel to the cache's device.
-        self.device = torch.device("cpu")
+        self.device = torch.device("cpu")  # where bookkeeping tensors (lengths, masks of commits) are made
         self.cache_device = torch.device(device)
         self.cache = new_cache()
-        self._valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
-        self._physical = 0
-        self._lengths: list[int] | None = None
-        self.compactions = 0
-
-    # The validity mask lives in a buffer with spare columns, so a forward does not copy it.
-    @property
-    def valid(self) -> torch.Tensor:
-        return self._valid[:, : self._physical]
-
-    @valid.setter
-    def valid(self, value: torch.Tensor) -> None:
-        self._valid = value
-        self._physical = value.shape[1]
-        self._lengths = None
+        self._lengths: list[int] = []
 
     # -- shape ----------------------------------------------------------------------------------------
     @property
     def rows(self) -> int:
-        return self.valid.shape[0]
+        return len(self._lengths)
 
     @property
     def physical(self) -> int:
-        return self._physical
+        """Slots in use: the longest row's length."""
+        return max(self._lengths, default=0)
 
     def lengths(self) -> torch.Tensor:
-        return self.valid.sum(dim=1)
+        return torch.tensor(self._lengths, dtype=torch.long)
 
     def lengths_list(self) -> list[int]:
-        """Committed tokens per row (cached between changes of the validity mask)."""
-        if self._lengths is None:
-            self._lengths = self.lengths().tolist()
+        """Committed tokens per row."""
         return self._lengths
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[rows, physical]``: whether each slot of a row holds a committed token (a prefix of each row)."""
+        return torch.arange(self.physical)[None, :] < self.lengths()[:, None]
 
     def _layers(self) -> list[SlotLayer]:
         return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
@@ -207,85 +198,116 @@ class BatchKV:
         """Whether any layer holds slots yet (before the first forward there is nothing to select from)."""
         return bool(self._layers())
 
-    # -- growth and commit ----------------------------------------------------------------------------
-    def merge(self, other: BatchKV) -> None:
-        """Append ``other``'s rows (e.g. freshly prefilled requests) below this cache's rows."""
-        physical = max(self.physical, other.physical)
-        self.valid = torch.cat([_pad_cols(self.valid, physical), _pad_cols(other.valid.to(self.device), physical)])
-        mine, theirs = self._layers(), other._layers()
-        if not theirs:
-            theirs = [_empty_like(layer, other.rows) for layer in mine]
-        if not mine:
-            self.cache = other.cache
-            mine = [_empty_like(layer, self.rows - other.rows) for layer in theirs]
-            for layer, empty in zip(theirs, mine):
-                empty.append_rows(layer)
-                layer.adopt(empty)
-            return
-        for layer, extra in zip(mine, theirs):
-            layer.append_rows(extra)
+    def add_empty_rows(self, count: int) -> None:
+        """Rows with nothing committed, for a fresh cache that a prefill forward fills."""
+        self._lengths.extend([0] * count)
 
-    def after_forward(self, new_slots: int) -> None:
-        """A forward appended ``new_slots`` slots to every row; they are holes until committed."""
-        need = self._physical + new_slots
-        if need > self._valid.shape[1]:
-            grown = torch.zeros((self.rows, max(need, 2 * self._valid.shape[1], 64)), dtype=torch.bool,
-                                device=self.device)
-            grown[:, : self._physical] = self.valid
-            self._valid = grown
-        else:
-            self._valid[:, self._physical : need] = False
-        self._physical = need
+    def _set_lengths(self, lengths: list[int]) -> None:
+        self._lengths = lengths
+        used = self.physical
+        for layer in self._layers():
+            layer.set_length(used)
 
-    def commit(self, keep: torch.Tensor) -> None:
-        """Mark which of the last forward's slots (``keep``: ``[rows, Q]`` bool) hold committed tokens."""
-        q = keep.shape[1]
-        self._valid[:, self._physical - q : self._physical] = keep.to(self.device)
-        self._lengths = None
-        self.maybe_compact()
+    # -- forward --------------------------------------------------------------------------------------
+    def feed(self, rows: list[int] | None, q: int) -> None:
+        """The next forward writes ``q`` new slots after each row's committed ones, for ``rows`` (input row
+        ``i`` is cache row ``rows[i]``; ``None``: every row, in order). :meth:`fed` ends it."""
+        work = self._lengths if rows is None else [self._lengths[r] for r in rows]
+        first = work[0] if work else 0
+        index: torch.Tensor | slice | None = None
+        if rows is not None:
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+            index = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=self.cache_device)
+        feed = Feed(index, first, max(work, default=0) + q)
+        if any(s != first for s in work) or isinstance(index, torch.Tensor):
+            dev = self.cache_device
+            row_idx = torch.tensor(range(len(work)) if rows is None else rows, device=dev)
+            slot_idx = torch.tensor(work, device=dev)[:, None] + torch.arange(q, device=dev)
+            feed.start, feed.scatter = None, (row_idx[:, None], slot_idx)
+        for layer in self.cache.layers:
+            layer.feed = feed
 
-    def truncate(self, rows: torch.Tensor, new_lengths: torch.Tensor) -> None:
-        """Roll rows back to ``new_lengths`` committed tokens; the removed slots become holes."""
-        rows = rows.to(self.device)
-        sub = self.valid[rows]
-        logical = sub.cumsum(dim=1) - 1
-        sub &= logical < new_lengths.to(self.device)[:, None]
-        self._valid[rows, : self._physical] = sub
-        self._lengths = None
+    def fed(self) -> None:
+        for layer in self.cache.layers:
+            layer.feed = None
 
-    # -- maintenance ----------------------------------------------------------------------------------
-    def maybe_compact(self) -> None:
-        if self.physical < self.COMPACT_MIN_SLOTS or self.rows == 0:
-            return
-        used = max(self.lengths_list())
-        if (self.physical - used) / self.physical >= self.COMPACT_WASTE:
-            self.compact()
+    def extend(self, counts: list[int]) -> None:
+        """Commit the first ``counts[r]`` new slots of each row (a chain's tokens, a prefill)."""
+        self._set_lengths([n + c for n, c in zip(self._lengths, counts)])
+
+    def attention_mask(self, rows: list[int] | None, ancestors: torch.Tensor) -> torch.Tensor:
+        """Boolean ``[rows, 1, Q, max(length) + Q]`` mask for a forward that feeds ``rows`` (``None``: all):
+        a new node sees its row's committed slots and, among the new slots, those ``ancestors[row, node]``
+        marks (``[rows, Q, Q]`` bool, on the cache's device)."""
+        starts = self._lengths if rows is None else [self._lengths[r] for r in rows]
+        q = ancestors.shape[-1]
+        span = max(starts, default=0) + q
+        dev = ancestors.device
+        rel = torch.arange(span, device=dev)[None, :] - torch.tensor(starts, device=dev)[:, None]  # [rows, span]
+        new = (rel >= 0) & (rel < q)
+        gathered = ancestors.gather(2, rel.clamp(0, q - 1)[:, None, :].expand(-1, q, -1))
+        return ((rel < 0)[:, None, :] | (gathered & new[:, None, :]))[:, None]
+
+    # -- commit and rollback --------------------------------------------------------------------------
+    def commit(self, keep: torch.Tensor | list[list[bool]]) -> None:
+        """Keep, per row, the marked slots of the last forward (``keep``: ``[rows, Q]`` bool), in order:
+        they follow the row's committed slots."""
+        marks = keep.tolist() if isinstance(keep, torch.Tensor) else keep
+        lengths = list(self._lengths)
+        rows: list[int] = []
+        src: list[int] = []
+        dst: list[int] = []
+        for r, row in enumerate(marks):
+            for node, kept in enumerate(row):
+                if kept:
+                    if node + self._lengths[r] != lengths[r]:  # a hole before it: move the slot down
+                        rows.append(r)
+                        src.append(self._lengths[r] + node)
+                        dst.append(lengths[r])
+                    lengths[r] += 1
+        if rows:
+            dev = self.cache_device
+            with torch.inference_mode():
+                index = [torch.tensor(x, device=dev) for x in (rows, src, dst)]
+                for layer in self._layers():
+                    layer.move_slots(*index)
+        self._set_lengths(lengths)
+
+    def truncate(self, rows: torch.Tensor | list[int], new_lengths: torch.Tensor | list[int]) -> None:
+        """Roll rows back to ``new_lengths`` committed tokens (never longer than they are)."""
+        lengths = list(self._lengths)
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else rows
+        new = new_lengths.tolist() if isinstance(new_lengths, torch.Tensor) else new_lengths
+        for r, n in zip(rows, new):
+            lengths[r] = min(lengths[r], int(n))
+        self._set_lengths(lengths)
 
     def compact(self) -> None:
-        """Squeeze out holes: each row's committed slots move to the front, in order."""
-        lengths = self.lengths()
-        new_len = int(lengths.max()) if self.rows else 0
-        order = torch.argsort((~self.valid).to(torch.int8), dim=1, stable=True)[:, :new_len]
-        for layer in self._layers():
-            layer.gather_slots(order)
-        self.valid = torch.arange(new_len, device=self.device)[None, :] < lengths[:, None]
-        self.compactions += 1
+        """Nothing to squeeze out: rows never have holes (kept for callers that compact now and then)."""
 
-    @contextlib.contextmanager
-    def only_rows(self, rows: list[int]):
-        """Within the block, a forward runs over ``rows`` only (its inputs have one row per listed row, in
-        that order): each layer stores their new slots in place, gives the other rows holes, and returns
-        the listed rows' keys and values (a copy of theirs alone, instead of computing every row)."""
-        layers = self._layers()
-        index = torch.tensor(rows, dtype=torch.long, device=self.cache_device)
-        for layer in layers:
-            layer.rows = index
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.rows = None
+    # -- rows -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def merge(self, other: BatchKV) -> None:
+        """Append ``other``'s rows (e.g. freshly prefilled requests) below this cache's rows."""
+        mine, theirs = self._layers(), other._layers()
+        lengths = self._lengths + other._lengths
+        used = max(lengths, default=0)
+        if not theirs:
+            theirs = [_empty_like(layer, other.rows) for layer in mine]
+        if not mine and not self.rows:  # nothing here yet: take the other cache as it is
+            self.cache = other.cache
+        elif not mine:
+            self.cache = other.cache
+            mine = [_empty_like(layer, self.rows) for layer in theirs]
+            for layer, empty in zip(theirs, mine):
+                empty.append_rows(layer, used)
+                layer.kbuf, layer.vbuf, layer.n = empty.kbuf, empty.vbuf, empty.n
+        else:
+            for layer, extra in zip(mine, theirs):
+                layer.append_rows(extra, used)
+        self._set_lengths(lengths)
 
+    @torch.inference_mode()
     def drop_rows(self, rows: list[int]) -> list[int]:
         """Drop ``rows``: the last rows move into their places, one row copied per row dropped (not the whole
         cache). Returns the new order: entry ``j`` is the old index of the row now at ``j``."""
@@ -297,17 +319,15 @@ class BatchKV:
                 moves.append((last, r))
                 order[r] = order[last]
             order.pop()
-        valid = self.valid.clone()
-        for src, dst in moves:
-            valid[dst] = valid[src]
-        self.valid = valid[: len(order)]
         for layer in self._layers():
             layer.move_rows(moves, len(order))
+        self._set_lengths([self._lengths[i] for i in order])
         return order
 
+    # -- inspection -----------------------------------------------------------------------------------
     def slots_of(self, row: int) -> torch.Tensor:
         """Physical slot indices of a row's committed tokens, in logical order."""
-        return torch.nonzero(self.valid[row], as_tuple=False).flatten()
+        return torch.arange(self._lengths[row])
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self.cache.layers[layer]

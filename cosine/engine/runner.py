@@ -3,13 +3,13 @@
 A *segment* is what one row feeds in one forward: tokens with parent indices (``-1`` = attaches to the
 row's committed prefix). A chain is ``parents = [-1, 0, 1, ...]``; a token tree is any forest whose
 parents come before their children. One forward runs every row's segment at once: attention goes to the
-row's committed slots plus the node's own ancestors (a 4D mask), and positions are the row's length
-plus the node's depth. Nothing new is committed until :meth:`commit` says which nodes stay.
+row's committed slots plus the node's own ancestors, and positions are the row's length plus the node's
+depth. Nothing new is committed until :meth:`commit` says which nodes stay; a row's committed slots stay
+contiguous (:mod:`cosine.engine.kv_cache`), so most passes need no attention mask at all.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -67,9 +67,9 @@ class ModelRunner:
     """Runs one model over a batch of rows, each row one sequence with its own committed length."""
 
     # A forward that feeds at most this share of the rows runs over those rows alone (their cache copied
-    # out per layer); above it, every row runs and the rows not fed compute padding. Every row costs a
-    # full share of the forward's compute, so a verifier pass over 8 of 32 requests would otherwise cost
-    # as much as a pass over all 32.
+    # out per layer, unless they are adjacent rows); above it, every row runs and the rows not fed compute
+    # padding. Every row costs a full share of the forward's compute, so a verifier pass over 8 of 32
+    # requests would otherwise cost as much as a pass over all 32.
     SUBSET_SHARE = 0.75
     # Every row of a forward computes as many slots as the longest segment (shorter ones are padded), so a
     # pass costs its rows times its largest tree: what cost models of this runner price (CostModel.padded).
@@ -103,10 +103,10 @@ class ModelRunner:
         return seq_id in self.row_ids
 
     def lengths(self) -> list[int]:
-        return self.kv.lengths().tolist()
+        return list(self.kv.lengths_list())
 
     def length_of(self, seq_id: str) -> int:
-        return int(self.kv.valid[self.row_of(seq_id)].sum())
+        return self.kv.lengths_list()[self.row_of(seq_id)]
 
     def add_rows(self, seq_ids: list[str], prefixes: list[list[int]]) -> None:
         """Add rows and prefill them with ``prefixes`` (which may be empty): one batched forward per group of
@@ -122,7 +122,7 @@ class ModelRunner:
             fresh = ModelRunner.__new__(ModelRunner)
             fresh.__dict__.update(self.__dict__)
             fresh.kv = BatchKV(self.device)
-            fresh.kv.valid = torch.zeros((len(group), 0), dtype=torch.bool, device=fresh.kv.device)
+            fresh.kv.add_empty_rows(len(group))
             fresh.row_ids = [seq_ids[i] for i in group]
             if any(prefixes[i] for i in group):
                 segments = [Segment.chain(prefixes[i]) for i in group]
@@ -144,19 +144,21 @@ class ModelRunner:
 
     def truncate(self, seq_id: str, length: int) -> None:
         """Roll a row back to its first ``length`` committed tokens."""
-        row = self.row_of(seq_id)
-        self.kv.truncate(torch.tensor([row]), torch.tensor([length]))
+        self.kv.truncate([self.row_of(seq_id)], [length])
 
     # -- forward --------------------------------------------------------------------------------------
-    def _real_mask(self, segments: list[Segment | None]) -> torch.Tensor:
-        q = max((len(s) for s in segments if s is not None), default=0)
-        mask = torch.zeros((len(segments), q), dtype=torch.bool)
-        for r, seg in enumerate(segments):
-            if seg is not None:
-                mask[r, : len(seg)] = True
-        return mask
+    @staticmethod
+    def _ancestors(seg: Segment | None, q: int) -> list[list[bool]]:
+        """``[Q][Q]``: which new nodes each node sees (its ancestors and itself); padding sees itself."""
+        n = len(seg) if seg else 0
+        rows = [[j == i for j in range(q)] for i in range(q)]
+        for i in range(n):
+            p = seg.parents[i]  # type: ignore[union-attr]
+            if p >= 0:
+                rows[i] = [a or b for a, b in zip(rows[i], rows[p])]
+        return rows
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, segments: list[Segment | None],
                 logits: Literal["all", "last", "none"] = "all") -> torch.Tensor | None:
         """Run one forward with a segment per row (``None`` = nothing for that row).
@@ -164,7 +166,11 @@ class ModelRunner:
         Returns float32 logits: with ``"all"``, ``[rows, Q, vocab]`` (row ``r``, node ``i``: the
         distribution of the token that follows node ``i``); with ``"last"``, ``[rows, vocab]``, after each
         row's last node; undefined for rows given ``None``. ``"none"`` returns ``None``. The new slots stay
-        uncommitted.
+        uncommitted. The forward runs under ``torch.inference_mode``: read the logits, do not write them.
+
+        Attention needs no mask when every row run starts at the same length and feeds a chain (one token,
+        a prefill, or a causal block that transformers builds from the cache's length); otherwise a boolean
+        mask of each row's committed slots and its nodes' ancestors is built once for the pass.
         """
         if len(segments) != self.kv.rows:
             raise ValueError(f"{self.name}: {len(segments)} segments for {self.kv.rows} rows")
@@ -172,62 +178,61 @@ class ModelRunner:
         if q == 0:
             return None
         fed = [r for r, s in enumerate(segments) if s is not None]
-        # Feeding only some rows: run those alone (the others get holes) unless nearly all are fed, where
-        # copying their cache costs more than computing the padding of the few left out.
+        # Feeding only some rows: run those alone unless nearly all are fed, where copying their cache costs
+        # more than computing the padding of the few left out (rows run without a segment compute padding).
         subset = len(fed) <= self.SUBSET_SHARE * len(segments) and self.kv.filled
         work = fed if subset else list(range(len(segments)))
         rows = len(work)
         lengths = self.kv.lengths_list()
-        ids = [[0] * q for _ in range(rows)]
-        pos = [[0] * q for _ in range(rows)]
-        sizes = [0] * rows
-        trees: list[tuple[int, Segment]] = []
-        for r, row in enumerate(work):
+        ids: list[list[int]] = []
+        pos: list[list[int]] = []
+        sizes: list[int] = []
+        chains = True
+        for row in work:
             seg = segments[row]
-            if not seg:
-                continue
-            n = len(seg)
-            sizes[r] = n
-            ids[r][:n] = seg.tokens
-            if seg.parents == list(range(-1, n - 1)):  # a chain: depth = index
-                depths: list[int] | range = range(n)
-            else:
-                depths = seg.depths()
-                trees.append((r, seg))
+            n = len(seg) if seg else 0
             base = lengths[row]
-            pos[r][:n] = [base + d for d in depths]
-            if base + max(depths) >= self.max_positions:
-                raise ValueError(f"{self.name}: position {base + max(depths)} exceeds the context")
-        # Among the new nodes a node sees its ancestors and itself (causal for chains); nobody sees padding.
-        anc = torch.ones((q, q), dtype=torch.bool).tril().repeat(rows, 1, 1)
-        for r, seg in trees:
-            block = torch.eye(q, dtype=torch.bool)
-            for i, p in enumerate(seg.parents):
-                if p >= 0:
-                    block[i] |= block[p]
-            anc[r] = block
-        real = torch.arange(q)[None, :] < torch.tensor(sizes)[:, None]
-        anc &= real[:, None, :]
-        anc |= torch.eye(q, dtype=torch.bool)
-        valid = self.kv.valid[work] if subset else self.kv.valid
-        allowed = torch.cat([valid[:, None, :].expand(rows, q, self.kv.physical), anc], dim=2)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        last = torch.tensor([max(n, 1) - 1 for n in sizes])  # each row's last node
+            sizes.append(n)
+            if n == 0:
+                ids.append([0] * q)
+                pos.append([base] * q)
+                continue
+            assert seg is not None
+            if seg.parents == list(range(-1, n - 1)):  # a chain: depth = index
+                top = base + n - 1
+                pos.append(list(range(base, base + n)) + [base] * (q - n))
+            else:
+                chains = False
+                depths = seg.depths()
+                top = base + max(depths)
+                pos.append([base + d for d in depths] + [base] * (q - n))
+            if top >= self.max_positions:
+                raise ValueError(f"{self.name}: position {top} exceeds the context")
+            ids.append(seg.tokens + [0] * (q - n))
+        starts = {lengths[row] for row in work}
+        mask = None
+        if not (chains and len(starts) == 1 and (q == 1 or starts == {self.kv.physical})):
+            anc = torch.tensor([self._ancestors(segments[row], q) for row in work], device=self.device)
+            mask = self.kv.attention_mask(work, anc)
+        last = [max(n, 1) - 1 for n in sizes]  # each row's last node
         keep: dict = {}
         if self._keeps_logits and logits == "none":
             keep = {"logits_to_keep": 1}
-        elif self._keeps_logits and logits == "last":  # [rows, 1] positions
-            keep = {"logits_to_keep": last[:, None].to(self.device)}
-        with self.kv.only_rows(work) if subset else contextlib.nullcontext():
+        elif self._keeps_logits and logits == "last":
+            keep = {"logits_to_keep": 1 if all(n == q for n in sizes) else
+                    torch.tensor(last, device=self.device)[:, None]}  # [rows, 1] positions
+        self.kv.feed(work if subset else None, q)
+        try:
             out = self.model(
                 input_ids=torch.tensor(ids, device=self.device),
                 position_ids=torch.tensor(pos, device=self.device),
-                attention_mask=mask[:, None].to(self.device),
+                attention_mask=mask,
                 use_cache=True,
                 **{self._cache_kwarg: self.kv.cache},
                 **keep,
             )
-        self.kv.after_forward(q)
+        finally:
+            self.kv.fed()
         self.forwards += 1
         self.rows_run += rows
         self.slots_run += rows * q
@@ -236,16 +241,18 @@ class ModelRunner:
             return None
         got = out.logits
         if logits == "last":
-            got = got[:, 0] if keep else got[torch.arange(rows), last]
+            got = got[:, -1] if keep else got[torch.arange(rows), torch.tensor(last)]
+        if got.dtype != torch.float32:
+            got = got.float()
         if not subset:
-            return got.float()
-        full = got.new_empty((len(segments), *got.shape[1:]), dtype=torch.float32)
-        return full.index_copy_(0, torch.tensor(work, device=full.device), got.float())
+            return got
+        full = got.new_empty((len(segments), *got.shape[1:]))
+        return full.index_copy_(0, torch.tensor(work, device=full.device), got)
 
-    def commit(self, keep: torch.Tensor) -> None:
-        """Commit the nodes marked in ``keep`` (``[rows, Q]``) of the last forward."""
+    def commit(self, keep: torch.Tensor | list[list[bool]]) -> None:
+        """Commit the nodes marked in ``keep`` (``[rows, Q]`` bools) of the last forward."""
         self.kv.commit(keep)
 
     def commit_segments(self, segments: list[Segment | None]) -> None:
         """Commit every node of the last forward's segments (they must be chains)."""
-        self.kv.commit(self._real_mask(segments))
+        self.kv.extend([len(s) if s else 0 for s in segments])

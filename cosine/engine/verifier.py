@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from cosine.engine.acceptance import Acceptance, accept
 from cosine.engine.runner import ModelRunner, Segment
 from cosine.engine.sequence import Sequence, validate_prompt
@@ -76,16 +74,20 @@ class TargetVerifier:
             segments.append(Segment([seq.tokens[-1]] + tree.tokens, [-1] + [p + 1 for p in tree.parents]))
         logits = self.runner.forward(segments)
         assert logits is not None
-        keep = torch.zeros(logits.shape[:2], dtype=torch.bool)
+        # Greedy rows need only the argmax: one op over the batch and one read-back for the pass.
+        greedy = any(t is not None and self.seqs[sid].params.greedy for sid, t in zip(self.runner.row_ids, trees))
+        best = logits.argmax(dim=-1).tolist() if greedy else None
+        keep = [[False] * logits.shape[1] for _ in trees]
         results: list[StepResult] = []
         for row, (sid, tree) in enumerate(zip(self.runner.row_ids, trees)):
             if tree is None:
                 continue
             seq = self.seqs[sid]
-            acc: Acceptance = accept(logits[row], tree, seq.params, seq.seed, len(seq.output_ids))
-            keep[row, 0] = True
+            acc: Acceptance = accept(logits[row], tree, seq.params, seq.seed, len(seq.output_ids),
+                                     best[row] if best is not None and seq.params.greedy else None)
+            keep[row][0] = True
             for node in acc.path:
-                keep[row, node + 1] = True
+                keep[row][node + 1] = True
             seq.stats.record(tree.depth, len(tree), acc.accepted, [tree.sources[i] for i in acc.path])
             added = seq.append(acc.tokens, self.eos_id, self.max_len)
             results.append(StepResult(seq, acc.tokens[:added], acc.accepted, tree.depth))
