@@ -315,15 +315,22 @@ def profile(zoo_path, model, drafter_models, device, dtype, threads, time_budget
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="auto = float32 on CPU, bfloat16 on CUDA.")
 @click.option("--hf/--no-hf", "hf", default=True, show_default=True, help="Include Hugging Face baselines.")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Times every path runs over the prompts, interleaved chunk by chunk; medians are reported.")
+@click.option("--micro-context", "micro_contexts", type=int, multiple=True, default=(64, 300), show_default=True,
+              help="Contexts of the verify-pass micro-benchmark (against HF's one-token step).")
+@click.option("--micro-calls", type=int, default=40, show_default=True,
+              help="Interleaved calls per variant of the verify-pass micro-benchmark (0: skip it).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--update-readme", is_flag=True, help="Write the table into README.md.")
-def bench_engine(zoo_path, prompts_per_domain, max_new_tokens, k, tree_width, batches, threads, device, dtype, hf, out,
-                 update_readme) -> None:
-    """Target-only vs HF assisted generation vs the engine's coupled speculative path (chain, tree)."""
+def bench_engine(zoo_path, prompts_per_domain, max_new_tokens, k, tree_width, batches, threads, device, dtype, hf,
+                 repeats, micro_contexts, micro_calls, out, update_readme) -> None:
+    """HF generate (batch 1 and left-padded batches) and assisted generation vs the engine's target-only and
+    coupled speculative paths (chain, tree), plus one verify pass against HF's one-token step."""
     from cosine.bench.engine_bench import EngineBenchConfig, engine_markdown, run_engine_bench
 
     cfg = EngineBenchConfig(zoo_path, prompts_per_domain, max_new_tokens, k, tree_width, tuple(batches), threads,
-                            device, dtype, hf)
+                            device, dtype, hf, repeats, tuple(micro_contexts), micro_calls)
     payload = run_engine_bench(cfg)
     _report("engine", payload, engine_markdown(payload), out, update_readme)
 
