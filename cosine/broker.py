@@ -1,12 +1,12 @@
-"""Redis connections and the stream operations every role shares.
+"""Redis connections and every stream operation the roles share.
 
 * :func:`connect` builds a client from a URL (``redis://``, ``rediss://``, ``unix://``, with ACL user and
   password) or from Sentinel addresses; replies stay bytes (msgpack payloads).
-* :class:`Streams` wraps the few stream patterns the pipeline uses: consumer groups created on demand and
-  recreated after ``NOGROUP`` (a Redis restarted without persistence, a failover), batched reads (one
-  blocking read, then non-blocking reads up to a size or a window), ack-and-delete in the same
-  transaction as the result, dead-lettering with the reason and the original bytes, heartbeats, and a
-  ``SET NX PX`` singleton guard for maintenance.
+* :class:`Streams` is the one place that writes streams (it owns their ``MAXLEN`` caps and the output
+  streams' expiry) and holds the stream patterns the pipeline uses: consumer groups created on demand and
+  recreated after ``NOGROUP``, batched reads, ack-and-delete in the same transaction as the result,
+  ownership of pending entries (who holds one, keeping it fresh, claiming a dead owner's), dead-lettering
+  with the reason and the original bytes, heartbeats, and a ``SET NX PX`` singleton guard for maintenance.
 """
 
 from __future__ import annotations
@@ -21,10 +21,16 @@ from redis.exceptions import ResponseError
 
 from cosine import defaults
 from cosine.keys import Keys
+from cosine.protocol import Chunk, Message, entry
 
 log = logging.getLogger(__name__)
 
 Entry = tuple[bytes, dict]  # (entry id, field map)
+
+# MAXLEN ~ per kind of stream (:meth:`Keys.kind`); every other stream is capped at STREAM_MAXLEN. Job streams
+# stay short by deleting entries on ack, so their cap only bounds a stream whose consumers are all gone.
+STREAM_CAPS = {"dlq": defaults.DLQ_MAXLEN, "cancel": defaults.CANCEL_MAXLEN, "ask": defaults.VOTE_STREAM_MAXLEN,
+               "votes": defaults.VOTE_STREAM_MAXLEN, "control": defaults.CONTROL_LOG_MAXLEN}
 
 
 @dataclass
@@ -71,6 +77,13 @@ def is_nogroup(exc: Exception) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
+def xadd_args(keys: Keys, stream: str, msg: Message | dict) -> dict:
+    """The XADD arguments for ``msg`` on ``stream``, under the stream's cap (also for asyncio clients)."""
+    fields = entry(msg) if isinstance(msg, Message) else msg
+    cap = STREAM_CAPS.get(keys.kind(stream), defaults.STREAM_MAXLEN)
+    return {"name": stream, "fields": fields, "maxlen": cap, "approximate": True}
+
+
 class Streams:
     """Stream operations over one connection (blocking reads should use a connection of their own)."""
 
@@ -78,6 +91,51 @@ class Streams:
         self.r = r
         self.keys = keys
         self._groups: set[tuple[str, str]] = set()
+
+    # -- writing --------------------------------------------------------------------------------------
+    def transaction(self):
+        """A MULTI pipeline: what is queued on it (results, acks) happens together or not at all."""
+        return self.r.pipeline(transaction=True)
+
+    def pipeline(self):
+        """A plain pipeline: one round trip, no atomicity."""
+        return self.r.pipeline(transaction=False)
+
+    def add(self, stream: str, msg: Message | dict, pipe=None):
+        """XADD ``msg`` (a message, or a raw field map) to ``stream`` under its cap, on ``pipe`` if given."""
+        return (pipe if pipe is not None else self.r).xadd(**xadd_args(self.keys, stream, msg))
+
+    def add_output(self, pipe, chunk: Chunk) -> None:
+        """Queue a request's output chunk; the last one also sets the stream's expiry (late readers have
+        ``OUTPUT_TTL_S`` to read it)."""
+        key = self.keys.out(chunk.request_id)
+        self.add(key, chunk, pipe)
+        if chunk.finished:
+            pipe.pexpire(key, int(defaults.OUTPUT_TTL_S * 1000))
+
+    @staticmethod
+    def ack_delete(pipe, stream: str, group: str, ids: Iterable[bytes]) -> None:
+        """Queue XACK + XDEL of ``ids`` on ``pipe`` (a MULTI pipeline that also holds the effect)."""
+        ids = list(ids)
+        if ids:
+            pipe.xack(stream, group, *ids)
+            pipe.xdel(stream, *ids)
+
+    def dead_letter(
+        self, stream: str, group: str | None, entry_id: bytes, fields: dict, reason: str, origin: str = ""
+    ) -> None:
+        """Move an entry to the dead-letter stream with the reason and its original bytes, atomically."""
+        record: dict = {b"stream": stream, b"id": entry_id, b"reason": reason[:2000], b"origin": origin}
+        for k, v in (fields or {}).items():
+            key = k if isinstance(k, bytes) else str(k).encode()
+            record[b"orig:" + key[:64]] = v if isinstance(v, (bytes, str, int, float)) else repr(v)
+        pipe = self.transaction()
+        self.add(self.keys.dlq, record, pipe)
+        if group is not None:
+            pipe.xack(stream, group, entry_id)
+        pipe.xdel(stream, entry_id)
+        pipe.execute()
+        log.warning("dead-lettered %s %s: %s", stream, entry_id.decode(errors="replace"), reason)
 
     # -- groups ---------------------------------------------------------------------------------------
     def ensure_group(self, stream: str, group: str, start: str = "0") -> None:
@@ -97,32 +155,17 @@ class Streams:
         self, stream: str, group: str, consumer: str, count: int, block_ms: int | None, start: str = ">"
     ) -> list[Entry]:
         """XREADGROUP on one stream; recreates the group on NOGROUP and returns nothing that time."""
-        if (stream, group) not in self._groups:
-            self.ensure_group(stream, group)
-        try:
-            reply = self.r.xreadgroup(group, consumer, {stream: start}, count=count, block=block_ms)
-        except ResponseError as exc:
-            if not is_nogroup(exc):
-                raise
-            log.warning("group %s on %s vanished (Redis restarted or failed over): recreating it", group, stream)
-            self._groups.discard((stream, group))
-            self.ensure_group(stream, group)
-            return []
-        if not reply:
-            return []
-        # redis-py returns [[stream, [(id, fields), ...]]] (RESP2) or {stream: [[...]]} (RESP3).
-        items = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
-        return [(eid, fields) for eid, fields in items]
+        return self.read_groups([stream], group, consumer, count, block_ms, start).get(stream, [])
 
     def read_groups(
-        self, streams: list[str], group: str, consumer: str, count: int, block_ms: int | None
+        self, streams: list[str], group: str, consumer: str, count: int, block_ms: int | None, start: str = ">"
     ) -> dict[str, list[Entry]]:
         """XREADGROUP over several streams that share a group name; wakes on the first entry in any."""
         for stream in streams:
             if (stream, group) not in self._groups:
                 self.ensure_group(stream, group)
         try:
-            reply = self.r.xreadgroup(group, consumer, {s: ">" for s in streams}, count=count, block=block_ms)
+            reply = self.r.xreadgroup(group, consumer, {s: start for s in streams}, count=count, block=block_ms)
         except ResponseError as exc:
             if not is_nogroup(exc):
                 raise
@@ -131,14 +174,7 @@ class Streams:
                 self._groups.discard((stream, group))
                 self.ensure_group(stream, group)
             return {}
-        out: dict[str, list[Entry]] = {}
-        if isinstance(reply, dict):
-            for name, items in reply.items():
-                out[name.decode() if isinstance(name, bytes) else name] = [tuple(e) for e in items[0]]
-        else:
-            for name, items in reply or []:
-                out[name.decode() if isinstance(name, bytes) else name] = [(eid, f) for eid, f in items]
-        return out
+        return _by_stream(reply)
 
     def read_batch(
         self, stream: str, group: str, consumer: str, max_count: int, window_ms: float, block_ms: int
@@ -162,34 +198,55 @@ class Streams:
         """Entries already delivered to ``consumer`` and not acknowledged (after a restart or a claim)."""
         return self.read_group(stream, group, consumer, count, None, start="0")
 
-    # -- acknowledging --------------------------------------------------------------------------------
-    @staticmethod
-    def ack_delete(pipe, stream: str, group: str, ids: Iterable[bytes]) -> None:
-        """Queue XACK + XDEL of ``ids`` on ``pipe`` (a MULTI pipeline that also holds the effect)."""
-        ids = list(ids)
-        if ids:
-            pipe.xack(stream, group, *ids)
-            pipe.xdel(stream, *ids)
+    def latest_id(self, stream: str) -> bytes | str:
+        """The id of the stream's newest entry ("0-0" when empty): read from here for what comes next."""
+        last = self.r.xrevrange(stream, count=1)
+        return last[0][0] if last else "0-0"
 
-    def dead_letter(
-        self, stream: str, group: str | None, entry_id: bytes, fields: dict, reason: str, origin: str = ""
-    ) -> None:
-        """Move an entry to the dead-letter stream with the reason and its original bytes, atomically."""
-        record: dict = {b"stream": stream, b"id": entry_id, b"reason": reason[:2000], b"origin": origin}
-        for k, v in (fields or {}).items():
-            key = k if isinstance(k, bytes) else str(k).encode()
-            record[b"orig:" + key[:64]] = v if isinstance(v, (bytes, str, int, float)) else repr(v)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xadd(self.keys.dlq, record, maxlen=defaults.DLQ_MAXLEN, approximate=True)
-        if group is not None:
-            pipe.xack(stream, group, entry_id)
-        pipe.xdel(stream, entry_id)
-        pipe.execute()
-        log.warning("dead-lettered %s %s: %s", stream, entry_id.decode(errors="replace"), reason)
+    def read_after(self, stream: str, cursor: bytes | str, count: int, block_ms: int | None = None) -> list[Entry]:
+        """Entries after ``cursor`` on a stream read without a group (XREAD)."""
+        return _by_stream(self.r.xread({stream: cursor}, count=count, block=block_ms)).get(stream, [])
+
+    def entries(self, stream: str, first: bytes | str = "-", last: bytes | str = "+") -> list[Entry]:
+        """The entries of a (short) stream from ``first`` to ``last``, oldest first."""
+        return self.r.xrange(stream, first, last)
+
+    def earlier_outputs(self, request_ids: list[str]) -> list[tuple[list[Entry], bool]]:
+        """Per request (one round trip for all): its output stream so far and whether it was cancelled (what
+        a verifier taking it over resumes from)."""
+        pipe = self.pipeline()
+        for rid in request_ids:
+            pipe.xrange(self.keys.out(rid))
+            pipe.exists(self.keys.cancelled(rid))
+        got = pipe.execute() if request_ids else []
+        return [(got[i], bool(got[i + 1])) for i in range(0, len(got), 2)]
+
+    # -- ownership of pending entries -----------------------------------------------------------------
+    def owners(self, stream: str, group: str, ids: list[bytes]) -> list[str | None]:
+        """The consumer each entry is pending for (None when it is not pending any more)."""
+        pipe = self.pipeline()
+        for eid in ids:
+            pipe.xpending_range(stream, group, min=eid, max=eid, count=1)
+        return [rows[0]["consumer"].decode() if rows else None for rows in pipe.execute()]
+
+    def touch(self, stream: str, group: str, consumer: str, ids: list[bytes], min_idle_ms: int) -> None:
+        """Reset the idle time of our own pending entries (XCLAIM JUSTID), so nobody takes them for a dead
+        owner's; an entry idle less than ``min_idle_ms`` (just claimed by another) is left alone."""
+        if ids:
+            self.r.xclaim(stream, group, consumer, min_idle_ms, ids, justid=True)
+
+    def idle_pending(self, stream: str, group: str, min_idle_ms: int, count: int = 1000) -> list[dict]:
+        """Pending entries idle at least ``min_idle_ms`` (id, consumer, idle time, times delivered)."""
+        return self.r.xpending_range(stream, group, min="-", max="+", count=count, idle=min_idle_ms)
+
+    def claim(self, stream: str, group: str, consumer: str, ids: list[bytes], min_idle_ms: int) -> list[Entry]:
+        """Take over pending entries (XCLAIM); entries deleted meanwhile are left out."""
+        got = self.r.xclaim(stream, group, consumer, min_idle_ms, ids) if ids else []
+        return [(eid, fields) for eid, fields in got if fields]
 
     # -- liveness -------------------------------------------------------------------------------------
     def heartbeat(self, worker_id: str, info: dict[str, str | int | float]) -> None:
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.pipeline()
         pipe.zadd(self.keys.workers, {worker_id: now_ms()})
         key = self.keys.worker(worker_id)
         if info:
@@ -203,7 +260,7 @@ class Streams:
         ids = [i.decode() for i in self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")]
         if not ids:
             return {}
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.pipeline()
         for wid in ids:
             pipe.hgetall(self.keys.worker(wid))
         out = {}
@@ -213,12 +270,8 @@ class Streams:
                 out[wid] = decoded
         return out
 
-    def is_alive(self, worker_id: str, dead_after_s: float = defaults.WORKER_DEAD_AFTER_S) -> bool:
-        score = self.r.zscore(self.keys.workers, worker_id)
-        return score is not None and now_ms() - score < dead_after_s * 1000
-
     def forget_worker(self, worker_id: str) -> None:
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.pipeline()
         pipe.zrem(self.keys.workers, worker_id)
         pipe.delete(self.keys.worker(worker_id))
         pipe.execute()
@@ -227,3 +280,15 @@ class Streams:
     def singleton(self, name: str, ttl_ms: int, holder: str) -> bool:
         """True for exactly one caller per ``ttl_ms`` window (``SET NX PX``)."""
         return bool(self.r.set(self.keys.lock(name), holder, nx=True, px=ttl_ms))
+
+
+def _by_stream(reply) -> dict[str, list[Entry]]:
+    """An XREAD / XREADGROUP reply as ``{stream: [(id, fields), ...]}`` (RESP2 lists or RESP3 maps)."""
+    out: dict[str, list[Entry]] = {}
+    if isinstance(reply, dict):
+        for name, items in reply.items():
+            out[name.decode() if isinstance(name, bytes) else name] = [tuple(e) for e in items[0]]
+    else:
+        for name, items in reply or []:
+            out[name.decode() if isinstance(name, bytes) else name] = [(eid, f) for eid, f in items]
+    return out

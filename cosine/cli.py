@@ -405,7 +405,7 @@ def worker() -> None:
 def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
                    threads, name, model, batch_max, window_ms, block_ms, lookahead, vote_timeout_ms) -> None:
     """Host drafter models: consume this worker's draft jobs, reply with draft trees."""
-    from cosine.service.drafter import DrafterSettings
+    from cosine.service.drafter_service import DrafterSettings
     from cosine.zoo import paths
     from workers import drafter as drafter_worker
 
@@ -463,8 +463,8 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
                     threads, name, model, routing, fusion, scheduling, adaptive, **overrides) -> None:
     """Own requests: verify drafts with the target model and stream the committed tokens."""
-    from cosine.service.steering import Switches
-    from cosine.service.verifier import VerifierSettings
+    from cosine.policy.steering import Switches
+    from cosine.service.verifier_service import VerifierSettings
     from cosine.zoo import paths
     from workers import verifier as verifier_worker
 
@@ -507,7 +507,7 @@ def _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, d
 def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir, controller,
        control_interval_ms) -> None:
     """Start a whole local deployment (Redis, verifiers, drafters, a controller) until Ctrl-C / SIGTERM."""
-    from cosine.service.loop import stop_on_signals
+    from cosine.service.run_loop import stop_on_signals
 
     stop = stop_on_signals()
     controller_args = ["--interval-ms", str(control_interval_ms)] if control_interval_ms else []
@@ -562,14 +562,13 @@ def controller(redis_url, prefix, sentinels, sentinel_master, username, password
     Run one or more: one is active (a lock in Redis), the others stand by and take over if it dies. If no
     controller runs, workers keep the last decision. Stops cleanly on SIGTERM / Ctrl-C.
     """
-    from cosine.controller import ControllerService, ControllerSettings
-    from cosine.service.loop import stop_on_signals
+    from cosine.service.controller_service import ControllerSettings
+    from workers import controller as controller_worker
 
-    stop = stop_on_signals()
     settings = ControllerSettings(worker_id=name or _default_name("controller"), interval_ms=interval_ms,
                                   lease_ms=lease_ms)
-    ControllerService(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
-                      settings).run(stop)
+    controller_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
+                           settings)
 
 
 @cli.command()
@@ -647,7 +646,7 @@ def demo(zoo_path, prompts_per_domain, max_new_tokens, drafters, log_dir, local)
 
 
 def main() -> None:
-    from cosine.service.loop import exit_on_sigterm
+    from cosine.service.run_loop import exit_on_sigterm
 
     exit_on_sigterm()  # benchmarks and the demo stop the deployments they started; workers install their own
     try:

@@ -12,13 +12,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import redis
 import redis.asyncio as aioredis
 
 from cosine import defaults
-from cosine.broker import RedisSettings, connect, now_ms
+from cosine.broker import RedisSettings, Streams, connect, now_ms, xadd_args
 from cosine.errors import (
     InvalidParameterError,
     InvalidRequestError,
@@ -29,7 +29,7 @@ from cosine.errors import (
     StreamGapError,
 )
 from cosine.keys import Keys
-from cosine.protocol import Cancel, Chunk, GenerationRequest, ProtocolError, decode_entry, entry
+from cosine.protocol import Cancel, Chunk, GenerationRequest, ProtocolError, check, decode_entry
 from cosine.sampling_params import SamplingParams
 
 
@@ -61,72 +61,48 @@ class GenerationResult:
 def build_request(
     prompt: str | Sequence[int],
     *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    stop: Sequence[str] | str | None = None,
-    stop_token_ids: Sequence[int] = (),
-    seed: int | None = None,
+    params: SamplingParams | None = None,
     timeout: float | None = defaults.CLIENT_TIMEOUT_S,
     priority: int = 0,
     drafter: str | None = None,
     drafters: Sequence[str] = (),
     speculation: str | int = "adaptive",
-    ignore_eos: bool = False,
     request_id: str | None = None,
+    **sampling,
 ) -> GenerationRequest:
     """Validate parameters (typed errors naming the field) and build the wire message.
 
-    ``speculation``: "adaptive" (default: length chosen per round from the request's acceptance and the
-    cluster's load), "off" or 0 (plain decoding by the target) or an int (that many draft positions per round).
-    ``drafter`` pins one drafter model; ``drafters`` restricts routing to these models."""
-    if isinstance(stop, str):
-        stop = [stop]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, stop=tuple(stop or ()), stop_token_ids=tuple(stop_token_ids),
-                            ignore_eos=ignore_eos)
+    Sampling comes as ``params`` or as its fields (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``,
+    ``stop``, ``stop_token_ids``, ``seed``, ``ignore_eos``). ``speculation``: "adaptive" (default: length
+    chosen per round from the request's acceptance and the cluster's load), "off" or 0 (plain decoding by the
+    target) or an int (that many draft positions per round). ``drafter`` pins one drafter model; ``drafters``
+    restricts routing to these models."""
+    if params is None:
+        unknown = sorted(set(sampling) - {f.name for f in fields(SamplingParams)})
+        if unknown:
+            raise InvalidParameterError(unknown[0], "is not a parameter of a request")
+        params = SamplingParams(**sampling)
+    elif sampling:
+        raise InvalidParameterError(sorted(sampling)[0], "give sampling parameters in params or as arguments, not both")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InvalidParameterError("timeout", f"must be > 0 seconds or None, got {timeout!r}")
-    if isinstance(prompt, str):
-        if not prompt:
-            raise InvalidParameterError("prompt", "must not be empty")
-        text, ids = prompt, None
-    else:
-        ids, text = list(prompt), None
-        if not ids:
-            raise InvalidParameterError("prompt", "must contain at least one token")
+    text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+    if not (text or ids):
+        raise InvalidParameterError("prompt", "must not be empty")
+    fixed = isinstance(speculation, int) and not isinstance(speculation, bool)
     created = now_ms()
     msg = GenerationRequest(
-        request_id=request_id or uuid.uuid4().hex,
-        prompt=text,
-        prompt_ids=ids,
-        max_new_tokens=params.max_new_tokens,
-        temperature=float(params.temperature),
-        top_p=float(params.top_p),
-        top_k=params.top_k,
-        seed=params.seed,
-        stop=list(params.stop),
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-        priority=priority,
-        deadline_ms=created + int(timeout * 1000) if timeout is not None else None,
-        drafter=drafter,
-        drafters=list(drafters),
-        speculation=("fixed" if speculation else "off") if _is_int(speculation) else str(speculation),
-        spec_k=int(speculation) if _is_int(speculation) and speculation else None,
-        created_ms=created,
+        request_id=request_id or uuid.uuid4().hex, prompt=text, prompt_ids=ids, params=params, priority=priority,
+        deadline_ms=created + int(timeout * 1000) if timeout is not None else None, drafter=drafter,
+        drafters=list(drafters), speculation=("fixed" if speculation else "off") if fixed else str(speculation),
+        spec_k=int(speculation) if fixed and speculation else None, created_ms=created,
     )
     try:
-        GenerationRequest.validate({**msg.to_dict()}, None)
+        check(msg)
     except ProtocolError as exc:
         name, _, rest = exc.reason.partition(": ")
         raise InvalidParameterError(name if rest else "request", rest or exc.reason) from exc
     return msg
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class _Assembler:
@@ -175,6 +151,52 @@ def raise_for_chunk(chunk: Chunk) -> None:
         raise ServerError(chunk.error or "the request failed", rid)
 
 
+class _Reading:
+    """One request's output as it is read: the stream cursor, the deadline and the chunk assembly (the same
+    for the blocking and the asyncio client; only their XREAD calls differ)."""
+
+    def __init__(self, keys: Keys, request_id: str, timeout: float | None) -> None:
+        self.asm = _Assembler(request_id)
+        self.key = keys.out(request_id)
+        self.cursor: bytes | str = "0-0"
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    @property
+    def done(self) -> bool:
+        return self.asm.final is not None
+
+    def block_ms(self) -> int | None:
+        """How long the next XREAD may block; None once the deadline has passed."""
+        if self.deadline is None:
+            return defaults.CLIENT_READ_BLOCK_MS
+        left = self.deadline - time.monotonic()
+        return None if left <= 0 else max(1, min(defaults.CLIENT_READ_BLOCK_MS, int(left * 1000)))
+
+    def timed_out(self) -> RequestTimeoutError:
+        return RequestTimeoutError(f"no result within {self.timeout:.1f} s", self.asm.request_id)
+
+    def take(self, reply) -> list[StreamChunk]:
+        """The new chunks in an XREAD reply, duplicates dropped."""
+        out = []
+        for _stream, items in reply or []:
+            for eid, fields_map in items:
+                self.cursor = eid
+                try:
+                    chunk = decode_entry(fields_map, (Chunk,))
+                except ProtocolError as exc:
+                    raise ServerError(f"unreadable output chunk: {exc.reason}", self.asm.request_id) from exc
+                got = self.asm.add(chunk)
+                if got is not None:
+                    out.append(got)
+        return out
+
+
+def _has_verifier(roles: list) -> None:
+    if b"verifier" not in roles:
+        raise NoWorkersError("no live verifier worker: start one with `cosine worker verifier` or `cosine up`")
+
+
 class Client:
     """Blocking producer client.
 
@@ -187,6 +209,7 @@ class Client:
         self.settings = settings or RedisSettings(url=url, prefix=prefix)
         self.keys = Keys(self.settings.prefix)
         self.r = connect(self.settings)
+        self.streams = Streams(self.r, self.keys)
         self.require_workers = require_workers
 
     def close(self) -> None:
@@ -203,82 +226,65 @@ class Client:
         if not self.require_workers:
             return
         cutoff = now_ms() - int(defaults.WORKER_DEAD_AFTER_S * 1000)
-        ids = self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")
         pipe = self.r.pipeline(transaction=False)
-        for wid in ids:
+        for wid in self.r.zrangebyscore(self.keys.workers, cutoff, "+inf"):
             pipe.hget(self.keys.worker(wid.decode()), "role")
-        if b"verifier" not in pipe.execute():
-            raise NoWorkersError("no live verifier worker: start one with `cosine worker verifier` or `cosine up`")
+        _has_verifier(pipe.execute())
 
     def submit(self, prompt: str | Sequence[int], **params) -> str:
         """Queue a request; returns its id. Parameters as for :meth:`generate`."""
         msg = build_request(prompt, **params)
         self._check_workers()
-        self.r.xadd(self.keys.requests, entry(msg), maxlen=defaults.STREAM_MAXLEN, approximate=True)
+        self.streams.add(self.keys.requests, msg)
         return msg.request_id
 
     def cancel(self, request_id: str) -> None:
         """Ask the owning verifier to stop the request (it ends with finish reason ``cancelled``)."""
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.keys.cancelled(request_id), b"1", px=int(defaults.OUTPUT_TTL_S * 1000))
-        pipe.xadd(self.keys.cancel, entry(Cancel(request_id)), maxlen=defaults.CANCEL_MAXLEN, approximate=True)
+        self.streams.add(self.keys.cancel, Cancel(request_id), pipe)
         pipe.execute()
 
     # -- reading --------------------------------------------------------------------------------------
-    def _chunks(self, request_id: str, timeout: float | None, asm: _Assembler) -> Iterator[StreamChunk]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cursor = "0-0"
-        key = self.keys.out(request_id)
-        while asm.final is None:
-            block = defaults.CLIENT_READ_BLOCK_MS
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    try:
-                        self.cancel(request_id)
-                    except redis.RedisError:
-                        pass  # best effort: the server also ends the request at its deadline
-                    raise RequestTimeoutError(f"no result within {timeout:.1f} s", request_id)
-                block = max(1, min(block, int(left * 1000)))
+    def _chunks(self, reading: _Reading) -> Iterator[StreamChunk]:
+        while not reading.done:
+            block = reading.block_ms()
+            if block is None:
+                try:
+                    self.cancel(reading.asm.request_id)
+                except redis.RedisError:
+                    pass  # best effort: the server also ends the request at its deadline
+                raise reading.timed_out()
             try:
-                reply = self.r.xread({key: cursor}, count=256, block=block)
+                reply = self.r.xread({reading.key: reading.cursor}, count=256, block=block)
             except (redis.ConnectionError, redis.TimeoutError):
                 time.sleep(0.2)  # the broker restarts or fails over: keep reading until the deadline
                 continue
-            for _stream, items in reply or []:
-                for eid, fields in items:
-                    cursor = eid
-                    try:
-                        chunk = decode_entry(fields, (Chunk,))
-                    except ProtocolError as exc:
-                        raise ServerError(f"unreadable output chunk: {exc.reason}", request_id) from exc
-                    out = asm.add(chunk)
-                    if out is not None:
-                        yield out
+            yield from reading.take(reply)
 
     def result(self, request_id: str, timeout: float | None = defaults.CLIENT_TIMEOUT_S) -> GenerationResult:
         """Wait for a submitted request and return its result (raises the typed error it ended with)."""
-        asm = _Assembler(request_id)
-        for _ in self._chunks(request_id, timeout, asm):
+        reading = _Reading(self.keys, request_id, timeout)
+        for _ in self._chunks(reading):
             pass
-        return asm.result()
+        return reading.asm.result()
 
     def generate(self, prompt: str | Sequence[int], *, timeout: float | None = defaults.CLIENT_TIMEOUT_S,
                  **params) -> GenerationResult:
         """Generate to completion. Parameters: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``,
-        ``top_k``, ``stop``, ``stop_token_ids``, ``seed``, ``priority``, ``drafter``, ``drafters``, ``speculation``
-        (see :func:`build_request`); ``timeout`` in seconds."""
+        ``top_k``, ``stop``, ``stop_token_ids``, ``seed``, ``ignore_eos`` (or all of them as ``params``, a
+        :class:`SamplingParams`), ``priority``, ``drafter``, ``drafters``, ``speculation`` (see
+        :func:`build_request`); ``timeout`` in seconds."""
         rid = self.submit(prompt, timeout=timeout, **params)
         return self.result(rid, timeout)
 
     def stream(self, prompt: str | Sequence[int], *, timeout: float | None = defaults.CLIENT_TIMEOUT_S,
                **params) -> Iterator[StreamChunk]:
         """Yield text and token ids as they commit; the last chunk has ``finished`` and ``stats``."""
-        rid = self.submit(prompt, timeout=timeout, **params)
-        asm = _Assembler(rid)
-        for chunk in self._chunks(rid, timeout, asm):
+        reading = _Reading(self.keys, self.submit(prompt, timeout=timeout, **params), timeout)
+        for chunk in self._chunks(reading):
             if chunk.finished:
-                raise_for_chunk(asm.final)  # type: ignore[arg-type]
+                raise_for_chunk(reading.asm.final)  # type: ignore[arg-type]
             yield chunk
 
     def generate_many(self, prompts: Sequence[str | Sequence[int]], *,
@@ -310,59 +316,43 @@ class AsyncClient:
         if not self.require_workers:
             return
         cutoff = now_ms() - int(defaults.WORKER_DEAD_AFTER_S * 1000)
-        for wid in await self.r.zrangebyscore(self.keys.workers, cutoff, "+inf"):
-            if await self.r.hget(self.keys.worker(wid.decode()), "role") == b"verifier":
-                return
-        raise NoWorkersError("no live verifier worker: start one with `cosine worker verifier` or `cosine up`")
+        ids = await self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")
+        _has_verifier([await self.r.hget(self.keys.worker(wid.decode()), "role") for wid in ids])
 
     async def submit(self, prompt: str | Sequence[int], **params) -> str:
         msg = build_request(prompt, **params)
         await self._check_workers()
-        await self.r.xadd(self.keys.requests, entry(msg), maxlen=defaults.STREAM_MAXLEN, approximate=True)
+        await self.r.xadd(**xadd_args(self.keys, self.keys.requests, msg))
         return msg.request_id
 
     async def cancel(self, request_id: str) -> None:
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self.keys.cancelled(request_id), b"1", px=int(defaults.OUTPUT_TTL_S * 1000))
-        pipe.xadd(self.keys.cancel, entry(Cancel(request_id)), maxlen=defaults.CANCEL_MAXLEN, approximate=True)
+        pipe.xadd(**xadd_args(self.keys, self.keys.cancel, Cancel(request_id)))
         await pipe.execute()
 
-    async def _chunks(self, request_id: str, timeout: float | None, asm: _Assembler) -> AsyncIterator[StreamChunk]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cursor = "0-0"
-        key = self.keys.out(request_id)
-        while asm.final is None:
-            block = defaults.CLIENT_READ_BLOCK_MS
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    try:
-                        await self.cancel(request_id)
-                    except redis.RedisError:
-                        pass
-                    raise RequestTimeoutError(f"no result within {timeout:.1f} s", request_id)
-                block = max(1, min(block, int(left * 1000)))
+    async def _chunks(self, reading: _Reading) -> AsyncIterator[StreamChunk]:
+        while not reading.done:
+            block = reading.block_ms()
+            if block is None:
+                try:
+                    await self.cancel(reading.asm.request_id)
+                except redis.RedisError:
+                    pass
+                raise reading.timed_out()
             try:
-                reply = await self.r.xread({key: cursor}, count=256, block=block)
+                reply = await self.r.xread({reading.key: reading.cursor}, count=256, block=block)
             except (redis.ConnectionError, redis.TimeoutError):
                 await asyncio.sleep(0.2)
                 continue
-            for _stream, items in reply or []:
-                for eid, fields in items:
-                    cursor = eid
-                    try:
-                        chunk = decode_entry(fields, (Chunk,))
-                    except ProtocolError as exc:
-                        raise ServerError(f"unreadable output chunk: {exc.reason}", request_id) from exc
-                    out = asm.add(chunk)
-                    if out is not None:
-                        yield out
+            for chunk in reading.take(reply):
+                yield chunk
 
     async def result(self, request_id: str, timeout: float | None = defaults.CLIENT_TIMEOUT_S) -> GenerationResult:
-        asm = _Assembler(request_id)
-        async for _ in self._chunks(request_id, timeout, asm):
+        reading = _Reading(self.keys, request_id, timeout)
+        async for _ in self._chunks(reading):
             pass
-        return asm.result()
+        return reading.asm.result()
 
     async def generate(self, prompt: str | Sequence[int], *, timeout: float | None = defaults.CLIENT_TIMEOUT_S,
                        **params) -> GenerationResult:
@@ -371,11 +361,10 @@ class AsyncClient:
 
     async def stream(self, prompt: str | Sequence[int], *, timeout: float | None = defaults.CLIENT_TIMEOUT_S,
                      **params) -> AsyncIterator[StreamChunk]:
-        rid = await self.submit(prompt, timeout=timeout, **params)
-        asm = _Assembler(rid)
-        async for chunk in self._chunks(rid, timeout, asm):
+        reading = _Reading(self.keys, await self.submit(prompt, timeout=timeout, **params), timeout)
+        async for chunk in self._chunks(reading):
             if chunk.finished:
-                raise_for_chunk(asm.final)  # type: ignore[arg-type]
+                raise_for_chunk(reading.asm.final)  # type: ignore[arg-type]
             yield chunk
 
     async def generate_many(self, prompts: Sequence[str | Sequence[int]], *,

@@ -22,7 +22,7 @@ def run_demo(zoo_path: str | None, per_domain: int, max_new_tokens: int, drafter
     from cosine.client import Client
     from cosine.deployment import Deployment, WorkerSpec
     from cosine.keys import Keys
-    from cosine.service.control import ControlView
+    from cosine.service.control_view import ControlView
 
     work = _workload(zoo_path, per_domain)
     specs = [WorkerSpec("verifier", "verifier-0")] + [WorkerSpec("drafter", f"drafter-{i}") for i in range(drafters)]

@@ -46,6 +46,11 @@ class Keys:
     def __post_init__(self) -> None:
         check_name("prefix", self.prefix)
 
+    def kind(self, key: str) -> str:
+        """What a key is, by the name part after the prefix: ``draft`` for ``{p}:draft:{drafter}``, ``control``
+        for both ``{p}:control`` and ``{p}:control:log``."""
+        return key[len(self.prefix) + 1 :].split(":", 1)[0]
+
     @property
     def requests(self) -> str:
         return f"{self.prefix}:requests"

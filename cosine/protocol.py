@@ -18,7 +18,7 @@ from cosine.errors import CosineError, InvalidParameterError
 from cosine.keys import check_name
 from cosine.sampling_params import SamplingParams
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sampling parameters nested as ``params`` in requests and draft jobs
 FIELD = b"d"
 
 # Caps on what a message may carry.
@@ -142,6 +142,34 @@ def _opt(v: Any, check, *args, **kwargs):
     return None if v is None else check(v, *args, **kwargs)
 
 
+_PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+def _params(v: Any, vocab: int | None) -> SamplingParams:
+    """A request's sampling parameters: the wire's types and caps here, their meaning in SamplingParams."""
+    if not isinstance(v, dict):
+        raise ProtocolError(f"params: expected a map, got {type(v).__name__}")
+    extra = set(v) - _PARAM_FIELDS
+    if extra:
+        raise ProtocolError(f"params: unknown fields {sorted(map(str, extra))}")
+    stop = v.get("stop", [])
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
+        raise ProtocolError(f"stop: expected at most {MAX_STOP_STRINGS} strings")
+    try:
+        return SamplingParams(
+            max_new_tokens=_int(v.get("max_new_tokens", 64), "max_new_tokens", 1, MAX_NEW_TOKENS),
+            temperature=_float(v.get("temperature", 0.0), "temperature", 0.0, 100.0),
+            top_p=_float(v.get("top_p", 1.0), "top_p", 0.0, 1.0),
+            top_k=_int(v.get("top_k", 0), "top_k", 0, 1 << 20),
+            seed=_opt(v.get("seed"), _int, "seed", 0, 2**63 - 1),
+            stop=[_str(s, "stop", MAX_STOP_CHARS, allow_empty=False) for s in stop],
+            stop_token_ids=_tokens(v.get("stop_token_ids", []), "stop_token_ids", vocab, 64),
+            ignore_eos=_bool(v.get("ignore_eos", False), "ignore_eos"),
+        )
+    except InvalidParameterError as exc:
+        raise ProtocolError(str(exc)) from exc
+
+
 # -- messages -------------------------------------------------------------------------------------------
 @dataclass
 class Message:
@@ -157,20 +185,13 @@ class Message:
 
 @dataclass
 class GenerationRequest(Message):
-    """Client -> ``requests``: one generation request."""
+    """Client -> ``requests``: one generation request; ``params`` says how to decode it."""
 
     TYPE: ClassVar[str] = "request"
     request_id: str
     prompt: str | None = None
     prompt_ids: list[int] | None = None
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
+    params: SamplingParams = field(default_factory=SamplingParams)
     priority: int = 0
     deadline_ms: int | None = None  # absolute, ms since the epoch
     drafter: str | None = None  # pin a drafter model by name
@@ -178,18 +199,6 @@ class GenerationRequest(Message):
     speculation: str = "adaptive"  # "adaptive" (the controller's choice), "off" (plain decoding) or "fixed"
     spec_k: int | None = None  # draft positions per round when speculation is "fixed"
     created_ms: int = 0
-
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            stop=tuple(self.stop),
-            stop_token_ids=tuple(self.stop_token_ids),
-            ignore_eos=self.ignore_eos,
-        )
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> GenerationRequest:
@@ -199,21 +208,11 @@ class GenerationRequest(Message):
             raise ProtocolError("exactly one of prompt and prompt_ids is required")
         if (prompt is not None and not prompt) or (prompt_ids is not None and not prompt_ids):
             raise ProtocolError("prompt: must not be empty")
-        stop = d.get("stop", [])
-        if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
-            raise ProtocolError(f"stop: expected at most {MAX_STOP_STRINGS} strings")
         msg = cls(
             request_id=_ident(d.get("request_id"), "request_id"),
             prompt=prompt,
             prompt_ids=prompt_ids,
-            max_new_tokens=_int(d.get("max_new_tokens", 64), "max_new_tokens", 1, MAX_NEW_TOKENS),
-            temperature=_float(d.get("temperature", 0.0), "temperature", 0.0, 100.0),
-            top_p=_float(d.get("top_p", 1.0), "top_p", 0.0, 1.0),
-            top_k=_int(d.get("top_k", 0), "top_k", 0, 1 << 20),
-            seed=_opt(d.get("seed"), _int, "seed", 0, 2**63 - 1),
-            stop=[_str(s, "stop", MAX_STOP_CHARS, allow_empty=False) for s in stop],
-            stop_token_ids=_tokens(d.get("stop_token_ids", []), "stop_token_ids", vocab, 64),
-            ignore_eos=_bool(d.get("ignore_eos", False), "ignore_eos"),
+            params=_params(d.get("params", {}), vocab),
             priority=_int(d.get("priority", 0), "priority", -1000, 1000),
             deadline_ms=_opt(d.get("deadline_ms"), _int, "deadline_ms", 0, 2**53),
             drafter=_opt(d.get("drafter"), _ident, "drafter"),
@@ -228,10 +227,6 @@ class GenerationRequest(Message):
             raise ProtocolError("spec_k: required with speculation 'fixed' and only then")
         if msg.drafter is not None and msg.drafters and msg.drafter not in msg.drafters:
             raise ProtocolError(f"drafter: {msg.drafter!r} is pinned but not among drafters {msg.drafters}")
-        try:
-            msg.sampling_params()
-        except InvalidParameterError as exc:
-            raise ProtocolError(str(exc)) from exc
         return msg
 
 
@@ -257,17 +252,17 @@ class DraftJob(Message):
     expert_weights: list[float] = field(default_factory=list)  # trust per expert in (0, 1]; empty = equal
     # Fusion across drafter workers: the worker to ask for each expert this one does not host.
     peers: dict[str, str] = field(default_factory=dict)
-    attempt: int = 0
     sent_ms: int = 0
-    # "sampled": sample drafts from the drafter's distribution (request's temperature/top-p/top-k, keyed by
-    # seed and output position) truncated to its top ``q_top`` tokens, and send those probabilities back.
-    proposal: str = "onehot"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    # Sampled proposals (None: deterministic drafts): the request's sampling parameters, its seed set, to sample
+    # the draft keyed by (seed, output ``position``) from the drafter's distribution truncated to its top
+    # ``q_top`` tokens, whose probabilities travel back with the draft for rejection sampling.
+    params: SamplingParams | None = None
     position: int = 0
     q_top: int = 0
+
+    @property
+    def sampled(self) -> bool:
+        return self.params is not None
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> DraftJob:
@@ -282,20 +277,14 @@ class DraftJob(Message):
             experts=_names(d.get("experts", []), "experts"),
             expert_weights=_weights(d.get("expert_weights", [])),
             peers=_peers(d.get("peers", {})),
-            attempt=_int(d.get("attempt", 0), "attempt", 0, 1 << 20),
             sent_ms=_int(d.get("sent_ms", 0), "sent_ms", 0, 2**53),
-            proposal=_str(d.get("proposal", "onehot"), "proposal", 16),
-            temperature=_float(d.get("temperature", 0.0), "temperature", 0.0, 100.0),
-            top_p=_float(d.get("top_p", 1.0), "top_p", 0.0, 1.0),
-            top_k=_int(d.get("top_k", 0), "top_k", 0, 1 << 20),
-            seed=_int(d.get("seed", 0), "seed", 0, 2**63 - 1),
+            params=_opt(d.get("params"), _params, vocab),
             position=_int(d.get("position", 0), "position", 0, MAX_NEW_TOKENS),
             q_top=_int(d.get("q_top", 0), "q_top", 0, MAX_Q_TOP),
         )
-        if msg.proposal not in ("onehot", "sampled"):
-            raise ProtocolError(f"proposal: {msg.proposal!r} is not onehot or sampled")
-        if msg.proposal == "sampled" and (msg.temperature <= 0 or msg.top_p <= 0 or msg.width != 1 or not msg.q_top):
-            raise ProtocolError("proposal: sampled drafts need temperature > 0, top_p > 0, width 1 and q_top > 0")
+        p = msg.params
+        if p is not None and (p.greedy or p.seed is None or msg.width != 1 or not msg.q_top):
+            raise ProtocolError("params: sampled drafts need temperature > 0, a seed, width 1 and q_top > 0")
         if msg.expert_weights and len(msg.expert_weights) != len(msg.experts):
             raise ProtocolError("expert_weights: one weight per expert required")
         if msg.base + len(msg.tokens) != msg.epoch:
@@ -543,6 +532,12 @@ def decode(raw: bytes, expected: tuple[type[Message], ...] | None = None, vocab:
     if extra:
         raise ProtocolError(f"unknown fields {sorted(map(str, extra))}")
     return cls.validate(body, vocab)
+
+
+def check(msg: Message) -> Message:
+    """``msg`` as its reader will see it (encoded, decoded and validated): a sender learns at once what a
+    receiver would refuse. Raises :class:`ProtocolError` with the reason."""
+    return decode(encode(msg), (type(msg),))
 
 
 def peek_request_id(fields_map: dict) -> str | None:

@@ -1,4 +1,5 @@
-"""Per-request generation parameters, validated once at the edge (client, worker, engine)."""
+"""Per-request generation parameters: one frozen object from the client to the drafter, validated when it is
+built (by the client from the caller's arguments, by the protocol from a message)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        # Accept lists from callers while keeping the dataclass hashable.
-        object.__setattr__(self, "stop", tuple(self.stop))
+        # Accept a single string and lists from callers while keeping the dataclass hashable.
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self.validate()
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cosine.policy.control import (
+from cosine.policy.control_policy import (
     ControlDecision,
     ControlInputs,
     ControlPolicy,

@@ -15,12 +15,12 @@ from click.testing import CliRunner
 
 from cosine.broker import RedisSettings, Streams, connect, now_ms
 from cosine.cli import cli
-from cosine.controller import LOCK_NAME, ControllerService, ControllerSettings
 from cosine.deployment import Deployment, WorkerSpec
 from cosine.keys import DRAFTERS_GROUP, VERIFIERS_GROUP, Keys
 from cosine.local_redis import LocalRedis, free_port
-from cosine.policy.control import ControlDecision, ControlPolicy, ControlSettings
-from cosine.service.control import ControlView
+from cosine.policy.control_policy import ControlDecision, ControlPolicy, ControlSettings
+from cosine.service.control_view import ControlView
+from cosine.service.controller_service import LOCK_NAME, ControllerService, ControllerSettings
 from cosine.status import collect_status, format_status, format_timeline
 
 from .pipeline_helpers import wait_for

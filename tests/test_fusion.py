@@ -191,7 +191,7 @@ def test_routed_greedy_equals_target_only(engine, reference):
     prompts, refs = reference
     seqs = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS), experts=ROUTE)
     _assert_lossless(engine, prompts, [s.output_ids for s in seqs], refs)
-    assert engine.priors.stats, "routing feeds the prior table"
+    assert engine.steering.priors.stats, "routing feeds the prior table"
     assert all(s.stats.drafts > 0 for s in seqs)
     assert not engine._routers
 

@@ -8,14 +8,14 @@ import time
 import pytest
 
 from cosine.broker import RedisSettings
-from cosine.keys import DRAFTERS_GROUP
 from cosine.engine.drafter import Drafter
 from cosine.engine.fused_drafter import FusedDrafter, FusedRequest
 from cosine.engine.runner import ModelRunner
 from cosine.engine.tree import DraftTree
+from cosine.keys import DRAFTERS_GROUP
 from cosine.local_redis import LocalRedis
 from cosine.protocol import DraftJob, entry
-from cosine.service.drafter import DrafterService, DrafterSettings
+from cosine.service.drafter_service import DrafterService, DrafterSettings
 
 EXPERTS = ["code", "prose"]
 

@@ -18,6 +18,7 @@ from cosine.errors import (
     RequestTimeoutError,
 )
 from cosine.local_redis import LocalRedis
+from cosine.protocol import SCHEMA_VERSION as V
 from cosine.sampling_params import SamplingParams
 
 from .helpers import greedy_divergences
@@ -188,11 +189,11 @@ def test_malformed_messages_are_dead_lettered_and_workers_keep_serving(cluster, 
     before = s.r.xlen(k.dlq)
     junk = [
         (k.requests, {b"d": b"\xc1\xc1"}),
-        (k.requests, {b"d": msgpack.packb({"v": 1, "t": "request", "request_id": "bad", "prompt_ids": [-5]})}),
+        (k.requests, {b"d": msgpack.packb({"v": V, "t": "request", "request_id": "bad", "prompt_ids": [-5]})}),
         (k.requests, {b"x": b"no payload field"}),
-        (k.draft("drafter-0"), {b"d": msgpack.packb({"v": 1, "t": "draft_job", "request_id": "q"})}),
+        (k.draft("drafter-0"), {b"d": msgpack.packb({"v": V, "t": "draft_job", "request_id": "q"})}),
         (k.draft("drafter-0"), {b"d": msgpack.packb({"v": 9, "t": "draft_job"})}),
-        (k.verify("verifier-0"), {b"d": msgpack.packb({"v": 1, "t": "draft", "request_id": "q", "drafter": "x",
+        (k.verify("verifier-0"), {b"d": msgpack.packb({"v": V, "t": "draft", "request_id": "q", "drafter": "x",
                                                        "epoch": 0})}),
         (k.verify("verifier-0"), {b"d": b"not msgpack at all"}),
     ]

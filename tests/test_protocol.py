@@ -9,6 +9,9 @@ from hypothesis import strategies as st
 
 from cosine import protocol as p
 from cosine.keys import Keys
+from cosine.sampling_params import SamplingParams
+
+V = p.SCHEMA_VERSION
 
 
 def roundtrip(msg, vocab=4096):
@@ -17,11 +20,14 @@ def roundtrip(msg, vocab=4096):
 
 def test_roundtrips():
     msgs = [
-        p.GenerationRequest("r1", prompt="hello", max_new_tokens=5, temperature=0.7, top_p=0.9, seed=3, stop=["\n"]),
+        p.GenerationRequest("r1", prompt="hello", params=SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9,
+                                                                       seed=3, stop=["\n"])),
         p.GenerationRequest("r2", prompt_ids=[1, 2, 3], deadline_ms=123, drafter="code"),
         p.GenerationRequest("r3", prompt="x", drafters=["code", "prose"], speculation="fixed", spec_k=3),
         p.GenerationRequest("r4", prompt="x", speculation="off"),
         p.DraftJob("r1", "v1", epoch=5, base=3, tokens=[7, 8], k=4, width=2, experts=["prose", "code"], sent_ms=9),
+        p.DraftJob("r1", "v1", epoch=2, base=0, tokens=[7, 8], k=4, params=SamplingParams(temperature=0.8, seed=5),
+                   position=3, q_top=32),
         p.DraftClose("r1"),
         p.Draft("r1", "d1", 5, [1, 2, 3], [-1, 0, 0], [0.5, 0.25, 0.125], ["code"] * 3, job_sent_ms=4, draft_ms=1.5),
         p.Draft("r1", "d1", 5, [1, 2], [-1, 0], [0.5, 0.25], ["code", "prose"], votes={"code": [1, 2], "prose": [3, 2]},
@@ -37,29 +43,36 @@ def test_roundtrips():
 @pytest.mark.parametrize(
     "body, reason",
     [
-        ({"v": 2, "t": "cancel", "request_id": "x"}, "schema version"),
-        ({"v": 1, "t": "nope"}, "unknown message type"),
-        ({"v": 1, "t": "cancel"}, "request_id"),
-        ({"v": 1, "t": "cancel", "request_id": "a b"}, "request_id"),
-        ({"v": 1, "t": "cancel", "request_id": "x", "extra": 1}, "unknown fields"),
-        ({"v": 1, "t": "request", "request_id": "x"}, "exactly one of prompt"),
-        ({"v": 1, "t": "request", "request_id": "x", "prompt": ""}, "must not be empty"),
-        ({"v": 1, "t": "request", "request_id": "x", "prompt_ids": [1, 99999]}, "outside the vocabulary"),
-        ({"v": 1, "t": "request", "request_id": "x", "prompt": "a", "top_p": 0}, "top_p"),
-        ({"v": 1, "t": "request", "request_id": "x", "prompt": "a", "max_new_tokens": 0}, "max_new_tokens"),
-        ({"v": 1, "t": "request", "request_id": "x", "prompt": "a", "temperature": -1}, "temperature"),
-        ({"v": 1, "t": "draft_job", "request_id": "x", "verifier": "v", "epoch": 4, "base": 0, "tokens": [1],
+        ({"v": V + 1, "t": "cancel", "request_id": "x"}, "schema version"),
+        ({"v": V, "t": "nope"}, "unknown message type"),
+        ({"v": V, "t": "cancel"}, "request_id"),
+        ({"v": V, "t": "cancel", "request_id": "a b"}, "request_id"),
+        ({"v": V, "t": "cancel", "request_id": "x", "extra": 1}, "unknown fields"),
+        ({"v": V, "t": "request", "request_id": "x"}, "exactly one of prompt"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": ""}, "must not be empty"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt_ids": [1, 99999]}, "outside the vocabulary"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "params": {"top_p": 0}}, "top_p"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "params": {"max_new_tokens": 0}}, "max_new_tokens"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "params": {"temperature": -1}}, "temperature"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "params": {"stop_token_ids": [99999]}},
+         "stop_token_ids"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "params": {"mirostat": 1}}, "unknown fields"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "params": [0.5]}, "params"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "temperature": 0.5}, "unknown fields"),
+        ({"v": V, "t": "draft_job", "request_id": "x", "verifier": "v", "epoch": 1, "base": 0, "tokens": [1],
+          "k": 2, "params": {"temperature": 0.8}, "q_top": 8}, "sampled drafts need"),
+        ({"v": V, "t": "draft_job", "request_id": "x", "verifier": "v", "epoch": 4, "base": 0, "tokens": [1],
           "k": 2}, "epoch 4 != base"),
-        ({"v": 1, "t": "draft_job", "request_id": "x", "verifier": "v", "epoch": 1, "base": 0, "tokens": [1],
+        ({"v": V, "t": "draft_job", "request_id": "x", "verifier": "v", "epoch": 1, "base": 0, "tokens": [1],
           "k": 2, "experts": ["a b"]}, "experts"),
-        ({"v": 1, "t": "request", "request_id": "x", "prompt": "a", "speculation": "always"}, "speculation"),
-        ({"v": 1, "t": "request", "request_id": "x", "prompt": "a", "speculation": "fixed"}, "spec_k"),
-        ({"v": 1, "t": "request", "request_id": "x", "prompt": "a", "spec_k": 3}, "spec_k"),
-        ({"v": 1, "t": "request", "request_id": "x", "prompt": "a", "drafters": "code"}, "drafters"),
-        ({"v": 1, "t": "draft", "request_id": "x", "drafter": "d", "epoch": 1, "votes": {"a": [99999]}}, "votes"),
-        ({"v": 1, "t": "draft", "request_id": "x", "drafter": "d", "epoch": 1, "vote_conf": {"a": [2.0]}},
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "speculation": "always"}, "speculation"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "speculation": "fixed"}, "spec_k"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "spec_k": 3}, "spec_k"),
+        ({"v": V, "t": "request", "request_id": "x", "prompt": "a", "drafters": "code"}, "drafters"),
+        ({"v": V, "t": "draft", "request_id": "x", "drafter": "d", "epoch": 1, "votes": {"a": [99999]}}, "votes"),
+        ({"v": V, "t": "draft", "request_id": "x", "drafter": "d", "epoch": 1, "vote_conf": {"a": [2.0]}},
          "vote_conf"),
-        ({"v": 1, "t": "draft", "request_id": "x", "drafter": "d", "epoch": 1, "tokens": [1, 2],
+        ({"v": V, "t": "draft", "request_id": "x", "drafter": "d", "epoch": 1, "tokens": [1, 2],
           "parents": [-1, 5], "confidences": [0.1, 0.1], "sources": ["a", "a"]}, "parents"),
     ],
 )
@@ -98,10 +111,10 @@ def test_fuzz_bytes_only_raise_protocol_error(raw):
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(sorted(p.MESSAGE_TYPES)), st.dictionaries(
     st.sampled_from(["request_id", "prompt", "prompt_ids", "epoch", "base", "tokens", "k", "seq", "offset",
-                     "parents", "confidences", "sources", "drafter", "verifier", "stop", "top_p", "stats"]),
+                     "parents", "confidences", "sources", "drafter", "verifier", "params", "stats"]),
     json_like, max_size=8))
 def test_fuzz_structured_only_raise_protocol_error(mtype, fields):
-    body = {"v": 1, "t": mtype, **fields}
+    body = {"v": V, "t": mtype, **fields}
     try:
         raw = msgpack.packb(body, use_bin_type=True)
     except (TypeError, ValueError, OverflowError):

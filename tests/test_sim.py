@@ -235,7 +235,7 @@ def test_cluster_of_16_drafters_is_lossless(redis_url):
 
 
 def test_cluster_open_loop_with_routing_and_fusion_off(redis_url):
-    from cosine.service.steering import Switches
+    from cosine.policy.steering import Switches
     from cosine.sim.cluster import SimCluster, run_workload
 
     with SimCluster(redis_url, verifiers=1, drafters=3, experts_per_drafter=[("code",), ("prose",), ("records",)],
@@ -251,7 +251,7 @@ def test_a_verifier_admits_a_burst_a_few_requests_per_pass_not_all_at_once(redis
     """A burst of arrivals is prefilled ``admit_per_tick`` at a time between verification passes (the rest,
     read in the same call, wait their turn), so requests in flight are not stalled for the whole burst."""
     from cosine.client import Client
-    from cosine.service.verifier import VerifierSettings
+    from cosine.service.verifier_service import VerifierSettings
     from cosine.sim.cluster import SimCluster
 
     cluster = SimCluster(redis_url, verifiers=1, drafters=1, controller=False, time_scale=0.01,

@@ -1,6 +1,6 @@
-"""Launchable worker processes of the distributed pipeline (drafter, verifier).
+"""Process launchers, one module per process role (``verifier``, ``drafter``, ``controller``).
 
-Each worker is thin glue: a Redis Streams loop (``cosine`` broker layer) around the engine
-(``cosine.engine``) and the policies. They arrive with the distributed pipeline; until then the
-single-process engine (``cosine.engine.speculative``) is the way to run the models.
+Each is thin: it takes the settings the command line built, loads what the role needs (models, tokenizer),
+installs the SIGTERM/SIGINT handler, builds the role's service (``cosine.service``) and runs it until it
+is told to stop. ``cosine worker verifier``, ``cosine worker drafter`` and ``cosine controller`` call them.
 """

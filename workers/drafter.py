@@ -10,8 +10,8 @@ from cosine.broker import RedisSettings
 from cosine.engine.drafter import Drafter
 from cosine.engine.models import load_model
 from cosine.engine.runner import ModelRunner
-from cosine.service.drafter import DrafterService, DrafterSettings
-from cosine.service.loop import stop_on_signals
+from cosine.service.drafter_service import DrafterService, DrafterSettings
+from cosine.service.run_loop import stop_on_signals
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from cosine.bench.ablation import ablation_targets
 from cosine.bench.repeats import rivals, run_repeats
 from cosine.bench.report import environment
 from cosine.local_redis import LocalRedis
-from cosine.service.steering import Switches
+from cosine.policy.steering import Switches
 
 log = logging.getLogger(__name__)
 

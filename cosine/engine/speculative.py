@@ -7,9 +7,9 @@ makes plain target steps: that is the target-only autoregressive path.
 
 With ``experts`` the drafting is CoSine's: several drafters draft each sequence in lockstep and their
 candidates are fused into one tree (:class:`FusedDrafter`). ``experts`` is either a fixed list of
-drafters for every sequence, or ``"route"``: each sequence gets a :class:`RequestRouter` that picks its
-experts every round from their confidence and their agreement with what the target committed, starting
-from a prior (:class:`PriorTable`) that this engine learns across requests.
+drafters for every sequence, or ``"route"``: expertise routing picks each sequence's experts every round,
+as the verifier service does (:class:`~cosine.policy.steering.Steering`: a router per sequence, started
+from a prior this engine learns across requests).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from cosine.engine.stopping import apply_stop_strings, visible_text
 from cosine.engine.tree import DraftTree
 from cosine.engine.verifier import StepResult, TargetVerifier
 from cosine.errors import InvalidParameterError
-from cosine.policy.routing import PriorTable, RequestRouter, RoutingSettings, round_feedback, solo_acceptance
+from cosine.policy.speculation import SpecSettings
+from cosine.policy.steering import RequestSteer, Steering, Switches
 from cosine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,11 @@ class SpeculativeEngine:
         self.verifier = TargetVerifier(ModelRunner(target, "target"), eos_id)
         self.drafters = {name: Drafter(ModelRunner(m, name), name) for name, m in (drafters or {}).items()}
         self.fused = FusedDrafter(self.drafters)
-        self.routing = RoutingSettings()
-        self.priors = PriorTable()  # learned across requests: prompt feature -> acceptance per drafter
+        # Expertise routing (its prior learned across requests); the loop's k is its own (``config``), so the
+        # steering's speculation control keeps its defaults.
+        self.steering = Steering(Switches(), self.config.k, spec=SpecSettings())
         self._experts: dict[str, list[str]] = {}  # seq id -> fixed fused experts
-        self._routers: dict[str, tuple[RequestRouter, str]] = {}  # seq id -> (router, prompt feature)
+        self._routers: dict[str, RequestSteer] = {}  # seq id -> its routing state
         self.timings = RunTimings()
 
     # -- construction ---------------------------------------------------------------------------------
@@ -198,8 +200,8 @@ class SpeculativeEngine:
         if isinstance(experts, str) and experts == ROUTE:
             features = self.choose_drafters([s.prompt_ids for s in seqs])
             for seq, feature in zip(seqs, features):
-                router = RequestRouter(names, self.routing, self.priors.prior(feature, names))
-                self._routers[seq.seq_id] = (router, feature)
+                steer = self._routers[seq.seq_id] = self.steering.new()
+                self.steering.learn_feature(steer, feature, names)
                 seq.drafter = feature
             return
         chosen = [experts] if isinstance(experts, str) else list(experts)
@@ -210,19 +212,18 @@ class SpeculativeEngine:
             self._experts[seq.seq_id] = chosen
             seq.drafter = chosen[0]
 
-    def _round_experts(self, seq: Sequence) -> list[str] | None:
-        """The fused experts of ``seq`` this round (best first), or None when it drafts alone."""
-        if seq.seq_id in self._routers:
-            return self._routers[seq.seq_id][0].choose(list(self.drafters))
-        return self._experts.get(seq.seq_id)
+    def _round_experts(self, seq: Sequence) -> tuple[list[str] | None, dict[str, float] | None]:
+        """The fused experts of ``seq`` this round (best first) and their trust, or None when it drafts alone."""
+        steer = self._routers.get(seq.seq_id)
+        if steer is None:
+            return self._experts.get(seq.seq_id), None
+        chosen, weights = self.steering.experts_for(steer, list(self.drafters), None, [])
+        return chosen, dict(zip(chosen, weights)) or None
 
     def _feedback(self, res: StepResult, draft: FusedDraft) -> None:
         """Tell a routed sequence's router (and the prior table) how its experts did this round."""
-        router, feature = self._routers[res.seq.seq_id]
-        router.observe(round_feedback(draft.votes, draft.vote_confidence, res.new_tokens, res.accepted))
-        # The prior table learns what each expert would have reached alone, not the ensemble's length.
-        for name, length in solo_acceptance(draft.votes, res.new_tokens).items():
-            self.priors.update(feature, name, length)
+        self.steering.observe(self._routers[res.seq.seq_id], res.depth, res.accepted, res.new_tokens, draft.votes,
+                              draft.vote_confidence)
 
     def run_round(self, active: list[Sequence]) -> None:
         """Draft for ``active`` (grouped by drafter), verify everything in one target forward, commit."""
@@ -235,12 +236,10 @@ class SpeculativeEngine:
             k = min(cfg.k, self.verifier.room(seq))
             if seq.drafter is None or k <= 0:
                 continue
-            experts = self._round_experts(seq)
+            experts, weights = self._round_experts(seq)
             sampled = cfg.proposal == "sampled" and not seq.params.greedy
             if experts and not sampled:
-                routed = self._routers.get(seq.seq_id)
-                fused_requests.append(FusedRequest(seq.seq_id, seq.tokens, k, experts, cfg.tree_width,
-                                                   weights=routed[0].trust(experts) if routed else None))
+                fused_requests.append(FusedRequest(seq.seq_id, seq.tokens, k, experts, cfg.tree_width, weights=weights))
                 continue
             groups.setdefault(experts[0] if experts else seq.drafter, []).append(
                 DraftRequest(

@@ -12,7 +12,7 @@ pass (its share of one, growing with the tokens it feeds) plus ``k`` drafter ste
 share of a verification pass (from the cost model at the verifier's batch and context: for the CPU zoo
 about 0.23 at batch 8 and 0.05 at batch 1 with 150 tokens of context; 0 for a big target under its roofline
 knee); ``s`` (``draft_share``, 1 by default) is the part of drafting's time the round waits for: the
-verifier measures it (:mod:`cosine.service.steering`), and it falls when drafts come back while the verifier
+verifier measures it (:mod:`cosine.policy.steering`), and it falls when drafts come back while the verifier
 is busy with other requests. The verifier also measures its work per pass outside the forward (Redis,
 scheduling, prefilling arrivals), which a round of plain steps pays too, so ``v`` and ``c`` are taken
 relative to the pass plus that. ``pressure`` in [-1, 1] comes from :meth:`balance`: positive when work

@@ -27,14 +27,12 @@ from array import array
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-import redis
-
 from cosine import defaults
 from cosine.broker import RedisSettings, Streams, connect
 from cosine.engine.drafter import Drafter, common_prefix
 from cosine.keys import Keys
-from cosine.protocol import ProtocolError, Vote, VoteAsk, decode_entry, entry
-from cosine.service.loop import Backoff
+from cosine.protocol import ProtocolError, Vote, VoteAsk, decode_entry
+from cosine.service.run_loop import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +40,6 @@ log = logging.getLogger(__name__)
 def prefix_check(tokens: list[int], n: int) -> int:
     """CRC32 of the first ``n`` tokens: the lead and the peer compare what ``base`` stands for."""
     return zlib.crc32(array("q", tokens[:n]).tobytes()) if n else 0
-
-
-def _latest_id(r: redis.Redis, stream: str) -> bytes | str:
-    """Read only what arrives from now on: asks and votes older than this are for rounds already over."""
-    last = r.xrevrange(stream, count=1)
-    return last[0][0] if last else "0-0"
 
 
 def _decoded(streams: Streams, stream: str, entries: list, kind: type, vocab: int, origin: str) -> list:
@@ -62,7 +54,9 @@ def _decoded(streams: Streams, stream: str, entries: list, kind: type, vocab: in
 
 
 @dataclass
-class _Known:
+class _AskedRows:
+    """The tokens a lead has sent this peer for one request and expert (its ``base`` refers to them)."""
+
     tokens: list[int]
     seen: float
 
@@ -85,35 +79,30 @@ class VoteServer(threading.Thread):
         self.idle_evict_s = idle_evict_s
         self.block_ms = block_ms
         self.stream = self.keys.ask(worker_id)
-        self.known: dict[tuple[str, str, str], _Known] = {}  # (request, lead, expert) -> tokens it sent
+        self.known: dict[tuple[str, str, str], _AskedRows] = {}  # (request, lead, expert) -> tokens it sent
         self.served = 0
         self.resyncs = 0
         self._stop_event = threading.Event()
         self.ready = threading.Event()  # set once it reads: asks added from then on are answered
+        self.cursor: bytes | str = "$"
 
     def stop(self) -> None:
         self._stop_event.set()
 
     def run(self) -> None:
-        backoff = Backoff()
-        last: bytes | str | None = None
-        while not self._stop_event.is_set():
-            try:
-                if last is None:
-                    last = _latest_id(self.streams.r, self.stream)
-                    self.ready.set()
-                reply = self.streams.r.xread({self.stream: last}, count=256, block=self.block_ms)
-                entries = reply[0][1] if reply else []
-                if entries:
-                    last = entries[-1][0]
-                    self.handle(entries)
-                self.evict_idle()
-                backoff.reset()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                backoff.wait(self._stop_event, f"vote server {self.worker_id}: Redis unavailable ({exc})")
-            except Exception:  # never die of one bad batch
-                log.exception("vote server %s: unexpected error", self.worker_id)
-                backoff.wait(self._stop_event, f"vote server {self.worker_id}: recovering")
+        run_forever(f"vote server {self.worker_id}", self._stop_event, self.step, on_start=self.start_reading)
+
+    def start_reading(self) -> None:
+        """Read only what arrives from now on: asks older than this are for rounds already over."""
+        self.cursor = self.streams.latest_id(self.stream)
+        self.ready.set()
+
+    def step(self) -> None:
+        entries = self.streams.read_after(self.stream, self.cursor, 256, self.block_ms)
+        if entries:
+            self.cursor = entries[-1][0]
+            self.handle(entries)
+        self.evict_idle()
 
     def handle(self, entries: list) -> None:
         """Answer a batch of asks: one forward per expert over every request it is asked about."""
@@ -136,7 +125,7 @@ class VoteServer(threading.Thread):
                 self.known.pop(key, None)
                 replies.append(Vote(rid, self.worker_id, ask.ticket, expert, resync=True))
                 continue
-            self.known[key] = _Known(tokens, now)
+            self.known[key] = _AskedRows(tokens, now)
             if expert in self.drafters:
                 groups.setdefault(expert, {})[rid] = tokens
             else:  # not hosted here (any more): an empty answer, so the lead does not wait for it
@@ -155,10 +144,9 @@ class VoteServer(threading.Thread):
                 cands = proposed.get(rid, [])
                 replies.append(Vote(rid, self.worker_id, asks[(expert, rid)].ticket, expert,
                                     [t for t, _ in cands], [min(1.0, max(0.0, p)) for _, p in cands]))
-        pipe = self.streams.r.pipeline(transaction=False)
+        pipe = self.streams.pipeline()
         for vote in replies:
-            lead = asks[(vote.expert, vote.request_id)].lead
-            pipe.xadd(self.keys.votes(lead), entry(vote), maxlen=defaults.VOTE_STREAM_MAXLEN, approximate=True)
+            self.streams.add(self.keys.votes(asks[(vote.expert, vote.request_id)].lead), vote, pipe)
         pipe.execute()
         self.served += len(replies)
 
@@ -183,7 +171,6 @@ class RedisRemoteExperts:
     def __init__(self, streams: Streams, worker_id: str, vocab: int,
                  timeout_ms: float = defaults.VOTE_TIMEOUT_MS) -> None:
         self.streams = streams
-        self.r = streams.r
         self.keys = streams.keys
         self.worker_id = worker_id
         self.vocab = vocab
@@ -209,11 +196,11 @@ class RedisRemoteExperts:
             del self.sent[key]
 
     def ask(self, asks: dict[str, dict[str, list[int]]], widths: dict[str, int]) -> None:
-        if self._last is None:
-            self._last = _latest_id(self.r, self.stream)
+        if self._last is None:  # votes older than the first ask answer nobody here
+            self._last = self.streams.latest_id(self.stream)
         self.ticket += 1
         self.pending = set()
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.streams.pipeline()
         for expert, seqs in asks.items():
             for rid, tokens in seqs.items():
                 peer = self.peers.get(rid, {}).get(expert)
@@ -223,7 +210,7 @@ class RedisRemoteExperts:
                 base = min(common_prefix(prev, tokens), len(tokens) - 1) if prev is not None else 0
                 ask = VoteAsk(rid, self.worker_id, self.ticket, expert, base, tokens[base:], widths.get(rid, 1),
                               check=prefix_check(tokens, base))
-                pipe.xadd(self.keys.ask(peer), entry(ask), maxlen=defaults.VOTE_STREAM_MAXLEN, approximate=True)
+                self.streams.add(self.keys.ask(peer), ask, pipe)
                 self.sent[(peer, rid, expert)] = list(tokens)
                 self.pending.add((expert, rid))
         if self.pending:
@@ -240,8 +227,7 @@ class RedisRemoteExperts:
             left_ms = int((deadline - time.perf_counter()) * 1000)
             if left_ms < 1:
                 break
-            reply = self.r.xread({self.stream: self._last}, count=1024, block=left_ms)
-            entries = reply[0][1] if reply else []
+            entries = self.streams.read_after(self.stream, self._last, 1024, left_ms)
             if entries:
                 self._last = entries[-1][0]
             for vote in _decoded(self.streams, self.stream, entries, Vote, self.vocab, self.worker_id):

@@ -1,8 +1,8 @@
 """A whole simulated cluster in one process: the real services over a real Redis, simulated forward passes.
 
-:class:`SimCluster` runs the real :class:`cosine.service.verifier.VerifierService` (ownership, scheduling,
-routing, speculation control, fault handling), the real :class:`cosine.service.drafter.DrafterService`
-(batching, lockstep fusion, lookahead) and the real :class:`cosine.controller.ControllerService` as
+:class:`SimCluster` runs the real :class:`cosine.service.verifier_service.VerifierService` (ownership, scheduling,
+routing, speculation control, fault handling), the real :class:`cosine.service.drafter_service.DrafterService`
+(batching, lockstep fusion, lookahead) and the real :class:`cosine.service.controller_service.ControllerService` as
 threads of this process, each with its own Redis connections, so 16+ drafter workers and the controller
 can be exercised on one machine. Only the model forward passes are replaced: :class:`SimTarget` and
 :class:`SimFusedDrafter` sleep for the time the cost models (:mod:`cosine.sim.costs`) give, and every
@@ -36,9 +36,9 @@ from cosine.bench.timing import RequestTiming, percentile, poisson_arrivals
 from cosine.broker import RedisSettings, Streams, connect
 from cosine.engine.sequence import SpecStats
 from cosine.keys import Keys
-from cosine.service.drafter import DrafterService, DrafterSettings
-from cosine.service.steering import Switches
-from cosine.service.verifier import VerifierService, VerifierSettings
+from cosine.policy.steering import Switches
+from cosine.service.drafter_service import DrafterService, DrafterSettings
+from cosine.service.verifier_service import VerifierService, VerifierSettings
 from cosine.sim.costs import (
     A100X4_70B,
     DOMAINS,
@@ -53,7 +53,7 @@ from cosine.sim.engines import VOCAB_SIZE, SimFusedDrafter, SimModel, SimTarget,
 log = logging.getLogger(__name__)
 
 try:  # the controller is optional: the cluster runs without it (workers then use their own settings)
-    from cosine.controller import ControllerService, ControllerSettings
+    from cosine.service.controller_service import ControllerService, ControllerSettings
 except Exception as _exc:  # noqa: BLE001 - any import failure just disables it
     ControllerService = ControllerSettings = None  # type: ignore[assignment,misc]
     _CONTROLLER_ERROR: str | None = f"{type(_exc).__name__}: {_exc}"
@@ -138,7 +138,7 @@ class SimCluster:
                                                 features=fused.features))
         if self.want_controller:
             if ControllerService is None:
-                self.controller_error = f"cosine.controller is not importable ({_CONTROLLER_ERROR})"
+                self.controller_error = f"cosine.service.controller_service is not importable ({_CONTROLLER_ERROR})"
                 log.warning("running without a controller: %s", self.controller_error)
             else:
                 settings = ControllerSettings(worker_id="controller")

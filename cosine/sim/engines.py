@@ -6,9 +6,9 @@ by position), target-only decoding and speculative decoding must produce the sam
 token can be checked against the truth exactly like a real target checks it (greedy tree acceptance).
 
 :class:`SimTarget` has :class:`cosine.engine.verifier.TargetVerifier`'s interface (what
-:class:`cosine.service.verifier.VerifierService` uses), sleeping :meth:`TargetCost.verify_ms` per step.
+:class:`cosine.service.verifier_service.VerifierService` uses), sleeping :meth:`TargetCost.verify_ms` per step.
 :class:`SimFusedDrafter` has :class:`cosine.engine.fused_drafter.FusedDrafter`'s interface (what
-:class:`cosine.service.drafter.DrafterService` uses): per request and draft position each expert proposes
+:class:`cosine.service.drafter_service.DrafterService` uses): per request and draft position each expert proposes
 the true next token with probability α(expert, domain) (:class:`AcceptanceModel`), the real
 :func:`cosine.policy.fusion.fuse_position` fuses the candidates, and the spine continues from the fused
 token. Once the spine holds a wrong token the prefix has diverged from the target's, and later positions

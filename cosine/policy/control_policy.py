@@ -1,9 +1,9 @@
 """Adaptive speculation control: from queue depths and worker load to speculation bounds and batch limits.
 
-Pure decision logic (standard library only). The controller process (:mod:`cosine.controller`) samples
+Pure decision logic (standard library only). The controller process (:mod:`cosine.service.controller_service`) samples
 Redis into a :class:`ControlInputs` every few hundred milliseconds, asks :meth:`ControlPolicy.decide` for
 the next :class:`ControlDecision` and publishes it; workers read it through
-:class:`cosine.service.control.ControlView`.
+:class:`cosine.service.control_view.ControlView`.
 
 What a decision means for the workers
 -------------------------------------

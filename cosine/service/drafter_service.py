@@ -1,27 +1,20 @@
 """The drafter service: consume this worker's draft-job stream in batches, draft, reply to verifiers.
 
 One worker hosts one or more drafter models (experts). A job names the experts to draft with (the
-verifier's router decides); several draft in lockstep with confidence-based token fusion (one reply, a
-spine plus alternatives). Per request the worker keeps the committed tokens it was told (jobs carry only
-the tokens after ``base``) and the request's prompt feature (the expert with the lowest loss on the
-prompt's tail), which replies carry for the router's prior. A job whose ``base`` the worker cannot honour
-(it restarted, or evicted the request) is answered with ``resync`` and the verifier resends everything.
+verifier's router decides); several draft in lockstep with token fusion (one reply, a spine plus
+alternatives). Per request the worker keeps the committed tokens it was told (jobs carry only the tokens
+after ``base``; one it cannot honour is answered with ``resync``) and the request's prompt feature (the
+expert with the lowest loss on the prompt's tail), which replies carry for the router's prior.
 
 Lookahead: with nothing else queued, the worker drafts each request's next round right after replying,
-assuming the whole draft is accepted and the target's bonus token is the drafter's own guess; a next job
-whose tokens match is answered from that at once, or, when it asks for more positions than were drafted
-ahead (adaptive control lengthened it), by drafting only the rest (hits, extended hits and misses are
-counted). A job arriving while the worker drafts ahead ends that at the next depth (what is drafted by then
-is kept): a job must not wait for drafting that is only a bet.
+assuming the whole draft is accepted and the target's bonus token is its own guess; a next job that matches
+is answered from that at once (or only the positions beyond it are drafted). A job arriving meanwhile ends
+drafting ahead at the next depth: a job must not wait for drafting that is only a bet.
 
-Fusion across drafter workers: a job may name experts this worker does not host, with the worker hosting
-each (``peers``); this worker then leads the lockstep and asks those peers per depth, and it answers other
-leads' asks from a thread of its own (:mod:`cosine.service.cross_fusion`). A lock keeps the two threads'
-forwards apart.
-
-Replies and the acknowledgement of the jobs they answer go out in one MULTI; malformed jobs go to the
-dead-letter stream; a failure while drafting answers the batch with empty drafts (the verifier then decodes
-alone) and never kills the worker.
+With fusion across drafter workers a job may name experts hosted elsewhere (``peers``): this worker leads the
+lockstep and asks them per depth, and answers other leads from a thread of its own
+(:mod:`cosine.service.cross_fusion`). Replies and the acknowledgement of their jobs go out in one MULTI; a
+failure while drafting answers with empty drafts (the verifier then decodes alone), never kills the worker.
 """
 
 from __future__ import annotations
@@ -33,21 +26,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import redis
 import torch
 
 from cosine import defaults
-from cosine.broker import RedisSettings, Streams, connect, is_nogroup
+from cosine.broker import RedisSettings, Streams, connect
 from cosine.engine.drafter import Drafter, DraftRequest
 from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
 from cosine.engine.prompt_scoring import best_by_prompt_loss
 from cosine.engine.tree import DraftTree
 from cosine.keys import DRAFTERS_GROUP, Keys
-from cosine.protocol import Draft, DraftClose, DraftJob, ProtocolError, decode_entry, entry
-from cosine.sampling_params import SamplingParams
+from cosine.protocol import Draft, DraftClose, DraftJob, ProtocolError, decode_entry
 from cosine.service.cross_fusion import RedisRemoteExperts, VoteServer
 from cosine.service.heartbeat import Heartbeat
-from cosine.service.loop import Backoff
+from cosine.service.run_loop import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +63,9 @@ class _Ahead:
 
 
 @dataclass
-class _Known:
+class _Drafted:
+    """What this worker keeps per request it drafts for."""
+
     tokens: list[int]
     feature: str = ""  # the expert with the lowest loss on the prompt's tail
     experts: list[str] = field(default_factory=list)
@@ -80,11 +73,6 @@ class _Known:
     peers: dict[str, str] = field(default_factory=dict)  # expert hosted elsewhere -> the worker hosting it
     seen: float = 0.0
     ahead: _Ahead | None = None
-
-
-def _sampled_request(job: DraftJob, tokens: list[int]) -> DraftRequest:
-    params = SamplingParams(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k)
-    return DraftRequest(job.request_id, tokens, job.k, 1, params, job.seed, job.position, "sampled", job.q_top)
 
 
 class DrafterService:
@@ -104,7 +92,7 @@ class DrafterService:
             {n: d.runner.model for n, d in drafters.items()}, prompts))
         self.vocab = vocab_size
         self.stream = self.keys.draft(settings.worker_id)
-        self.requests: dict[str, _Known] = {}
+        self.requests: dict[str, _Drafted] = {}
         self._last_draft: dict[str, DraftTree] = {}  # the tree last sent per request (for lookahead)
         self.started = time.monotonic()
         # Time answering jobs; drafting ahead is kept apart: it runs only when no job waits, so counting it
@@ -146,46 +134,31 @@ class DrafterService:
 
     # -- loop -----------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        self.heartbeat.beat()
-        self.heartbeat.start()
         if self.vote_server is not None:
             self.vote_server.start()
-        backoff = Backoff()
         log.info("drafter %s serving experts %s on %s", self.settings.worker_id, sorted(self.fused.drafters),
                  self.stream)
-        try:
-            first = True
-            while not stop.is_set():
-                try:
-                    if first:
-                        self.streams.ensure_group(self.stream, DRAFTERS_GROUP)
-                        self.handle(self.streams.own_pending(self.stream, DRAFTERS_GROUP, self.settings.worker_id))
-                        first = False
-                    batch = self.streams.read_batch(
-                        self.stream, DRAFTERS_GROUP, self.settings.worker_id, self.settings.batch_max,
-                        self.settings.window_ms, self.settings.block_ms,
-                    )
-                    if batch:
-                        self.handle(batch)
-                    self.evict_idle()
-                    backoff.reset()
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    backoff.wait(stop, f"drafter {self.settings.worker_id}: Redis unavailable ({exc})")
-                except redis.ResponseError as exc:
-                    if is_nogroup(exc):
-                        self.streams.forget_groups()
-                        first = True
-                    else:
-                        log.exception("Redis refused a command")
-                    backoff.wait(stop, f"drafter {self.settings.worker_id}: {exc}")
-                except Exception:  # never die of one bad batch: log, back off, go on
-                    log.exception("drafter %s: unexpected error in the loop", self.settings.worker_id)
-                    backoff.wait(stop, f"drafter {self.settings.worker_id}: recovering from an unexpected error")
-        finally:
-            if self.vote_server is not None:
-                self.vote_server.stop()
-            self.heartbeat.stop()
-            log.info("drafter %s stopped", self.settings.worker_id)
+        run_forever(f"drafter {self.settings.worker_id}", stop, self.step, on_start=self.recover_own,
+                    on_stop=self._stopped, heartbeat=self.heartbeat)
+
+    def _stopped(self) -> None:
+        if self.vote_server is not None:
+            self.vote_server.stop()
+        log.info("drafter %s stopped", self.settings.worker_id)
+
+    def recover_own(self) -> None:
+        """At start (and after Redis lost its groups): create the group, answer jobs this worker had read."""
+        self.streams.forget_groups()
+        self.streams.ensure_group(self.stream, DRAFTERS_GROUP)
+        self.handle(self.streams.own_pending(self.stream, DRAFTERS_GROUP, self.settings.worker_id))
+
+    def step(self) -> None:
+        """One batch of jobs (waiting up to ``block_ms`` for the first), then idle requests evicted."""
+        s = self.settings
+        batch = self.streams.read_batch(self.stream, DRAFTERS_GROUP, s.worker_id, s.batch_max, s.window_ms, s.block_ms)
+        if batch:
+            self.handle(batch)
+        self.evict_idle()
 
     def handle(self, entries: list) -> None:
         """Draft for a batch of stream entries and reply, acknowledging them with the replies."""
@@ -209,17 +182,17 @@ class DrafterService:
                 latest[msg.request_id] = msg  # an older job for the same request is stale
         replies = self.draft_all(list(latest.values()))
         elapsed_ms = (time.perf_counter() - t0) * 1000
-        pipe = self.streams.r.pipeline(transaction=True)
+        pipe = self.streams.transaction()
         for job, reply in replies:
             reply.draft_ms = round(elapsed_ms, 3)
-            pipe.xadd(self.keys.verify(job.verifier), entry(reply), maxlen=defaults.STREAM_MAXLEN, approximate=True)
+            self.streams.add(self.keys.verify(job.verifier), reply, pipe)
         Streams.ack_delete(pipe, self.stream, DRAFTERS_GROUP, done_ids)
         pipe.execute()
         self.jobs += len(latest)
         self.batches += 1
         t1 = time.perf_counter()
         self.busy_s += t1 - t0
-        if self.settings.lookahead and replies and not self.streams.r.xlen(self.stream):
+        if self.settings.lookahead and replies and not self.jobs_waiting():
             self.look_ahead([job for job, reply in replies if reply.tokens and not reply.q_ids])
             self.lookahead_s += time.perf_counter() - t1
 
@@ -244,8 +217,7 @@ class DrafterService:
             known.weights = dict(hosted) if len(hosted) > 1 else None
             known.peers = {e: job.peers[e] for e in known.experts if e not in self.fused.drafters}
             ahead, known.ahead = known.ahead, None
-            ready = ahead.draft if ahead is not None and ahead.expected == toks and job.proposal != "sampled" \
-                else None
+            ready = ahead.draft if ahead is not None and ahead.expected == toks and not job.sampled else None
             if ready is not None and ready.tree.depth >= job.k:
                 self.lookahead_hits += 1
                 d = ready
@@ -259,7 +231,7 @@ class DrafterService:
                 spine = [ready.tree.tokens[i] for i in ready.tree.spine()]
                 fused.append((job, FusedRequest(job.request_id, toks + spine, job.k - len(spine), known.experts,
                                                 job.width, weights=known.weights), ready))
-            elif job.proposal == "sampled":
+            elif job.sampled:
                 if ahead is not None:
                     self.lookahead_misses += 1
                 local = [e for e in known.experts if e in self.fused.drafters]
@@ -294,6 +266,10 @@ class DrafterService:
                 replies.append((job, reply))
         return replies
 
+    def jobs_waiting(self) -> bool:
+        """Whether a job is queued for this worker (drafting ahead gives way to it)."""
+        return bool(self.streams.r.xlen(self.stream))
+
     def look_ahead(self, jobs: list[DraftJob]) -> None:
         """Draft the round after each just-answered job, assuming its whole draft is accepted."""
         reqs: list[FusedRequest] = []
@@ -312,7 +288,7 @@ class DrafterService:
         if not reqs:
             return
         try:  # a job arriving meanwhile ends drafting ahead at the next depth: it must not wait for all of it
-            drafts = self.fused.draft(reqs, stop=lambda: bool(self.streams.r.xlen(self.stream)))
+            drafts = self.fused.draft(reqs, stop=self.jobs_waiting)
         except Exception:
             log.exception("lookahead drafting failed for %d requests", len(reqs))
             self.fused.release([r.seq_id for r in reqs])
@@ -346,7 +322,8 @@ class DrafterService:
             return reply
         try:
             with self.lock:
-                tree = drafter.draft([_sampled_request(job, tokens)]).get(job.request_id)
+                tree = drafter.draft([DraftRequest(job.request_id, tokens, job.k, 1, job.params, job.params.seed,
+                                                   job.position, "sampled", job.q_top)]).get(job.request_id)
         except Exception:
             log.exception("sampled drafting failed for %s on %s; replying with an empty draft", job.request_id, expert)
             with self.lock:
@@ -385,7 +362,7 @@ class DrafterService:
         else:
             return None
         if known is None:
-            known = self.requests[job.request_id] = _Known(tokens)
+            known = self.requests[job.request_id] = _Drafted(tokens)
         known.tokens = tokens
         known.seen = time.monotonic()
         return tokens

@@ -17,7 +17,7 @@ import redis
 
 from cosine import defaults
 from cosine.keys import Keys
-from cosine.policy.control import ControlDecision
+from cosine.policy.control_policy import ControlDecision
 
 log = logging.getLogger(__name__)
 

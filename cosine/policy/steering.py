@@ -1,12 +1,12 @@
-"""Steering: the verifier's use of CoSine's policies for the requests it owns.
+"""Steering: CoSine's policies applied to the requests one verifier owns (pure, no I/O).
 
 Per request it keeps a router (which drafters, how many cooperate) and a speculation state (how many
 positions to draft); per round it turns the verified draft into feedback for both, and it asks the
-scheduler which ready requests to verify together. The controller's latest decision (bounds, cooperating
-drafters, batch limits, pressure) is applied here. Each mechanism can be switched off on its own
-(:class:`Switches`), which is how ``cosine bench`` measures what each is worth.
-
-Pure glue over ``cosine.policy``.
+scheduler which ready requests to verify together. What a decision depends on besides the request is
+passed in as a :class:`Load` (the verifier's batch and context, the controller's latest decision). Each
+mechanism can be switched off on its own (:class:`Switches`), which is how ``cosine bench`` measures what
+each is worth. The single-process engine uses the same routing through :meth:`Steering.new` /
+:meth:`experts_for` / :meth:`observe`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cosine.policy.control import ControlDecision
+from cosine.policy.control_policy import ControlDecision
 from cosine.policy.cost_model import CostModel
 from cosine.policy.routing import PriorTable, RequestRouter, RoutingSettings, round_feedback, solo_acceptance
 from cosine.policy.scheduling import Candidate, SchedulerSettings, choose_batch, expected_tokens, hold_ms
 from cosine.policy.speculation import RequestSpec, SpecSettings, SpeculationController, dearer
-
 
 NODES_EWMA = 0.05  # weight of the newest draft in Steering.nodes_per_depth
 PASS_EWMA = 0.1  # weight of the newest pass in Steering's measured draft wait and pass overhead
@@ -42,7 +41,22 @@ class RequestSteer:
     spec: RequestSpec
     router: RequestRouter | None = None
     feature: str = ""
-    k: int = 0  # positions asked for in the outstanding job
+
+
+@dataclass(frozen=True)
+class Load:
+    """What a round's decisions depend on besides the request: the requests the verifier holds (the batch a
+    pass is shared by), their longest context (attention over it is part of every pass: leaving it out made a
+    drafted token look twice as dear at a batch of 30 and switched fair requests off) and the controller's
+    latest decision (None: no controller has published; the verifier's own settings hold)."""
+
+    batch: int = 1
+    context: int = 0
+    control: ControlDecision | None = None
+
+    @property
+    def pressure(self) -> float:
+        return self.control.pressure if self.control is not None else 0.0
 
 
 class Steering:
@@ -59,12 +73,6 @@ class Steering:
         self.controller = SpeculationController(self.spec_settings)
         self.routing = routing or RoutingSettings()
         self.priors = PriorTable()
-        self.control: ControlDecision | None = None
-        # Set by the verifier before each round's decisions: the requests it holds (the batch a pass is
-        # shared by) and their longest context (attention over it is part of every pass: leaving it out
-        # made a drafted token look twice as dear at a batch of 30 and switched fair requests off).
-        self.batch = 1
-        self.context = 0
         # Draft nodes the verifier is fed per draft position (spine plus fused siblings; EWMA over verified
         # drafts): what a drafted position adds to a pass, where the tree width alone counts one per expert
         # candidate kept and fusion keeps the ones its experts disagreed on.
@@ -86,7 +94,7 @@ class Steering:
         """Whether a request with this speculation mode gets its k from adaptive control."""
         return mode not in ("off", "fixed") and self.k != 0 and self.switches.adaptive
 
-    def k_for(self, steer: RequestSteer, mode: str, fixed_k: int | None, room: int) -> int:
+    def k_for(self, steer: RequestSteer, mode: str, fixed_k: int | None, room: int, load: Load) -> int:
         """Draft positions for the request's next round (0 = a plain target step)."""
         if mode == "off" or self.k == 0:  # a verifier started with k=0 never speculates
             return 0
@@ -94,31 +102,31 @@ class Steering:
             return max(0, min(fixed_k or 0, room))
         if not self.switches.adaptive:
             return max(0, min(self.k, room))
-        c = self.control
+        c = load.control
         bounds = (c.k_min, c.k_max) if c is not None else None
-        single = self.plain_pass_ms()
+        single = self.plain_pass_ms(load)
         # The drafter/target ratio is relative to a bare forward; a round of plain steps costs its overhead too.
         diluted = single / (single + self.pass_overhead_ms) if single > 0 else 1.0
-        k = self.controller.k_for(steer.spec, bounds=bounds, pressure=c.pressure if c is not None else 0.0,
-                                  verify_cost=self.verify_cost(), draft_share=self.draft_share() * diluted)
+        k = self.controller.k_for(steer.spec, bounds=bounds, pressure=load.pressure,
+                                  verify_cost=self.verify_cost(load), draft_share=self.draft_share() * diluted)
         return max(0, min(k, room))
 
-    def plain_pass_ms(self) -> float:
+    def plain_pass_ms(self, load: Load) -> float:
         """The cost model's forward of a pass of plain steps at the verifier's batch and context."""
-        n = max(1, self.batch)
-        return self.cost.verify_ms(n, self.context, n)
+        n = max(1, load.batch)
+        return self.cost.verify_ms(n, load.context, n)
 
-    def verify_cost(self) -> float:
+    def verify_cost(self, load: Load) -> float:
         """What one drafted position adds to a request's share of a verification pass, relative to that share
         with no draft (the pass plus the verifier's measured overhead per pass), at the verifier's batch and
-        context (``batch``, ``context``), a draft of its default length and the nodes a position feeds
-        (``nodes_per_depth``; the cost model's knee makes it 0 for a big target feeding few tokens)."""
-        n, k = max(1, self.batch), max(1, self.k)
-        single = self.plain_pass_ms()
+        context, a draft of its default length and the nodes a position feeds (``nodes_per_depth``; the cost
+        model's knee makes it 0 for a big target feeding few tokens)."""
+        n, k = max(1, load.batch), max(1, self.k)
+        single = self.plain_pass_ms(load)
         if single <= 0:
             return 0.0
         fed = math.ceil(n * (1 + k * self.nodes_per_depth))  # each drafted position feeds its fused siblings too
-        return (self.cost.verify_ms(n, self.context, fed) - single) / (k * (single + self.pass_overhead_ms))
+        return (self.cost.verify_ms(n, load.context, fed) - single) / (k * (single + self.pass_overhead_ms))
 
     # -- what a round costs beyond the cost model -------------------------------------------------------
     def observe_pass(self, draft_wait_ms: float, overhead_ms: float) -> None:
@@ -142,7 +150,7 @@ class Steering:
             return 1.0
         return min(1.0, self.draft_wait_ms / self.draft_ms_sent)
 
-    def cap(self, ks: dict[str, int], width: int, token_cap: int,
+    def cap(self, ks: dict[str, int], width: int, token_cap: int, load: Load,
             adaptive: dict[str, tuple[RequestSteer, int]] | None = None) -> dict[str, int]:
         """The round's ks (the jobs going out together), adjusted together: with an engine that pads rows,
         one depth for the ``adaptive`` requests (id -> its steering and room; :meth:`one_depth`); otherwise
@@ -153,17 +161,17 @@ class Steering:
             return ks
         width = max(width, round(self.nodes_per_depth))
         if adaptive and self.cost.padded:
-            ks = self.one_depth(ks, adaptive, width)
+            ks = self.one_depth(ks, adaptive, width, load)
         elif adaptive and len(ks) > 1:
-            ks = self.align(ks, adaptive, width)
+            ks = self.align(ks, adaptive, width, load)
         ks = self.controller.cap_total(ks, {rid: width for rid in ks}, token_cap, self.cost.padded)
         drafting = [k for k in ks.values() if k > 0]
         if drafting:
             self.draft_ms_sent = self.cost.draft_ms(len(drafting), max(drafting))
         return ks
 
-    def one_depth(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]],
-                  width: int) -> dict[str, int]:
+    def one_depth(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]], width: int,
+                  load: Load) -> dict[str, int]:
         """With an engine that pads every row of a pass to its largest tree: one depth for the round's adaptive
         requests (:func:`~cosine.policy.speculation.round_depth`), at most the longest any of them asked for,
         at least the longest fixed one (the pass pads to it anyway, so up to it drafting is free to verify)
@@ -176,11 +184,9 @@ class Steering:
         high = max(fixed, *(ks[rid] for rid in mine))
         probing = any(ks[rid] > 0 and a[0].spec.k == 0 for rid, a in mine.items())
         low = min(high, max(fixed, 1 if probing else 0))
-        c = self.control
-        pressure = c.pressure if c is not None else 0.0
-        n, context = len(ks), self.context
+        n, context = len(ks), load.context
         rooms = {rid: a[1] for rid, a in mine.items()}
-        drafting = dearer(pressure) * self.draft_share()
+        drafting = dearer(load.pressure) * self.draft_share()
 
         def round_ms(depth: int) -> float:
             longest = max(depth, fixed)
@@ -193,7 +199,8 @@ class Steering:
                                             low, high, round_ms, others=len(ks) - len(mine))
         return {rid: min(depth, rooms[rid]) if rid in mine else k for rid, k in ks.items()}
 
-    def align(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]], width: int) -> dict[str, int]:
+    def align(self, ks: dict[str, int], adaptive: dict[str, tuple[RequestSteer, int]], width: int,
+              load: Load) -> dict[str, int]:
         """Lengthen shorter drafts towards the round's longest (the jobs going out together come back to
         one pass, which waits for the longest), priced with the cost model: what a fed token adds to the pass
         against the round's tokens per ms (the pass plus drafting the longest draft)."""
@@ -201,9 +208,8 @@ class Steering:
         top = max(ks.values(), default=0)
         if all(ks[rid] >= top for rid in mine):
             return ks
-        c = self.control
         tokens = sum(1 + k * width for k in ks.values())
-        n, context = len(ks), self.context
+        n, context = len(ks), load.context
         round_ms = (self.cost.verify_ms(n, context, tokens) + self.pass_overhead_ms
                     + self.draft_share() * self.cost.draft_ms(1, top))
         # What a fed token adds to the pass, on average over what alignment could add (a knee makes the first
@@ -212,11 +218,10 @@ class Steering:
         token_ms = (self.cost.verify_ms(n, context, most) - self.cost.verify_ms(n, context, tokens)) / (most - tokens)
         return self.controller.align(
             ks, {rid: a[0].spec.acceptance_rate for rid, a in mine.items()}, token_ms, round_ms,
-            {rid: width for rid in ks}, {rid: a[1] for rid, a in mine.items()},
-            c.pressure if c is not None else 0.0)
+            {rid: width for rid in ks}, {rid: a[1] for rid, a in mine.items()}, load.pressure)
 
-    def experts_for(self, steer: RequestSteer, hosted: list[str], pinned: str | None,
-                    allowed: list[str]) -> tuple[list[str], list[float]]:
+    def experts_for(self, steer: RequestSteer, hosted: list[str], pinned: str | None, allowed: list[str],
+                    control: ControlDecision | None = None) -> tuple[list[str], list[float]]:
         """The drafter models for the next job, best first, with their trust (relative router scores);
         no models = the drafter worker's choice (its prompt feature)."""
         if pinned is not None:
@@ -228,7 +233,7 @@ class Steering:
             if steer.feature in pool:
                 return [steer.feature], []
             return ([], []) if not allowed else (pool[:1], [])
-        most = self.control.max_cooperating if self.control is not None else self.routing.max_cooperating
+        most = control.max_cooperating if control is not None else self.routing.max_cooperating
         if not self.switches.fusion:
             most = 1
         chosen = steer.router.choose(pool, max_cooperating=most)
@@ -265,16 +270,16 @@ class Steering:
         """Tokens a round with a draft of ``depth`` positions is expected to commit (bonus included)."""
         return expected_tokens(steer.spec.acceptance_rate, depth) if depth else 1.0
 
-    def _limits(self, max_batch: int, token_cap: int) -> SchedulerSettings:
-        c = self.control
+    def _limits(self, max_batch: int, token_cap: int, c: ControlDecision | None) -> SchedulerSettings:
         if c is not None:
             max_batch = min(max_batch, c.verifier_max_batch) if c.verifier_max_batch else max_batch
             token_cap = min(token_cap, c.verifier_token_cap) if c.verifier_token_cap else token_cap
         return SchedulerSettings(**{**self.scheduler.__dict__, "token_cap": token_cap, "max_batch": max_batch})
 
-    def pick(self, cands: list[Candidate], max_batch: int, token_cap: int) -> list[str]:
+    def pick(self, cands: list[Candidate], max_batch: int, token_cap: int,
+             control: ControlDecision | None = None) -> list[str]:
         """Which ready requests to verify together. Without scheduling: by priority, up to the token cap."""
-        settings = self._limits(max_batch, token_cap)
+        settings = self._limits(max_batch, token_cap, control)
         if not self.switches.scheduling:
             chosen, tokens = [], 0
             for cand in sorted(cands, key=lambda x: -x.priority):
@@ -286,8 +291,8 @@ class Steering:
         return choose_batch(cands, self.cost, settings)
 
     def hold(self, ready: list[Candidate], coming: list[tuple[Candidate, float]], max_batch: int,
-             token_cap: int) -> float:
+             token_cap: int, control: ControlDecision | None = None) -> float:
         """ms to hold the next pass for drafts on their way (0 = go now; never without scheduling)."""
         if not self.switches.scheduling:
             return 0.0
-        return hold_ms(ready, coming, self.cost, self._limits(max_batch, token_cap))
+        return hold_ms(ready, coming, self.cost, self._limits(max_batch, token_cap, control))

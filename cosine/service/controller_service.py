@@ -9,7 +9,7 @@ Every ``interval_ms`` (default :data:`cosine.defaults.CONTROL_INTERVAL_MS`) the 
    and oldest waiting entries' ages come from their stream ids (Redis's clock, so no skew). A worker's busy
    share is the growth of its ``busy_s`` over its ``uptime_s`` (or heartbeat time) in the last
    ``busy_window_s``, not its lifetime average;
-2. **decides** with :class:`cosine.policy.control.ControlPolicy` (the rules are documented there);
+2. **decides** with :class:`cosine.policy.control_policy.ControlPolicy` (the rules are documented there);
 3. **publishes** when the decision changed: one ``MULTI`` rewrites the ``control`` hash (all fields of
    :meth:`ControlDecision.to_dict` plus ``controller``) and appends the decision with the inputs and derived
    signals (JSON) to the ``control:log`` stream (``MAXLEN ~``), under ``WATCH`` of the hash, so a controller
@@ -20,7 +20,7 @@ One controller is active at a time: it holds ``lock:controller`` (``SET NX PX``,
 others wait as standbys and take over when the lease lapses (or at once after a clean stop). A controller
 that starts (or takes over) continues from the stored decision and its version; if Redis lost the hash it
 republishes its last decision under the next version. Workers keep the last decision when the controller
-dies (:class:`cosine.service.control.ControlView`). A lost Redis is retried forever with backoff.
+dies (:class:`cosine.service.control_view.ControlView`). A lost Redis is retried forever with backoff.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import redis
 from cosine import defaults
 from cosine.broker import RedisSettings, Streams, connect
 from cosine.keys import DRAFTERS_GROUP, VERIFIERS_GROUP, Keys
-from cosine.policy.control import ControlDecision, ControlInputs, ControlPolicy, StreamDepth, WorkerLoad, signals
+from cosine.policy.control_policy import ControlDecision, ControlInputs, ControlPolicy, StreamDepth, WorkerLoad, signals
 from cosine.service.heartbeat import Heartbeat
-from cosine.service.loop import Backoff
+from cosine.service.run_loop import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ class ControllerSettings:
     interval_ms: int = defaults.CONTROL_INTERVAL_MS
     lease_ms: int = defaults.CONTROL_LEASE_MS
     log_every_s: float = defaults.CONTROL_LOG_EVERY_S
-    log_maxlen: int = defaults.CONTROL_LOG_MAXLEN
     busy_window_s: float = defaults.CONTROL_BUSY_WINDOW_S
     heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S
 
@@ -260,7 +259,7 @@ class ControllerService:
                 if write_hash:
                     pipe.delete(self.keys.control)
                     pipe.hset(self.keys.control, mapping={**decision.to_dict(), "controller": self.me})
-                pipe.xadd(self.keys.control_log, fields, maxlen=self.settings.log_maxlen, approximate=True)
+                self.streams.add(self.keys.control_log, fields, pipe)
                 pipe.execute()
             except redis.WatchError:
                 raise PublishConflict("control hash changed while publishing") from None
@@ -362,32 +361,16 @@ class ControllerService:
     # -- the loop -------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Until ``stop`` is set (SIGTERM): hold the lease and step, or stand by; then hand over cleanly."""
-        self.heartbeat.beat()
-        self.heartbeat.start()
-        backoff = Backoff()
-        interval = self.settings.interval_ms / 1000
         log.info("controller %s started (interval %d ms, lease %d ms)", self.me, self.settings.interval_ms,
                  self.settings.lease_ms)
-        try:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    if self.hold_lease():
-                        self.step()
-                    backoff.reset()
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    backoff.wait(stop, f"controller {self.me}: Redis unavailable ({exc})")
-                    continue
-                except redis.RedisError as exc:
-                    log.exception("controller %s: Redis refused a command", self.me)
-                    backoff.wait(stop, f"controller {self.me}: {exc}")
-                    continue
-                except Exception:  # a bug must not stop the control loop: log, back off, go on
-                    log.exception("controller %s: unexpected error", self.me)
-                    backoff.wait(stop, f"controller {self.me}: recovering from an unexpected error")
-                    continue
-                stop.wait(max(0.0, interval - (time.monotonic() - t0)))
-        finally:
-            self.release()
-            self.heartbeat.stop()
-            log.info("controller %s stopped at control version %d", self.me, self.decision.version)
+        run_forever(f"controller {self.me}", stop, self.turn, on_stop=self._stopped, heartbeat=self.heartbeat,
+                    pace_s=self.settings.interval_ms / 1000)
+
+    def turn(self) -> None:
+        """One interval: step while holding the lease, else stand by."""
+        if self.hold_lease():
+            self.step()
+
+    def _stopped(self) -> None:
+        self.release()
+        log.info("controller %s stopped at control version %d", self.me, self.decision.version)

@@ -1,0 +1,148 @@
+"""The requests a verifier owns: admitting them (decode, resume what an earlier owner wrote, prefill the
+target), ending them (the final chunk, the acknowledgement of their admission entry, their drafter told)
+and letting them go.
+
+A request's admission entry stays pending for its owner until the request ends: a restart re-admits it, a
+dead owner's entries are reclaimed by another verifier, which resumes from the output stream.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from cosine.broker import Entry, Streams, now_ms
+from cosine.engine.sequence import FinishReason, Sequence
+from cosine.errors import InvalidParameterError
+from cosine.keys import VERIFIERS_GROUP
+from cosine.policy.steering import Steering
+from cosine.protocol import DraftClose, GenerationRequest, ProtocolError, decode_entry, peek_request_id
+from cosine.service.output import OutputWriter
+from cosine.service.request_state import Drafting, OutputCursor, RequestState, request_seed
+from cosine.service.verifier_metrics import VerifierMetrics
+
+log = logging.getLogger(__name__)
+
+
+class RequestBook:
+    def __init__(self, streams: Streams, engine, tokenizer, output: OutputWriter, steering: Steering,
+                 metrics: VerifierMetrics, me: str) -> None:
+        self.streams = streams
+        self.keys = streams.keys
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.output = output
+        self.steering = steering
+        self.metrics = metrics
+        self.me = me
+        self.vocab = engine.runner.vocab_size
+        self.active: dict[str, RequestState] = {}
+
+    # -- admission ------------------------------------------------------------------------------------
+    def admit(self, entries: list[Entry]) -> list[RequestState]:
+        """Decode, look up earlier output and cancellation (one round trip for all), prefill; returns the
+        requests now active. Malformed entries go to the dead-letter stream and their client is told."""
+        pipe = self.streams.transaction()
+        decoded: list[tuple[bytes, GenerationRequest]] = []
+        for eid, fields in entries:
+            try:
+                msg = decode_entry(fields, (GenerationRequest,), self.vocab)
+            except ProtocolError as exc:
+                self.streams.dead_letter(self.keys.requests, VERIFIERS_GROUP, eid, fields, exc.reason, self.me)
+                self.metrics.counters["dead_lettered"] += 1
+                rid = peek_request_id(fields)
+                if rid is not None and rid not in self.active:  # tell its client instead of leaving it waiting
+                    self.output.reject(pipe, rid, exc.reason, "invalid_request")
+                continue
+            if msg.request_id not in self.active:  # else a re-delivery of a request we already serve
+                decoded.append((eid, msg))
+        earlier = self.streams.earlier_outputs([msg.request_id for _, msg in decoded])
+        fresh = [st for (eid, msg), (rows, cancelled) in zip(decoded, earlier)
+                 if (st := self._resume(pipe, msg, eid, rows, cancelled)) is not None]
+        pipe.execute()
+        if fresh:
+            with self.metrics.timed("busy_s", "admit_s"):
+                self.engine.admit([st.seq for st in fresh])
+            for st in fresh:
+                self.active[st.rid] = st
+            self.metrics.counters["admitted"] += len(fresh)
+        return fresh
+
+    def _resume(self, pipe, msg: GenerationRequest, eid: bytes, rows: list[Entry],
+                cancelled: bool) -> RequestState | None:
+        """The request's state, resumed from what its output stream holds; None when it is over already."""
+        earlier = self.output.recover(rows)
+        if earlier.finished:
+            Streams.ack_delete(pipe, self.keys.requests, VERIFIERS_GROUP, [eid])
+            return None
+        try:
+            seq = Sequence(self._prompt_ids(msg), msg.params, seq_id=msg.request_id, seed=request_seed(msg))
+            self.engine.validate(seq)
+        except InvalidParameterError as exc:
+            self.refuse(pipe, msg.request_id, eid, str(exc), "invalid_request", earlier.next_seq, len(earlier.tokens))
+            return None
+        seq.output_ids = earlier.tokens
+        st = RequestState(msg, eid, seq, now_ms(), Drafting(self.steering.new()),
+                          OutputCursor(earlier.next_seq, len(earlier.tokens)))
+        st.output.text.emitted = earlier.emitted
+        if earlier.tokens:
+            self.metrics.counters["resumed"] += 1
+            log.info("request %s resumed at %d committed tokens", msg.request_id, len(earlier.tokens))
+        if cancelled:
+            self._finish(pipe, st, FinishReason.CANCELLED)
+            return None
+        if msg.deadline_ms is not None and st.admitted_ms > msg.deadline_ms:
+            self._finish(pipe, st, FinishReason.TIMEOUT)
+            return None
+        return st
+
+    def _prompt_ids(self, msg: GenerationRequest) -> list[int]:
+        if msg.prompt_ids is not None:
+            return list(msg.prompt_ids)
+        return list(self.tokenizer(msg.prompt, add_special_tokens=False)["input_ids"])
+
+    # -- ending ---------------------------------------------------------------------------------------
+    def refuse(self, pipe, request_id: str, eid: bytes, error: str, error_type: str, seq: int = 0,
+               offset: int = 0) -> None:
+        """Queue the end of a request this verifier will not serve: an error chunk, its entry acknowledged."""
+        self.output.reject(pipe, request_id, error, error_type, seq, offset)
+        Streams.ack_delete(pipe, self.keys.requests, VERIFIERS_GROUP, [eid])
+        self.metrics.counters["rejected"] += 1
+        log.warning("request %s rejected: %s", request_id, error)
+
+    def close(self, pipe, st: RequestState) -> None:
+        """Queue what follows a request's final chunk: its admission entry acknowledged, its drafter told."""
+        Streams.ack_delete(pipe, self.keys.requests, VERIFIERS_GROUP, [st.entry_id])
+        if st.drafting.worker is not None:
+            self.streams.add(self.keys.draft(st.drafting.worker), DraftClose(st.rid), pipe)
+
+    def _finish(self, pipe, st: RequestState, reason: FinishReason, error: str | None = None,
+                error_type: str | None = None) -> None:
+        st.seq.finish_reason = reason
+        self.output.write(pipe, st, error, error_type)
+        self.close(pipe, st)
+
+    def end(self, sts: list[RequestState], reason: FinishReason, error: str | None = None,
+            error_type: str | None = None) -> None:
+        """End these requests now (cancelled, timed out, failed): final chunks, closes, release."""
+        pipe = self.streams.transaction()
+        for st in sts:
+            self._finish(pipe, st, reason, error, error_type)
+        pipe.execute()
+        self.release(sts)
+
+    def release(self, done: list[RequestState]) -> None:
+        """Forget ended requests (their target KV rows too)."""
+        self.engine.release([st.rid for st in done if st.rid in self.engine.seqs])
+        for st in done:
+            self.active.pop(st.rid, None)
+            self.metrics.completed += 1
+            reason = st.seq.finish_reason.value if st.seq.finish_reason else "none"
+            self.metrics.counters[f"finish_{reason}"] += 1
+            log.info("request %s finished (%s): %d tokens, acceptance length %.2f", st.rid, reason,
+                     len(st.seq.output_ids), st.seq.stats.mean_acceptance_length)
+
+    def drop(self, lost: list[RequestState]) -> None:
+        """Let go of requests another verifier has taken over (nothing written: they are its now)."""
+        self.engine.release([st.rid for st in lost if st.rid in self.engine.seqs])
+        for st in lost:
+            self.active.pop(st.rid, None)

@@ -1,0 +1,339 @@
+"""The verifier service: owns requests, holds the target's KV state, verifies drafts in batches.
+
+One :meth:`VerifierService.step` is a turn of the loop: upkeep (cancellations, deadlines, ownership, the
+reclaim sweep), one read over the request stream and this worker's draft stream (blocking only while
+nothing can be verified), admission of a few new requests, then one batched target forward over the requests
+the scheduler picks among those whose draft arrived, is late or is not needed, and one MULTI that writes
+their output, sends their next draft jobs and acknowledges what was consumed. Its collaborators:
+:class:`~cosine.service.requests.RequestBook` (the requests it owns), :class:`~cosine.service.output.
+OutputWriter` (their output streams), :class:`~cosine.service.drafts.DraftExchange` (jobs out, drafts in),
+:class:`~cosine.service.upkeep.Upkeep` and :class:`~cosine.service.verifier_metrics.VerifierMetrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+
+from cosine import defaults
+from cosine.broker import Entry, RedisSettings, Streams, connect, now_ms
+from cosine.engine.sequence import FinishReason
+from cosine.engine.stopping import apply_stop_strings
+from cosine.engine.tree import depth_of
+from cosine.errors import InvalidParameterError
+from cosine.keys import VERIFIERS_GROUP, Keys
+from cosine.policy.cost_model import CostModel
+from cosine.policy.scheduling import Candidate
+from cosine.policy.steering import Load, Steering, Switches
+from cosine.service.control_view import ControlView
+from cosine.service.drafts import DraftExchange, tree_of
+from cosine.service.heartbeat import Heartbeat
+from cosine.service.output import OutputWriter
+from cosine.service.request_state import RequestState
+from cosine.service.requests import RequestBook
+from cosine.service.run_loop import run_forever
+from cosine.service.upkeep import Upkeep
+from cosine.service.verifier_metrics import VerifierMetrics
+
+log = logging.getLogger(__name__)
+
+DRAFT_READ_COUNT = 256  # drafts taken from this verifier's stream per read
+
+
+@dataclass
+class VerifierSettings:
+    worker_id: str
+    max_active: int = defaults.VERIFIER_MAX_ACTIVE
+    max_batch_tokens: int = defaults.VERIFIER_MAX_BATCH_TOKENS
+    admit_per_tick: int = defaults.VERIFIER_ADMIT_PER_TICK
+    k: int = defaults.SPEC_K
+    tree_width: int = defaults.SPEC_TREE_WIDTH
+    # Sampling requests: "onehot" (deterministic drafts; output = the target's own keyed samples, however
+    # drafts arrive) or "sampled" (drafts sampled by the drafter, verified by rejection sampling).
+    proposal: str = defaults.SAMPLING_PROPOSAL
+    q_top: int = defaults.SAMPLED_Q_TOP
+    idle_block_ms: int = defaults.VERIFIER_IDLE_BLOCK_MS
+    draft_budget_min_ms: float = defaults.DRAFT_BUDGET_MIN_MS
+    draft_budget_factor: float = defaults.DRAFT_BUDGET_FACTOR
+    draft_budget_max_ms: float = defaults.DRAFT_BUDGET_MAX_MS
+    admission_refresh_s: float = defaults.ADMISSION_REFRESH_S
+    reclaim_interval_s: float = defaults.RECLAIM_INTERVAL_S
+    reclaim_min_idle_s: float = defaults.RECLAIM_MIN_IDLE_S
+    max_deliveries: int = defaults.MAX_DELIVERIES
+    drain_timeout_s: float = defaults.VERIFIER_DRAIN_TIMEOUT_S
+    switches: Switches = field(default_factory=Switches)  # CoSine's mechanisms, each can be turned off
+    cost_model: str | None = None  # a profile written by `cosine profile`; None = built-in defaults
+    # Fusion across drafter workers: a request's experts may live on several workers (the job's worker leads).
+    cross_fusion: bool = defaults.CROSS_PROCESS_FUSION
+    trace_passes: str | None = None  # append a JSON line per verification pass to this file (PassTrace)
+
+    def __post_init__(self) -> None:
+        for name in ("max_active", "admit_per_tick"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(name, f"must be an integer >= 1, got {value!r}")
+
+
+class VerifierService:
+    def __init__(self, redis_settings: RedisSettings, settings: VerifierSettings, engine, tokenizer,
+                 connector: Callable[[RedisSettings], redis.Redis] = connect) -> None:
+        """``engine``: a :class:`~cosine.engine.verifier.TargetVerifier` (or one with its interface);
+        ``connector`` makes each Redis connection (the heartbeat has one of its own)."""
+        self.settings = settings
+        self.me = settings.worker_id
+        self.keys = Keys(redis_settings.prefix)
+        self.streams = Streams(connector(redis_settings), self.keys)
+        self.engine = engine
+        self.tokenizer = tokenizer
+        vocab = engine.runner.vocab_size
+        cost = CostModel.load(settings.cost_model) if settings.cost_model else None
+        self.steering = Steering(settings.switches, settings.k, cost)
+        self.control = ControlView(self.streams.r, self.keys)
+        self.metrics = VerifierMetrics(settings.trace_passes)
+        self.output = OutputWriter(self.streams, tokenizer, vocab, self.me)
+        self.book = RequestBook(self.streams, engine, tokenizer, self.output, self.steering, self.metrics, self.me)
+        self.drafts = DraftExchange(self.streams, self.steering, settings, self.metrics, vocab, engine.room)
+        self.upkeep = Upkeep(self.streams, self.book, self.metrics, self.me, settings.max_active,
+                             settings.admission_refresh_s, settings.reclaim_interval_s, settings.reclaim_min_idle_s,
+                             settings.max_deliveries)
+        # Admission entries read but not admitted yet (at most admit_per_tick are prefilled between passes);
+        # they are pending for this verifier, so a restart re-admits them and a death hands them to another.
+        self.arrivals: list[Entry] = []
+        self.hold_until = 0.0  # the scheduler holds the next pass until then for drafts on their way
+        self.heartbeat = Heartbeat(Streams(connector(redis_settings), self.keys), self.me, self.info)
+
+    @property
+    def active(self) -> dict[str, RequestState]:
+        return self.book.active
+
+    def info(self) -> dict:
+        """What the heartbeat publishes."""
+        control = self.control.decision
+        return {
+            "role": "verifier",
+            "active": len(self.active),
+            "capacity": self.settings.max_active,
+            **self.metrics.snapshot(),
+            **self.drafts.info(),
+            "control_version": control.version if control is not None else 0,
+            "slots_run": self.engine.runner.slots_run,  # token slots the target's forwards computed
+            "slots_fed": self.engine.runner.slots_fed,  # of them, slots holding a fed token (not padding)
+        }
+
+    def load(self) -> Load:
+        """What this round's decisions depend on: the requests held, their longest context, the controller."""
+        context = max((len(st.seq) for st in self.active.values()), default=0)
+        return Load(len(self.active), context, self.control.current())
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        log.info("verifier %s ready (k=%d, width=%d, max_active=%d)", self.me, self.settings.k,
+                 self.settings.tree_width, self.settings.max_active)
+        run_forever(f"verifier {self.me}", stop, self.step, on_start=self.recover_own, drain=self.drain,
+                    on_stop=self._stopped, heartbeat=self.heartbeat)
+
+    def _stopped(self) -> None:
+        self.metrics.close()
+        log.info("verifier %s stopped with %d requests left for others to reclaim", self.me, len(self.active))
+
+    def recover_own(self) -> None:
+        """At start (and after Redis lost its groups): create the groups, re-admit the requests this worker
+        held under the same id before a restart; drafts it had not consumed are stale."""
+        self.streams.forget_groups()
+        self.streams.ensure_group(self.keys.requests, VERIFIERS_GROUP)
+        self.streams.ensure_group(self.drafts.stream, VERIFIERS_GROUP)
+        mine = self.streams.own_pending(self.keys.requests, VERIFIERS_GROUP, self.me)
+        if mine:
+            log.info("re-admitting %d requests this verifier held before", len(mine))
+            self.admit(mine)
+        old = self.streams.own_pending(self.drafts.stream, VERIFIERS_GROUP, self.me)
+        if old:
+            pipe = self.streams.transaction()
+            Streams.ack_delete(pipe, self.drafts.stream, VERIFIERS_GROUP, [eid for eid, _ in old])
+            pipe.execute()
+
+    def drain(self) -> None:
+        """On shutdown: stop admitting, finish what is active for up to ``drain_timeout_s``."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self.active and time.monotonic() < deadline:
+            try:
+                self.step(admit=False)
+            except (redis.ConnectionError, redis.TimeoutError):
+                break
+
+    # -- the turn -------------------------------------------------------------------------------------
+    def step(self, admit: bool = True) -> None:
+        """Upkeep, read, admit, schedule, verify and send."""
+        reclaimed = self.upkeep.run(time.monotonic(), admit)
+        if reclaimed:
+            self.admit(reclaimed)
+        self.drafts.watch(self.active)
+        self.read(admit)
+        if self.arrivals and admit:
+            n = self.settings.admit_per_tick
+            now_in, self.arrivals = self.arrivals[:n], self.arrivals[n:]
+            self.admit(now_in)
+        with self.metrics.timed("scheduling_s"):
+            ready = self.schedule(time.monotonic())
+        if ready:
+            self.verify(ready)
+        elif self.drafts.consumed:  # drafts that turned out stale still have to be acknowledged
+            pipe = self.streams.transaction()
+            self.drafts.ack_consumed(pipe)
+            pipe.execute()
+
+    def read(self, admit: bool) -> None:
+        """One read over the request stream (when there is room) and this worker's draft stream."""
+        capacity = self.settings.max_active - len(self.active) - len(self.arrivals) if admit else 0
+        streams = ([self.keys.requests] if capacity > 0 else []) + [self.drafts.stream]
+        block = self.block_ms(time.monotonic())
+        # A non-blocking read is messaging; a blocking one is idle time, or waiting for drafts while holding
+        # requests. COUNT applies to each stream: never take more requests than there is room for (an entry
+        # read is ours until it ends), then drain the drafts that did not fit into this read.
+        count = capacity if capacity > 0 else DRAFT_READ_COUNT
+        timers = ("messaging_s",) if block is None else ("blocked_s", "draft_wait_s") if self.active else ("blocked_s",)
+        with self.metrics.timed(*timers):
+            got = self.streams.read_groups(streams, VERIFIERS_GROUP, self.me, count, block)
+            drafts = got.get(self.drafts.stream, [])
+            if len(drafts) >= count:
+                drafts += self.streams.read_group(self.drafts.stream, VERIFIERS_GROUP, self.me, DRAFT_READ_COUNT,
+                                                  None)
+        if drafts:
+            with self.metrics.timed("messaging_s"):
+                self.drafts.absorb(drafts, self.active)
+        self.arrivals += got.get(self.keys.requests, [])
+
+    def block_ms(self, now: float) -> int | None:
+        """Block only while nothing can be verified (or the pass is held for drafts on their way), and not
+        past the earliest draft budget; a draft arriving ends the block."""
+        if self.arrivals:  # requests read and waiting to be admitted
+            return None
+        if not self.active:
+            return self.settings.idle_block_ms
+        if self.hold_until > now:
+            return max(1, int((self.hold_until - now) * 1000))
+        budget = self.drafts.budget_ms() / 1000
+        wait = self.settings.idle_block_ms / 1000
+        for st in self.active.values():
+            if st.drafting.draft is not None or st.drafting.waiting_epoch is None:
+                return None
+            wait = min(wait, st.drafting.job_sent + budget - now)
+        return None if wait <= 0.0005 else max(1, int(wait * 1000))
+
+    def admit(self, entries: list[Entry]) -> None:
+        fresh = self.book.admit(entries)
+        if fresh:
+            self.drafts.dispatch(fresh, self.active, self.load())
+
+    def schedule(self, now: float) -> list[RequestState]:
+        """The requests to verify now, chosen by the scheduler among those with a draft in hand, a late draft,
+        no drafter or a plain step due (or none, when the pass is held for drafts on their way)."""
+        budget = self.drafts.budget_ms() / 1000
+        eta = self.drafts.eta_ms()
+        wall = now_ms()
+        cands: list[Candidate] = []
+        coming: list[tuple[Candidate, float]] = []
+        late: set[str] = set()
+        for st in self.active.values():
+            d = st.drafting
+            waiting = d.waiting
+            if waiting and now - d.job_sent >= budget:
+                late.add(st.rid)  # verified without its draft (a plain step); the draft is dropped when it comes
+                waiting = False
+            depth = depth_of(d.draft.parents) if d.draft else (d.k if waiting else 0)
+            size = 1 + (len(d.draft.tokens) if d.draft else depth)
+            deadline = None if st.msg.deadline_ms is None else float(st.msg.deadline_ms - wall)
+            cand = Candidate(st.rid, size, self.steering.expected(d.steer, depth), len(st.seq), st.msg.priority,
+                             deadline, (now - d.job_sent) * 1000, depth > 0)
+            if waiting:
+                coming.append((cand, eta - (now - d.job_sent) * 1000))
+            else:
+                cands.append(cand)
+        needy = [st for st in self.active.values()  # a new drafter, a resync: a job now
+                 if st.drafting.waiting_epoch is None and st.drafting.draft is None and not st.drafting.plain]
+        if needy:
+            self.drafts.dispatch(needy, self.active, self.load())
+        if not cands:
+            return []
+        control = self.control.current()
+        hold = self.steering.hold(cands, coming, self.settings.max_active, self.settings.max_batch_tokens, control)
+        if hold > 0:
+            self.hold_until = now + hold / 1000
+            self.metrics.counters["held_passes"] += 1
+            return []
+        chosen = set(self.steering.pick(cands, self.settings.max_active, self.settings.max_batch_tokens, control))
+        for rid in chosen & late:
+            self.active[rid].counters.late += 1
+            self.metrics.counters["late_drafts"] += 1
+        return [st for st in self.active.values() if st.rid in chosen]
+
+    def verify(self, ready: list[RequestState]) -> None:
+        """One target forward over ``ready``; then their output, next jobs and acknowledgements in one MULTI."""
+        vocab = self.engine.runner.vocab_size
+        drafts = {st.rid: tree_of(st.drafting.draft, vocab) if st.drafting.draft else None for st in ready}
+        for st in ready:
+            if st.drafting.draft is not None:
+                st.counters.draft_ms += st.drafting.draft.draft_ms
+                st.counters.drafters_used.add(st.drafting.draft.drafter)
+        self.metrics.counters["passes"] += 1
+        self.metrics.counters["pass_tokens"] += sum(1 + (len(t.tokens) if t else 0) for t in drafts.values())
+        since = self.metrics.since_last_pass()
+        if since is not None:
+            self.steering.observe_pass(*since)
+        t0 = time.perf_counter()
+        try:
+            results = self.engine.step(drafts)
+        except Exception as exc:  # the engine failing a batch must end those requests explicitly
+            log.exception("verification failed for %d requests", len(ready))
+            self.book.end(ready, FinishReason.ERROR, f"verification failed: {type(exc).__name__}: {exc}",
+                          "server_error")
+            return
+        forward_s = time.perf_counter() - t0
+        self.metrics.busy_s += forward_s
+        self.metrics.rounds += 1
+        with self.metrics.timed("messaging_s"):
+            finished = self._commit(ready, results, forward_s)
+        self.metrics.trace_pass({"slots_run": self.engine.runner.slots_run, "slots_fed": self.engine.runner.slots_fed},
+                                active=len(self.active), verified=len(ready),
+                                depths=[t.depth if t else 0 for t in drafts.values()],
+                                forward_ms=round(forward_s * 1000, 3),
+                                draft_share=round(self.steering.draft_share(), 3),
+                                pass_overhead_ms=round(self.steering.pass_overhead_ms, 3))
+        if finished:
+            self.book.release(finished)
+
+    def _commit(self, ready: list[RequestState], results, forward_s: float) -> list[RequestState]:
+        """Feedback to steering, then one MULTI: output chunks, closes, next draft jobs, acknowledgements.
+        Returns the requests that finished."""
+        added = {r.seq.seq_id: len(r.new_tokens) for r in results}
+        for r in results:
+            st = self.active[r.seq.seq_id]
+            d = st.drafting.draft
+            self.steering.observe(st.drafting.steer, r.depth, r.accepted, r.new_tokens, d.votes if d else {},
+                                  d.vote_conf if d else {},
+                                  len(d.tokens) if d and r.depth == depth_of(d.parents) else 0)  # not cut short
+        pipe = self.streams.transaction()
+        finished: list[RequestState] = []
+        continuing: list[RequestState] = []
+        wall = now_ms()
+        for st in ready:
+            st.counters.verify_s += forward_s / len(ready)
+            st.drafting.draft = None
+            st.drafting.waiting_epoch = None
+            apply_stop_strings(st.seq, self.tokenizer, added.get(st.rid, 0))
+            if not st.seq.finished and st.msg.deadline_ms is not None and wall > st.msg.deadline_ms:
+                st.seq.finish_reason = FinishReason.TIMEOUT
+            self.output.write(pipe, st)
+            (finished if st.seq.finished else continuing).append(st)
+        for st in finished:
+            self.book.close(pipe, st)
+        jobs = self.drafts.queue_jobs(pipe, continuing, self.active, self.load())
+        self.drafts.ack_consumed(pipe)
+        pipe.execute()
+        self.drafts.sent(jobs)
+        return finished

@@ -1,0 +1,216 @@
+"""The verifier's rules, in milliseconds: its collaborators on an in-process fakeredis with the simulated
+target engine (deterministic, no model), so a scheduling, admission or upkeep rule is checked without
+processes or a real Redis.
+
+fakeredis is faithful for what these tests use (non-blocking reads, MULTI, pending-entry bookkeeping,
+XCLAIM); its blocking XREADGROUP with COUNT returns at once, which here only makes a turn faster. The same
+behaviours run against a real redis-server and real worker processes in test_pipeline*.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import msgpack
+import pytest
+
+from cosine import defaults
+from cosine.broker import RedisSettings, now_ms, xadd_args
+from cosine.client import build_request
+from cosine.keys import VERIFIERS_GROUP, Keys
+from cosine.protocol import Cancel, Chunk, Draft, DraftJob, GenerationRequest, decode_entry, encode, entry
+from cosine.service.verifier_service import VerifierService, VerifierSettings
+from cosine.sim.engines import SimModel, SimTarget, SimTokenizer
+
+PROMPT = [16, 17, 18, 19]
+
+
+@pytest.fixture
+def connector():
+    server = fakeredis.FakeServer()
+    return lambda _settings: fakeredis.FakeRedis(server=server)
+
+
+def make_verifier(connector, **overrides) -> VerifierService:
+    settings = VerifierSettings("v0", **overrides)
+    return VerifierService(RedisSettings(prefix="t"), settings, SimTarget(SimModel(), time_scale=0),
+                           SimTokenizer(), connector=connector)
+
+
+def submit(svc: VerifierService, **params) -> GenerationRequest:
+    msg = build_request(PROMPT, **params)
+    svc.streams.add(svc.keys.requests, msg)
+    return msg
+
+
+def chunks(svc: VerifierService, rid: str) -> list[Chunk]:
+    return [decode_entry(f, (Chunk,)) for _, f in svc.streams.entries(svc.keys.out(rid))]
+
+
+def jobs(svc: VerifierService, drafter: str = "d0") -> list[DraftJob]:
+    return [decode_entry(f, (DraftJob,)) for _, f in svc.streams.entries(svc.keys.draft(drafter))
+            if decode_entry(f).TYPE == "draft_job"]
+
+
+def truth(n: int) -> list[int]:
+    return SimModel().continuation(PROMPT, n)
+
+
+def drafter_alive(svc: VerifierService, worker: str = "d0", experts: str = "code") -> None:
+    svc.streams.heartbeat(worker, {"role": "drafter", "experts": experts})
+
+
+def pending(svc: VerifierService, stream: str) -> int:
+    return svc.streams.r.xpending(stream, VERIFIERS_GROUP)["pending"]
+
+
+def test_a_turn_admits_sends_a_job_then_verifies_the_draft_in_one_write(connector):
+    svc = make_verifier(connector)
+    drafter_alive(svc)
+    svc.recover_own()
+    msg = submit(svc, max_new_tokens=12, speculation=3)
+    svc.step()
+    assert msg.request_id in svc.active
+    [job] = jobs(svc)
+    assert (job.epoch, job.base, job.tokens, job.k) == (len(PROMPT), 0, PROMPT, 3)
+    draft = Draft(msg.request_id, "d0", job.epoch, truth(3), [-1, 0, 1], [0.9] * 3, ["code"] * 3)
+    svc.streams.add(svc.drafts.stream, draft)
+    svc.step()
+    [chunk] = chunks(svc, msg.request_id)
+    assert chunk.token_ids == truth(4)  # three accepted and the target's own
+    assert pending(svc, svc.drafts.stream) == 0, "the draft was acknowledged with the output"
+    nxt = jobs(svc)[-1]
+    assert (nxt.epoch, nxt.base, nxt.tokens) == (len(PROMPT) + 4, len(PROMPT), truth(4)), "only new tokens go out"
+
+
+def test_stale_and_foreign_drafts_are_dropped_and_a_late_one_costs_a_plain_step(connector):
+    svc = make_verifier(connector, draft_budget_min_ms=60_000, draft_budget_max_ms=60_000)
+    drafter_alive(svc)
+    svc.recover_own()
+    msg = submit(svc, max_new_tokens=12, speculation=3)
+    svc.step()
+    stale = Draft(msg.request_id, "d0", len(PROMPT) + 1, truth(2), [-1, 0], [0.9] * 2, ["code"] * 2)
+    foreign = Draft(msg.request_id, "d9", len(PROMPT), truth(2), [-1, 0], [0.9] * 2, ["code"] * 2)
+    for d in (stale, foreign):
+        svc.streams.add(svc.drafts.stream, d)
+    svc.step()
+    assert svc.metrics.counters["stale_drafts"] == 2 and not chunks(svc, msg.request_id)
+    assert pending(svc, svc.drafts.stream) == 0, "dropped drafts are acknowledged too"
+    svc.settings.draft_budget_min_ms = svc.settings.draft_budget_max_ms = 0.0  # the job's draft is late now
+    svc.step()
+    [chunk] = chunks(svc, msg.request_id)
+    assert chunk.token_ids == truth(1) and svc.metrics.counters["late_drafts"] == 1
+
+
+def test_a_request_past_its_deadline_ends_with_timeout_and_frees_its_row(connector):
+    svc = make_verifier(connector)
+    svc.recover_own()
+    msg = submit(svc, max_new_tokens=50)
+    svc.step()
+    st = svc.active[msg.request_id]
+    st.msg.deadline_ms = now_ms() - 1
+    svc.upkeep.deadlines()
+    chunk = chunks(svc, msg.request_id)[-1]
+    assert chunk.finished and chunk.finish_reason == "timeout"
+    assert msg.request_id not in svc.active and msg.request_id not in svc.engine.seqs
+    assert pending(svc, svc.keys.requests) == 0
+    assert svc.streams.r.pttl(svc.keys.out(msg.request_id)) > 0, "a finished output stream expires"
+
+
+def test_cancellation_before_and_after_admission(connector):
+    svc = make_verifier(connector)
+    svc.recover_own()
+    running = submit(svc, max_new_tokens=50)
+    svc.step()
+    early = build_request(PROMPT, max_new_tokens=50)
+    svc.streams.r.set(svc.keys.cancelled(early.request_id), b"1")
+    for rid in (running.request_id, "someone-else"):
+        svc.streams.add(svc.keys.cancel, Cancel(rid))
+    svc.streams.r.xadd(svc.keys.cancel, {b"d": b"garbage"})  # ignored, not fatal
+    svc.upkeep.cancellations()
+    assert chunks(svc, running.request_id)[-1].finish_reason == "cancelled"
+    svc.streams.add(svc.keys.requests, early)
+    svc.step()
+    [chunk] = chunks(svc, early.request_id)
+    assert chunk.finish_reason == "cancelled" and not svc.active
+
+
+def test_a_request_taken_over_by_another_verifier_is_let_go_without_a_write(connector):
+    svc = make_verifier(connector)
+    svc.recover_own()
+    msg = submit(svc, max_new_tokens=50)
+    svc.step()
+    eid = svc.active[msg.request_id].entry_id
+    svc.streams.r.xclaim(svc.keys.requests, VERIFIERS_GROUP, "v1", 0, [eid])
+    written = len(chunks(svc, msg.request_id))
+    svc.upkeep.refresh_ownership()
+    assert not svc.active and svc.metrics.counters["lost_ownership"] == 1
+    assert len(chunks(svc, msg.request_id)) == written
+
+
+def test_reclaim_takes_a_dead_verifiers_requests_and_dead_letters_poison(connector):
+    svc = make_verifier(connector, reclaim_min_idle_s=0.0, max_deliveries=3)
+    svc.recover_own()
+    svc.streams.heartbeat("v0", {"role": "verifier"})
+    orphan, poison = build_request(PROMPT, max_new_tokens=8), build_request(PROMPT, max_new_tokens=8)
+    ids = [svc.streams.add(svc.keys.requests, m) for m in (orphan, poison)]
+    svc.streams.read_group(svc.keys.requests, VERIFIERS_GROUP, "dead", 10, None)
+    for _ in range(2):
+        svc.streams.r.xclaim(svc.keys.requests, VERIFIERS_GROUP, "dead", 0, [ids[1]])  # delivered 3 times
+    time.sleep(0.005)  # fakeredis counts an entry idle for 0 ms as not idle at all
+    got = svc.upkeep.reclaim()
+    assert [eid for eid, _ in got] == [ids[0]]
+    [chunk] = chunks(svc, poison.request_id)
+    assert chunk.finish_reason == "error" and "delivered 3+ times" in chunk.error
+    [(_, letter)] = svc.streams.entries(svc.keys.dlq)
+    assert b"delivered" in letter[b"reason"] and letter[b"orig:d"] == entry(poison)[b"d"]
+    assert not svc.upkeep.reclaim(), "one sweep per interval, whoever runs it"
+
+
+def test_admission_rejects_malformed_entries_and_resumes_earlier_output(connector):
+    svc = make_verifier(connector, admit_per_tick=3)
+    svc.recover_own()
+    bad = build_request(PROMPT, max_new_tokens=8)
+    body = msgpack.unpackb(encode(bad))
+    body["params"]["max_new_tokens"] = -1
+    svc.streams.add(svc.keys.requests, {b"d": msgpack.packb(body)})
+    done, resumed = build_request(PROMPT, max_new_tokens=8), build_request(PROMPT, max_new_tokens=8)
+    pipe = svc.streams.transaction()
+    svc.streams.add_output(pipe, Chunk(done.request_id, 0, 0, truth(8), "", True, "length"))
+    svc.streams.add_output(pipe, Chunk(resumed.request_id, 0, 0, truth(3), "t", False))
+    pipe.execute()
+    for m in (done, resumed):
+        svc.streams.add(svc.keys.requests, m)
+    svc.step()
+    [rejected] = chunks(svc, bad.request_id)
+    assert rejected.error_type == "invalid_request" and "max_new_tokens" in rejected.error
+    assert done.request_id not in svc.active and len(chunks(svc, done.request_id)) == 1
+    assert svc.active[resumed.request_id].seq.output_ids == truth(4), "resumed at 3 tokens, then one plain step"
+    nxt = chunks(svc, resumed.request_id)[-1]
+    assert (nxt.seq, nxt.offset, nxt.token_ids) == (1, 3, truth(4)[3:]), "the stream continues, no duplicates"
+    assert svc.metrics.counters["resumed"] == 1 and svc.metrics.counters["dead_lettered"] == 1
+
+
+def test_without_a_drafter_worker_requests_decode_alone_and_move_to_one_that_appears(connector):
+    svc = make_verifier(connector)
+    svc.recover_own()
+    msg = submit(svc, max_new_tokens=6)
+    svc.step()
+    assert chunks(svc, msg.request_id)[0].token_ids == truth(1) and svc.metrics.counters["plain_steps"] >= 1
+    drafter_alive(svc, "d1", "prose")
+    svc.drafts.refresh(force=True)
+    svc.step()
+    svc.step()
+    assert svc.active[msg.request_id].drafting.worker == "d1"
+    [job] = jobs(svc, "d1")
+    assert job.base == 0 and job.tokens == PROMPT + truth(len(job.tokens) - len(PROMPT)), "a new worker gets all"
+
+
+def test_each_kind_of_stream_has_its_cap():
+    keys = Keys("t")
+    cap = {k: xadd_args(keys, k, {b"x": b"1"})["maxlen"] for k in
+           (keys.requests, keys.draft("d"), keys.out("r"), keys.dlq, keys.cancel, keys.votes("d"), keys.control_log)}
+    assert cap[keys.requests] == cap[keys.draft("d")] == cap[keys.out("r")] == defaults.STREAM_MAXLEN
+    assert (cap[keys.dlq], cap[keys.cancel], cap[keys.votes("d")], cap[keys.control_log]) == (
+        defaults.DLQ_MAXLEN, defaults.CANCEL_MAXLEN, defaults.VOTE_STREAM_MAXLEN, defaults.CONTROL_LOG_MAXLEN)
