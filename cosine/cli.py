@@ -115,7 +115,7 @@ def bench(ctx: click.Context) -> None:
 
 
 def _report(name: str, payload: dict, md: str, out: str, update_readme: bool, plot=None, caption: str = "") -> None:
-    """Write a benchmark's JSON and markdown (and plot), print the tables, optionally put them in README.md."""
+    """Write a benchmark's JSON and markdown (and plot), print the tables, optionally put them in docs/benchmarks.md."""
     from cosine.bench.report import update_readme as write_readme
     from cosine.bench.report import write_results
 
@@ -132,9 +132,9 @@ def _report(name: str, payload: dict, md: str, out: str, update_readme: bool, pl
         docs = REPO_ROOT / "docs"
         docs.mkdir(exist_ok=True)
         shutil.copy(png, docs / f"bench-{name}.png")
-        md += f"\n\n![{caption or name}](docs/bench-{name}.png)"
-    if write_readme(REPO_ROOT / "README.md", name, md):
-        click.echo("README.md updated")
+        md += f"\n\n![{caption or name}](bench-{name}.png)"
+    if write_readme(REPO_ROOT / "docs" / "benchmarks.md", name, md):
+        click.echo("docs/benchmarks.md updated")
 
 
 # cosine.bench.e2e_bench.PATHS, spelled out so that `cosine --help` does not import torch
@@ -163,7 +163,7 @@ _cpus_option = click.option(
 @click.option("--controller/--no-controller", default=True, show_default=True,
               help="Run the controller beside the pipeline's workers.")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
-@click.option("--update-readme", is_flag=True, help="Write the table into README.md.")
+@click.option("--update-readme", is_flag=True, help="Write the table into docs/benchmarks.md.")
 def bench_e2e(zoo_path=None, concurrency=(1, 4, 8, 16), requests_per_client=3, max_new_tokens=64, k=4,
               tree_width=1, paths_=E2E_PATHS, cpus=(), repeats=5, controller=True, out="bench-results",
               update_readme=False) -> None:
@@ -209,7 +209,7 @@ _repeats_option = click.option(
 @click.option("--cost-model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The verifiers' cost model, written by `cosine profile` [default: the built-in CPU numbers].")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
-@click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
+@click.option("--update-readme", is_flag=True, help="Write the tables into docs/benchmarks.md.")
 def bench_ablation(zoo_path, systems, concurrency, cpus, rates, requests_per_client, open_requests,
                    fluctuating_requests, max_new_tokens, k, repeats, cost_model, out, update_readme) -> None:
     """Full CoSine vs each mechanism switched off, plain distributed speculative decoding (one fixed
@@ -235,7 +235,7 @@ def bench_ablation(zoo_path, systems, concurrency, cpus, rates, requests_per_cli
 @click.option("--concurrency", type=int, multiple=True, default=(1, 4, 8), show_default=True)
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
-@click.option("--update-readme", is_flag=True, help="Write the table into README.md.")
+@click.option("--update-readme", is_flag=True, help="Write the table into docs/benchmarks.md.")
 def bench_cross_fusion(zoo_path, systems, concurrency, max_new_tokens, out, update_readme) -> None:
     """Token fusion inside one drafter process (three experts) vs across three drafter processes (one expert
     each, a Redis round trip per draft position), and the three without fusion: speed, acceptance and the
@@ -262,7 +262,7 @@ def bench_cross_fusion(zoo_path, systems, concurrency, max_new_tokens, out, upda
               help="Scale every simulated forward (timings mean something only at 1).")
 @_repeats_option
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
-@click.option("--update-readme", is_flag=True, help="Write the tables into README.md.")
+@click.option("--update-readme", is_flag=True, help="Write the tables into docs/benchmarks.md.")
 def bench_sim(verifiers, drafters, systems, concurrency, rates, requests, time_scale, repeats, out,
               update_readme) -> None:
     """The ablation table at cluster scale: real workers, Redis, controller and policies in one process,
@@ -322,7 +322,7 @@ def profile(zoo_path, model, drafter_models, device, dtype, threads, time_budget
 @click.option("--micro-calls", type=int, default=40, show_default=True,
               help="Interleaved calls per variant of the verify-pass micro-benchmark (0: skip it).")
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
-@click.option("--update-readme", is_flag=True, help="Write the table into README.md.")
+@click.option("--update-readme", is_flag=True, help="Write the table into docs/benchmarks.md.")
 def bench_engine(zoo_path, prompts_per_domain, max_new_tokens, k, tree_width, batches, threads, device, dtype, hf,
                  repeats, micro_contexts, micro_calls, out, update_readme) -> None:
     """HF generate (batch 1 and left-padded batches) and assisted generation vs the engine's target-only and

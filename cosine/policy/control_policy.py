@@ -1,51 +1,14 @@
-"""Adaptive speculation control: from queue depths and worker load to speculation bounds and batch limits.
+"""The controller's rules: from queue depths and worker load to speculation bounds and batch limits.
 
-Pure decision logic (standard library only). The controller process (:mod:`cosine.service.controller_service`) samples
-Redis into a :class:`ControlInputs` every few hundred milliseconds, asks :meth:`ControlPolicy.decide` for
-the next :class:`ControlDecision` and publishes it; workers read it through
-:class:`cosine.service.control_view.ControlView`.
-
-What a decision means for the workers
--------------------------------------
-* ``k_max``: the draft length to use; a per-request policy (e.g. acceptance-based) may shorten a request's
-  drafts down to ``k_min``, never outside ``[k_min, k_max]`` (:meth:`ControlDecision.clamp_k`).
-* ``max_cooperating``: at most this many drafter models draft one request in lockstep (token fusion).
-* ``verifier_max_batch`` / ``verifier_token_cap``: requests a verifier holds at once, tokens per forward.
-* ``pressure`` in [-1, 1], advisory: > 0 drafts pile up (drafting is dearer: draft less); < 0 the verifier
-  idles (draft more); 0 balanced.
-
-Signals (:class:`Signals`, derived from one sample)
----------------------------------------------------
-``verifier_busy`` / ``drafter_busy`` (mean share of time in model work over the last seconds),
-``draft_backlog`` (draft-job ``lag + pending`` per live drafter), ``draft_age_ms`` (oldest waiting or pending
-draft job, from its stream id), ``verify_backlog`` / ``verify_age_ms`` (the same for drafts waiting at
-verifiers), ``requests_waiting`` (admissions not yet taken), ``verifier_fill`` (active / capacity).
-
-Rules, evaluated on every sample
---------------------------------
-1. **Drafts pile up** (``draft_backlog > draft_backlog_high`` or ``draft_age_ms > draft_age_high_ms`` or
-   ``drafter_busy > drafter_busy_high``): shorten, ``k_max - k_step`` and one cooperating drafter fewer;
-   pressure positive.
-2. **Verifier bottleneck** (``verifier_busy > verifier_busy_high`` and its inputs back up: ``verify_backlog >
-   verify_backlog_high`` or ``verify_age_ms > verify_age_high_ms`` or requests wait while verifiers are
-   full): raise ``verifier_max_batch`` by ``batch_step`` (token cap in proportion) up to its bound. Draft
-   lengths are left to the per-request policy, which prices what each drafted token adds to a pass: cutting
-   ``k_max`` would lower the tokens a pass commits, and under sustained overload it ratcheted ``k_max`` to
-   its floor (measured: mean acceptance length 2.3 against 3.2 at a fixed k=4).
-3. **Verifier idles** (``verifier_busy < verifier_busy_low``, ``verify_backlog <= verify_backlog_low``, it
-   holds at least one request) **while drafters have spare capacity** (``drafter_busy < drafter_busy_spare``,
-   ``draft_backlog <= draft_backlog_low``, draft age under half its limit), and neither 1 nor 2 holds:
-   lengthen, ``k_max + k_step`` and one cooperating drafter more; pressure negative.
-4. **Otherwise (calm)**: every ``hysteresis_samples`` calm samples the pressure halves (to 0 below 0.1);
-   every ``drift_samples`` calm samples one field steps back toward its default (``k_max``, then
-   cooperating, then the batch limit), so an old reaction does not stick forever.
-
-Hysteresis and bounds: a rule acts only after its condition held for ``hysteresis_samples`` consecutive
-samples, and its streak then restarts, so a rule acts at most once per that many samples. Every field stays
-inside its bounds (``0 <= k_min <= k_max <= 8``, cooperating 1..3, batch and token limits); a stored decision
-outside the bounds is clamped on the next sample. Pressure is quantised to 0.1 so noise alone never makes
-a new decision. The version increments only when a field (other than the reason and time) changes;
-otherwise :meth:`ControlPolicy.decide` returns the previous decision itself.
+Pure decision logic. The controller process (:mod:`cosine.service.controller_service`) samples Redis into
+:class:`ControlInputs`; :meth:`ControlPolicy.decide` returns the next :class:`ControlDecision` (``k_min`` /
+``k_max``, ``max_cooperating``, verifier batch and token limits, an advisory ``pressure``), which workers
+read through :class:`cosine.service.control_view.ControlView`. Rules, on each sample's :class:`Signals`:
+1. drafts pile up: shorter drafts, one cooperating drafter fewer; 2. the verifier is the bottleneck: larger
+batches (draft lengths stay the per-request policy's); 3. the verifier idles while drafters have room:
+longer drafts, one cooperating drafter more; 4. calm: pressure decays, fields drift back to their defaults.
+A rule acts after ``hysteresis_samples`` samples in a row; fields stay in bounds; the version changes only
+when a field does. Thresholds and the measurements behind them: ``docs/controller.md``.
 """
 
 from __future__ import annotations

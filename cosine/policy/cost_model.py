@@ -1,31 +1,13 @@
 """Cost models: how long a verification pass and a drafting job take, as small linear models.
 
-A **verification pass** runs the target once over a batch of requests, each feeding its last committed
-token (the root) plus its draft nodes. Its time is modelled as::
-
-    verify_ms(batch, max_context, tree_tokens) =
-        verify_base_ms                              fixed cost of a forward (launch, Python, LM head setup)
-      + verify_row_ms     * batch                   per-request work (mask building, acceptance, bookkeeping)
-      + verify_token_ms   * max(0, tree_tokens - verify_free_tokens)
-                                                    per fed token (the MLPs and projections: the big part)
-      + verify_context_ms * batch * max_context     attention over the cache (rows are padded to the longest)
-
-``tree_tokens`` is the number of token slots the forward computes (:meth:`CostModel.fed`): the tokens fed
-across the batch (one root per request + draft nodes) for an engine that packs them, or the batch times its
-largest tree for one that pads every row to the longest segment, as cosine's ``ModelRunner`` does (a
-plain step verified beside a 9-token tree costs as much as a tree of its own: measured on the CPU zoo,
-8 rows of 9 tokens took 27.9 ms, one row of 9 and seven of 1 took 27.2 ms). ``padded`` says which.
-``verify_free_tokens`` is the roofline's knee: a large target on a GPU reads its weights once per pass
-whatever it feeds, so the first tokens cost nothing extra (about 100 for a 70B model on A100s); a small
-one on a CPU computes every token (knee 0). The fit tries the knees the samples allow and keeps the best.
-
-A **drafting job** runs ``steps`` sequential drafter forwards over ``batch`` rows::
-
-    draft_ms(batch, steps) = draft_overhead_ms + steps * (draft_step_ms + draft_row_ms * batch)
-
-Both are fitted from measurements (:mod:`cosine.profiling` produces them) by non-negative least squares
-on relative error, so a coefficient never goes negative and small batches are fitted as well as big ones.
-Models are saved as JSON with what they were measured on (device, dtype, target, time, fit residuals).
+:meth:`CostModel.verify_ms` is a fixed cost per forward plus terms per request, per fed token beyond the
+roofline's knee (``verify_free_tokens``: a large target on a GPU feeds its first tokens for free) and per
+request and context token; :meth:`CostModel.fed` says which token slots a pass computes (the tokens fed, or
+batch times largest tree for an engine that pads rows, as cosine's runner does).
+:meth:`CostModel.draft_ms` is an overhead plus a cost per step and per row. Both are fitted from
+measurements (:mod:`cosine.profiling`, ``cosine profile``) by non-negative least squares on relative error
+and saved as JSON with what they were measured on. The formulas and the default's numbers:
+``docs/scheduling.md``.
 """
 
 from __future__ import annotations
@@ -117,7 +99,7 @@ def _check_count(field_name: str, value: Any) -> int:
 
 @dataclass
 class CostModel:
-    """Verification and drafting time in milliseconds (see the module docstring for the formulas).
+    """Verification and drafting time in milliseconds (the formulas: the field comments, ``docs/scheduling.md``).
 
     A bare ``CostModel()`` is all zeros, waiting for :meth:`fit_verify` / :meth:`fit_draft`;
     :meth:`default` holds the demo zoo's numbers on one x86-64 CPU core in float32.
@@ -289,14 +271,9 @@ class CostModel:
     def default(cls) -> CostModel:
         """The demo zoo (8-layer 384-wide Llama target, 2-layer 160-wide drafters) on one CPU core, float32.
 
-        Fitted by ``cosine.profiling.run_profile`` on the zoo's target and its three drafters with
-        ``threads=1, time_budget_s=60`` (the full grid: 60 verification cells, 27 drafting cells, 12 s) on an
-        x86-64 machine with 2 cores and torch 2.13 (CPU build), rounded. Fit residuals: 7% rms relative
-        error for verification, 8% for drafting. Cross-check: ``cosine.zoo.evaluate.step_time_ms`` on the
-        same machine gave 7.1 ms (batch 1) and 12.4 ms (batch 8) per single-token target step at context
-        128, where this model predicts 7.9 and 12.4; the drafter took 0.7 and 1.5 ms (model: 0.9, 1.8 ms
-        per one-step job). The zoo manifest's step times (24.3 / 41.6 ms) were measured on a slower,
-        busier machine. Re-profile on other hardware: these numbers are only a starting point.
+        Fitted by ``cosine.profiling.run_profile`` (``threads=1``) on an x86-64 machine with 2 cores, rounded;
+        how it was measured and cross-checked is in ``docs/scheduling.md``. Re-profile on other hardware: these
+        numbers are only a starting point.
         """
         return cls(
             verify_base_ms=7.3,

@@ -1,46 +1,16 @@
 """Verification batch scheduling: which ready requests the target verifies together in its next pass.
 
-Every ready request is a :class:`Candidate`: the tokens it would feed (root + draft nodes), the tokens it is
-expected to commit, its context, priority, deadline and how long it has waited. A request whose draft is
-late, or that has no drafter, is still a candidate: a cheap one that feeds and commits one token.
-
-:func:`choose_batch` picks the batch ``S`` out of the candidates ``C`` (``R = C - S`` is left for later) to
-maximise::
+Every ready request is a :class:`Candidate` (what it would feed and is expected to commit, its context,
+priority, deadline and wait); a late draft or a request without a drafter is a one-token plain step.
+:func:`choose_batch` picks the batch ``S`` maximising a weighted mix of throughput and waiting::
 
     score(S) = (1 - w) * V(C) / (V(S) + V(R))  -  w * latency(S) / latency(C)
 
-    V(S) + V(R)   the time to verify everyone: this pass, then the rest in as many passes as the token cap
-                  and max_batch split it into, each paying the fixed cost again
-    latency(S)    = sum over S of p * V(S)                                 the chosen wait for this pass
-                  + sum over R of p * (waited_ms + V(S) + V(R))            the rest wait for it and more
-    V(X)          = cost.verify_ms(len(X), max context in X, cost.fed(len(X), sum of tree_tokens in X,
-                                                              largest tree_tokens in X))
-    p             = priority_base ** priority                              each priority level weighs more
-
-``w`` is ``latency_weight``. At 0 the score is the throughput of serving every candidate, ``V(C)`` over the
-time it takes (1 for one pass of everyone): a candidate left out still needs a pass, so a split pays only
-where it saves more than a pass's fixed cost, as when one deep tree would pad many plain steps to its size
-or one long context would make every row attend over it. (Scoring the chosen pass's own tokens per ms
-instead counts the rest as free: on the padded CPU target it left plain steps out of passes they cost 3 ms
-in, for passes of their own at 7.7 ms.) At 1 the score is minus the priority-weighted time until every
-candidate is served (so an expensive candidate is split off when it would slow the others down more than
-it saves itself; left out, the time a candidate already waited counts against the batch, so older
-candidates pull harder). The latency term is divided by ``sum over C of p * (waited_ms + V(C))``, which
-makes it unit-free and of order one, as the throughput term is. ``cost.fed`` is what the pass computes:
-the tokens fed, or for an engine that pads every row to its longest segment the batch times its largest
-tree, so that a plain step next to a deep tree costs what the tree costs (and the token cap bounds the
-same slots).
-
-The search is greedy: first every *forced* candidate (deadline closer than ``urgent_ms``: earliest deadline
-first; then waited at least ``starvation_ms``: longest wait first), then, starting from the candidate with
-the most tokens per ms alone, repeatedly the candidate with the highest ``(priority, marginal score gain)``
-among those that do not lower the score (a tie serves it now), while there is one. With a padded engine
-that search first runs among the candidates no larger than the best "largest tree" (each size present is
-tried: the batch of everyone no larger is scored), then among all. Adding one at a time can miss the split
-that leaves one costly candidate behind (the first additions make the rest cheaper by taking it), so when
-everyone fits in one pass the search also runs from the other side: from everyone, the candidate whose
-leaving improves the score most leaves, while one does; the better of the two batches goes. The token cap
-and ``max_batch`` bound every step; one candidate alone always fits, so a pass always makes progress.
+where ``V`` is the cost model's pass time, ``R`` what is left for later passes and ``w`` the latency weight
+(at 0 a candidate is left out only where that saves more than a pass's fixed cost). Deadlines and
+starvation force candidates in first; the search is greedy under the token cap and ``max_batch``.
+:func:`hold_ms` says whether waiting for drafts on their way beats going now. The formulas, the search and
+the measurements behind them: ``docs/scheduling.md``.
 """
 
 from __future__ import annotations
@@ -448,15 +418,10 @@ def hold_ms(ready: list[Candidate], coming: list[tuple[Candidate, float]], cost:
     """How long to hold the next pass for drafts still on their way (0 = verify now).
 
     ``coming`` pairs a request whose draft has not arrived with the ms until it is expected. Going now, the
-    drafts due by ``t`` are verified in the next pass: both are done at ``max(V(ready), t) + V(due)``.
-    Holding ``t`` ms for them, at ``t + V(ready + due)``. Hold for the arrival time that finishes soonest, if
-    that beats going now: only a pass that hardly grows with the batch (a large target on a GPU, whose
-    fixed cost a second pass pays again) is worth waiting for; one that grows with every token (a small
-    target on a CPU) saves at most its fixed cost minus the wait. (Comparing this pass's tokens per ms with
-    and without the wait instead counts the idle verifier as the only cost, as if going now lost the due
-    drafts: it held CPU passes up to ``max_hold_ms`` for drafts the next pass would have taken.)
-    Never held: with nothing ready (the caller blocks anyway), with an urgent or starving candidate ready,
-    past ``max_hold_ms``, or when the batch is already full.
+    drafts due by ``t`` are done at ``max(V(ready), t) + V(due)``; holding ``t`` ms for them, at
+    ``t + V(ready + due)``. Hold for the arrival time that finishes soonest, if that beats going now (it pays
+    for a pass that hardly grows with the batch, see ``docs/scheduling.md``). Never held: with nothing ready,
+    with an urgent or starving candidate ready, past ``max_hold_ms``, or when the batch is already full.
     """
     settings = settings or SchedulerSettings()
     if not ready or not coming or settings.max_hold_ms <= 0:

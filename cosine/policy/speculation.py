@@ -1,57 +1,17 @@
 """Adaptive speculation control: how many tokens each request drafts per round.
 
-Each request keeps a :class:`RequestSpec`: an estimate of its per-token acceptance rate ``a`` (EWMA over
-verified rounds, starting from a prior) and the length it currently drafts. With ``k`` draft positions a
-round commits ``E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)`` tokens on average and costs one target
-pass (its share of one, growing with the tokens it feeds) plus ``k`` drafter steps, so
+Each request keeps an acceptance estimate ``a`` (:class:`RequestSpec`, an EWMA from a prior). With ``k``
+draft positions a round commits ``E(k) = 1 + a + ... + a^k`` tokens on average, and
 :class:`SpeculationController` picks the ``k`` in its bounds maximising::
 
     U(k) = E(k) / (1 + (v + c * s * dearer(pressure)) * k)
 
-``c`` is the drafter-step / target-step cost ratio; ``v`` is what one drafted token adds to the request's
-share of a verification pass (from the cost model at the verifier's batch and context: for the CPU zoo
-about 0.23 at batch 8 and 0.05 at batch 1 with 150 tokens of context; 0 for a big target under its roofline
-knee); ``s`` (``draft_share``, 1 by default) is the part of drafting's time the round waits for: the
-verifier measures it (:mod:`cosine.policy.steering`), and it falls when drafts come back while the verifier
-is busy with other requests. The verifier also measures its work per pass outside the forward (Redis,
-scheduling, prefilling arrivals), which a round of plain steps pays too, so ``v`` and ``c`` are taken
-relative to the pass plus that. ``pressure`` in [-1, 1] comes from :meth:`balance`: positive when work
-piles up (drafts waiting for the verifier, draft jobs waiting for drafters, a verifier busier than its
-target), which makes drafting dearer and drafts shorter (:func:`dearer`). Negative pressure (the verifier
-idles) changes no price: the verifier idles waiting for drafts, so drafting's time is on every round's
-path, and pricing it at nothing made requests draft their longest with every expert, which lengthened each
-round (in the cluster simulation under fluctuating load, per-token latency p50 26 ms against 23 ms priced as
-it is). Drafting more when the verifier idles is the controller's rule: it raises ``k_max`` and the
-cooperating drafters, and each request's optimum moves only up to them.
-
-A round is verified as part of a batch, and the requests whose jobs go out together come back to be
-verified together: the pass waits for the batch's longest draft anyway, so a request drafting fewer
-positions than its batch mates saves no time, only tokens. :meth:`SpeculationController.align` therefore
-lengthens the shorter drafts of a batch towards its longest one where the extra positions pay for what they
-add to the verification pass (a target whose pass hardly grows with the tokens fed, a large one on a GPU:
-nearly always; one whose pass grows with every token, a small one on a CPU: rarely).
-
-An engine that pads every row of a pass to its largest tree (cosine's own runner) changes the sum: a
-request drafting less than its batch mates saves no verification at all, and a plain step beside them
-computes their slots for one token. For such an engine the round gets one depth for all its requests
-(:func:`round_depth`: the depth, up to the longest any of them asked for, that minimises the round's mean
-per-token latency, its time over each request's expected tokens), and the per-request ``k`` above only bounds
-it.
-
-Because ``E(1) = 1 + a`` against a cost ``1 + v + c``, plain decoding (``k = 0``) beats every ``k >= 1`` exactly
-when ``a <= v + c * dearer(pressure)``: that is the computed off switch (``SpecSettings.off_below = None``).
-
-Stabilisers (after SGLang's adaptive speculation): ``k_init`` for the first ``warmup_rounds`` verified
-rounds, and hysteresis: ``k`` moves only when the new optimum's ``U`` beats the current one's by
-``hysteresis`` (a share), so noise around a boundary does not make it flap. ``U`` is flat around its
-optimum (at ``c = 0.05`` and ``a = 0.75``, ``U(7)`` beats ``U(4)`` by 5%), so the share must stay small: at
-10% a request kept ``k_init`` for good over most of the acceptance range that matters. A request switched off
-(``k = 0``) drafts probe rounds so its estimate can recover: the first one ``probe_first`` rounds after it went
-off, then at twice the previous gap, up to one every ``probe_every`` rounds. A request is often switched off
-by its first rounds alone (on the demo zoo at concurrency 1, five of eight records requests went off after two
-warm-up rounds without an accepted token, and a fixed gap of 16 kept them at plain decoding for most of their
-48 tokens; starting at 2: records 159 against 145 tokens/s, all domains 154 against 149, three alternated
-repeats); backing off settles a truly hopeless request at the same rare probe.
+``v``: what a drafted token adds to the verification pass; ``c``: a drafter step over a target pass; ``s``:
+the share of drafting the round waits for; ``pressure`` (:meth:`~SpeculationController.balance`) makes
+drafting dearer when work piles up. ``k = 0`` (plain decoding) wins when ``a <= v + c * dearer(pressure)``.
+Warm-up, hysteresis and probe rounds keep ``k`` stable. A pass waits for its batch's longest draft, so a
+batch's drafts are decided together (:meth:`~SpeculationController.align`, :func:`round_depth`). The
+reasoning and the measurements: ``docs/speculation-control.md``.
 """
 
 from __future__ import annotations
@@ -230,15 +190,10 @@ def round_depth(rates: dict[str, float], limits: dict[str, int], low: int, high:
                 round_ms: Callable[[int], float], others: int = 0) -> int:
     """For an engine that pads every row of a pass to its largest tree: the depth ``K`` in ``[low, high]``
     that every request of the round drafts (each at most its limit), minimising the round's mean per-token
-    latency, ``round_ms(K) * mean(1 / E_i(K))`` over its requests.
+    latency, ``round_ms(K) * mean(1 / E_i(K))`` over its requests (why latency and not tokens per ms:
+    ``docs/speculation-control.md``).
 
-    Every row computes the longest draft's slots, so a request drafting less than the others saves nothing
-    and a plain step beside them wastes its slots; what a round decides is one depth for all. A round's
-    requests wait for it alike but commit unlike: maximising its tokens per ms (the same depth where their
-    acceptance is alike) favours the requests that accept most, and drafted deeper than the fixed lengths
-    under load, while a latency tail is made of the requests that accept least (on the demo zoo, the slowest
-    per-token latencies under a burst were requests with mean acceptance lengths of 1.7-2.5 against 3 for the
-    median). ``rates``: the acceptance estimates of the requests whose depth it decides; ``limits``: the most
+    ``rates``: the acceptance estimates of the requests whose depth it decides; ``limits``: the most
     positions each may draft (its room); ``round_ms(K)``: the round's time at depth ``K`` (the pass plus the
     drafting); ``others``: the round's other requests (fixed lengths), counted as committing one token
     whatever ``K`` is. Ties go to the shorter depth.
@@ -433,5 +388,5 @@ def _pressure(value: float) -> float:
 
 def dearer(pressure: float) -> float:
     """The factor pressure puts on the price of drafting and of the tokens a draft adds to a pass:
-    ``1 + max(0, pressure)`` (see the module docstring: an idle verifier makes nothing cheaper)."""
+    ``1 + max(0, pressure)`` (an idle verifier makes nothing cheaper: see ``docs/speculation-control.md``)."""
     return 1 + max(0.0, _pressure(pressure))

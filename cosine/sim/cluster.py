@@ -1,21 +1,13 @@
 """A whole simulated cluster in one process: the real services over a real Redis, simulated forward passes.
 
-:class:`SimCluster` runs the real :class:`cosine.service.verifier_service.VerifierService` (ownership, scheduling,
-routing, speculation control, fault handling), the real :class:`cosine.service.drafter_service.DrafterService`
-(batching, lockstep fusion, lookahead) and the real :class:`cosine.service.controller_service.ControllerService` as
-threads of this process, each with its own Redis connections, so 16+ drafter workers and the controller
-can be exercised on one machine. Only the model forward passes are replaced: :class:`SimTarget` and
-:class:`SimFusedDrafter` sleep for the time the cost models (:mod:`cosine.sim.costs`) give, and every
-Redis hop is a real one.
-
-:func:`run_workload` drives requests through the real producer :class:`cosine.client.Client` (closed loop
-at a concurrency, or open loop at a Poisson rate), measures like ``cosine bench``'s pipeline path
-(throughput, per-token latency after the first token p50/p99, mean acceptance length) and checks every
-output against the target-only continuation (the simulation is lossless or it is broken).
-
-Caveats: all workers share this process's cores and GIL, so at ``time_scale`` 1 their Python work adds to
-the simulated model time (it would run on separate machines); timings are meaningful at ``time_scale`` 1
-only (smaller scales are for quick functional runs). Requests decode greedily (sampling is not simulated).
+:class:`SimCluster` runs the real verifier, drafter and controller services
+(:mod:`cosine.service.verifier_service`, :mod:`~cosine.service.drafter_service`,
+:mod:`~cosine.service.controller_service`) as threads, each with its own Redis connections, so 16+ drafter
+workers fit on one machine; only the forwards are replaced (:mod:`cosine.sim.engines`, timed by
+:mod:`cosine.sim.costs`). :func:`run_workload` drives requests through the real :class:`cosine.client.Client`
+(closed loop or Poisson arrivals), measures like ``cosine bench`` and checks every output against the
+target-only continuation. Workers share this process's cores and GIL, so timings mean something at
+``time_scale`` 1 only; requests decode greedily. More: ``docs/simulation.md``.
 """
 
 from __future__ import annotations

@@ -1,51 +1,12 @@
-"""Cost models for the cluster simulation: how long a forward pass takes on the hardware being simulated,
-and how often a drafter's token is the target's.
+"""Cost models for the cluster simulation: how long a forward pass takes on the simulated hardware, and how
+often a drafter's token is the target's.
 
-Network time is *not* modelled: the simulation runs the real workers over a real Redis, so every hop is a
-real one (loopback, about 0.1-1 ms); only the model forward passes are replaced by sleeps of the lengths
-below. All figures are estimates from first principles (bandwidth and FLOP rooflines), stated with their
-reasoning so that another profile (another GPU, another model) can be written the same way.
-
-Default profiles
-----------------
-:data:`A100X4_70B` — a 70B-parameter Llama-2-class target (80 layers, hidden 8192, GQA with 8 KV heads of
-128, fp16) with tensor parallelism over 4 × A100-80GB SXM (NVLink):
-
-* weights: 70e9 × 2 B = 140 GB, 35 GB per GPU, read once per forward. HBM2e peaks at 2.04 TB/s and
-  sustains ~1.6 TB/s on GEMV-like decode kernels, so 35 GB / 1.6 TB/s ≈ **21.9 ms** per forward however
-  few tokens it carries (decoding is memory-bound);
-* fixed overhead ≈ **8 ms**: two all-reduces per layer (160 per forward, ~20 µs each for small messages over
-  NVLink) ≈ 3.2 ms, plus kernel launches, sampling and scheduler work ≈ 4-5 ms;
-  → a one-token decode step costs ≈ 30 ms, in line with published 70B/TP4/A100 decode latencies;
-* compute: 2 × 70e9 = 140 GFLOP per token; 4 × 312 TFLOPS (bf16 dense) at ~50% utilisation ≈ 624 TFLOPS
-  → **0.224 ms per token**. The forward is ``max(weights, tokens × 0.224 ms)`` (roofline): up to ~100 tokens
-  per forward (batch × tree size) verification is as cheap as a single decode step — the reason speculative
-  decoding pays — and beyond that it grows linearly;
-* KV cache: 2 × 80 layers × 8 heads × 128 × 2 B = 320 KiB per context token, read by every forward,
-  spread over 4 GPUs: 327 680 B / (4 × 1.6 TB/s) ≈ **5.1e-5 ms per token of context per sequence**
-  (a batch of 16 at 1 000 tokens adds ~0.8 ms). Padded attention is assumed: ``batch × max_context``;
-* prefill: ``overhead + max(weights, prompt_tokens × 0.224 ms)`` (attention's quadratic term is small at
-  these prompt lengths and left out).
-
-:data:`RTX3090_68M` — a 68M-parameter drafter (LLaMA-68M as in SpecInfer: 2 layers, hidden 768, 32 000-token
-vocabulary, fp16, 136 MB) on one consumer RTX 3090 (936 GB/s, ~71 TFLOPS fp16 tensor):
-
-* weights: 136 MB / (0.936 TB/s × ~0.7) ≈ 0.2 ms per step;
-* per-step overhead ≈ 1.3 ms: an eager PyTorch decode step launches a few dozen kernels plus Python work;
-  for a model this small that, not arithmetic, is the step (the zoo's model card measures the same effect
-  on CPU) → **1.5 ms per step**;
-* per row ≈ **0.02 ms**: the LM head is 32 000 × 768 × 2 = 49 MFLOP per row (~1.5 µs), the rest is
-  softmax / top-k over 32 000 logits and the KV append;
-* prefill ``1.5 ms + 0.004 ms × tokens`` (2 × 68e6 FLOP per token at ~35 TFLOPS effective).
-
-A worker hosting several experts runs one forward per expert per draft position (they share the GPU and
-run one after another), exactly like :class:`cosine.engine.fused_drafter.FusedDrafter`.
-
-Acceptance
-----------
-:class:`AcceptanceModel` gives each (drafter, domain) a per-token acceptance probability α derived from the
-zoo's measured mean acceptance lengths (``zoo/MODEL_CARD.md``, greedy chains of k = 4): with independent
-per-token acceptance, MAL = 1 + α + … + α^k = (1 - α^(k+1)) / (1 - α), inverted numerically.
+Only model forwards are simulated (sleeps of these lengths); every Redis hop is a real one. The default
+profiles, :data:`A100X4_70B` (a 70B Llama-2-class target, tensor-parallel over 4 × A100-80GB) and
+:data:`RTX3090_68M` (a 68M drafter on one RTX 3090), are first-principles estimates from bandwidth and FLOP
+rooflines; the field comments give the arithmetic and ``docs/simulation.md`` the reasoning, so another
+profile can be written the same way. :class:`AcceptanceModel` turns the zoo's measured mean acceptance
+lengths (``zoo/MODEL_CARD.md``) into a per-token acceptance probability per drafter and domain.
 """
 
 from __future__ import annotations
@@ -69,7 +30,7 @@ CARD_MAL: dict[str, dict[str, float]] = {
 
 @dataclass(frozen=True)
 class TargetCost:
-    """Time of one batched target forward (see the module docstring for the default numbers)."""
+    """Time of one batched target forward (the default numbers' reasoning: ``docs/simulation.md``)."""
 
     name: str = "llama-70b-fp16 on 4x A100-80GB (TP=4)"
     overhead_ms: float = 8.0  # all-reduces (160 x ~20 us) + launches + sampling per forward

@@ -1,21 +1,13 @@
 """Simulated engines: a target and fused expert drafters whose forward passes are cost models.
 
-The simulated target is a deterministic "model": the next token after a context is a keyed hash of the
-whole context (:class:`SimModel`). A request's true continuation is therefore fixed by its prompt (position
-by position), target-only decoding and speculative decoding must produce the same tokens, and a drafter's
-token can be checked against the truth exactly like a real target checks it (greedy tree acceptance).
-
-:class:`SimTarget` has :class:`cosine.engine.verifier.TargetVerifier`'s interface (what
-:class:`cosine.service.verifier_service.VerifierService` uses), sleeping :meth:`TargetCost.verify_ms` per step.
-:class:`SimFusedDrafter` has :class:`cosine.engine.fused_drafter.FusedDrafter`'s interface (what
-:class:`cosine.service.drafter_service.DrafterService` uses): per request and draft position each expert proposes
-the true next token with probability α(expert, domain) (:class:`AcceptanceModel`), the real
-:func:`cosine.policy.fusion.fuse_position` fuses the candidates, and the spine continues from the fused
-token. Once the spine holds a wrong token the prefix has diverged from the target's, and later positions
-are (with overwhelming probability) wrong too, because the truth of a diverged context is a different hash.
-
-Every random choice is a keyed hash of (context, expert), so runs are reproducible whatever the timing.
-Sampling parameters are ignored: every request decodes as if greedy.
+The simulated target's next token is a keyed hash of the whole context (:class:`SimModel`), so a request's
+true continuation is fixed by its prompt and speculative decoding must reproduce it exactly.
+:class:`SimTarget` has :class:`cosine.engine.verifier.TargetVerifier`'s interface and
+:class:`SimFusedDrafter` :class:`cosine.engine.fused_drafter.FusedDrafter`'s: each expert proposes the true
+token with probability α(expert, domain) (:class:`AcceptanceModel`), the real
+:func:`cosine.policy.fusion.fuse_position` fuses the candidates, and a diverged prefix stays wrong. Every
+random choice is a keyed hash of (context, expert), so runs are reproducible whatever the timing; sampling
+parameters are ignored (greedy). More: ``docs/simulation.md``.
 """
 
 from __future__ import annotations
