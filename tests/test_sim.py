@@ -266,7 +266,7 @@ def test_a_verifier_admits_a_burst_a_few_requests_per_pass_not_all_at_once(redis
                 client.submit([1 + i, 2, 3, 4], max_new_tokens=4)
         seen = []
         for _ in range(3):
-            verifier.tick()
+            verifier.step()
             seen.append(verifier.counters["admitted"])
     finally:
         cluster.stop()
