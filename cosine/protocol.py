@@ -8,167 +8,18 @@ such an entry to the dead-letter stream and carries on. No pickle anywhere.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import msgpack
 
-from cosine.errors import CosineError, InvalidParameterError
+from cosine import protocol_fields as f
 from cosine.keys import check_name
+from cosine.protocol_fields import ProtocolError
 from cosine.sampling_params import SamplingParams
 
 SCHEMA_VERSION = 2  # 2: sampling parameters nested as ``params`` in requests and draft jobs
 FIELD = b"d"
-
-# Caps on what a message may carry.
-MAX_PROMPT_TOKENS = 32_768
-MAX_PROMPT_CHARS = 200_000
-MAX_NEW_TOKENS = 32_768
-MAX_DRAFT_NODES = 256
-MAX_CHUNK_TOKENS = 4_096
-MAX_TEXT_CHARS = 1_000_000
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_NAME_CHARS = 128
-MAX_Q_TOP = 256  # probabilities per drafted token in sampled drafts
-MAX_EXPERTS = 16  # drafter models named in one request or draft job
-MAX_SPEC_K = 64  # draft positions per round
-SPECULATION_MODES = ("adaptive", "off", "fixed")
-
-
-class ProtocolError(CosineError):
-    """A message that cannot be used: malformed, unknown, out of bounds. ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
-
-
-# -- field checks ---------------------------------------------------------------------------------------
-def _int(v: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ProtocolError(f"{name}: expected an integer, got {type(v).__name__}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ProtocolError(f"{name}: {v} outside [{lo}, {hi}]")
-    return v
-
-
-def _float(v: Any, name: str, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ProtocolError(f"{name}: expected a finite number, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ProtocolError(f"{name}: {v} outside [{lo}, {hi}]")
-    return float(v)
-
-
-def _str(v: Any, name: str, max_len: int, allow_empty: bool = True) -> str:
-    if not isinstance(v, str):
-        raise ProtocolError(f"{name}: expected a string, got {type(v).__name__}")
-    if len(v) > max_len or (not allow_empty and not v):
-        raise ProtocolError(f"{name}: length {len(v)} outside [{0 if allow_empty else 1}, {max_len}]")
-    return v
-
-
-def _ident(v: Any, name: str) -> str:
-    _str(v, name, MAX_NAME_CHARS, allow_empty=False)
-    try:
-        return check_name(name, v)
-    except InvalidParameterError as exc:
-        raise ProtocolError(str(exc)) from exc
-
-
-def _bool(v: Any, name: str) -> bool:
-    if not isinstance(v, bool):
-        raise ProtocolError(f"{name}: expected a boolean, got {type(v).__name__}")
-    return v
-
-
-def _tokens(v: Any, name: str, vocab: int | None, max_len: int, allow_empty: bool = True) -> list[int]:
-    if not isinstance(v, list):
-        raise ProtocolError(f"{name}: expected a list of token ids, got {type(v).__name__}")
-    if len(v) > max_len or (not allow_empty and not v):
-        raise ProtocolError(f"{name}: {len(v)} tokens outside [{0 if allow_empty else 1}, {max_len}]")
-    hi = vocab - 1 if vocab is not None else 2**31 - 1
-    for t in v:
-        if isinstance(t, bool) or not isinstance(t, int) or not (0 <= t <= hi):
-            raise ProtocolError(f"{name}: token id {t!r} outside the vocabulary [0, {hi}]")
-    return v
-
-
-def _names(v: Any, name: str) -> list[str]:
-    if not isinstance(v, list) or len(v) > MAX_EXPERTS:
-        raise ProtocolError(f"{name}: expected a list of at most {MAX_EXPERTS} names")
-    return [_ident(n, name) for n in v]
-
-
-def _weights(v: Any) -> list[float]:
-    if not isinstance(v, list) or len(v) > MAX_EXPERTS:
-        raise ProtocolError(f"expert_weights: expected a list of at most {MAX_EXPERTS} numbers")
-    return [_float(w, "expert_weights", 1e-6, 1.0) for w in v]
-
-
-def _votes(v: Any, vocab: int | None) -> dict[str, list[int]]:
-    if not isinstance(v, dict) or len(v) > MAX_EXPERTS:
-        raise ProtocolError(f"votes: expected a map of at most {MAX_EXPERTS} experts")
-    return {_ident(k, "votes"): _tokens(t, "votes", vocab, MAX_SPEC_K) for k, t in v.items()}
-
-
-def _vote_conf(v: Any) -> dict[str, list[float]]:
-    if not isinstance(v, dict) or len(v) > MAX_EXPERTS:
-        raise ProtocolError(f"vote_conf: expected a map of at most {MAX_EXPERTS} experts")
-    out = {}
-    for k, c in v.items():
-        if not isinstance(c, list) or len(c) > MAX_SPEC_K:
-            raise ProtocolError(f"vote_conf: expected at most {MAX_SPEC_K} confidences per expert")
-        out[_ident(k, "vote_conf")] = [_float(x, "vote_conf", 0.0, 1.0) for x in c]
-    return out
-
-
-def _peers(v: Any) -> dict[str, str]:
-    if not isinstance(v, dict) or len(v) > MAX_EXPERTS:
-        raise ProtocolError(f"peers: expected a map of at most {MAX_EXPERTS} experts to workers")
-    return {_ident(k, "peers"): _ident(w, "peers") for k, w in v.items()}
-
-
-def _candidates(tokens: Any, probs: Any, vocab: int | None) -> tuple[list[int], list[float]]:
-    tokens = _tokens(tokens, "tokens", vocab, 16)
-    if not isinstance(probs, list) or len(probs) != len(tokens):
-        raise ProtocolError("probs: one probability per token required")
-    return tokens, [_float(p, "probs", 0.0, 1.0) for p in probs]
-
-
-def _opt(v: Any, check, *args, **kwargs):
-    return None if v is None else check(v, *args, **kwargs)
-
-
-_PARAM_FIELDS = {f.name for f in fields(SamplingParams)}
-
-
-def _params(v: Any, vocab: int | None) -> SamplingParams:
-    """A request's sampling parameters: the wire's types and caps here, their meaning in SamplingParams."""
-    if not isinstance(v, dict):
-        raise ProtocolError(f"params: expected a map, got {type(v).__name__}")
-    extra = set(v) - _PARAM_FIELDS
-    if extra:
-        raise ProtocolError(f"params: unknown fields {sorted(map(str, extra))}")
-    stop = v.get("stop", [])
-    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
-        raise ProtocolError(f"stop: expected at most {MAX_STOP_STRINGS} strings")
-    try:
-        return SamplingParams(
-            max_new_tokens=_int(v.get("max_new_tokens", 64), "max_new_tokens", 1, MAX_NEW_TOKENS),
-            temperature=_float(v.get("temperature", 0.0), "temperature", 0.0, 100.0),
-            top_p=_float(v.get("top_p", 1.0), "top_p", 0.0, 1.0),
-            top_k=_int(v.get("top_k", 0), "top_k", 0, 1 << 20),
-            seed=_opt(v.get("seed"), _int, "seed", 0, 2**63 - 1),
-            stop=[_str(s, "stop", MAX_STOP_CHARS, allow_empty=False) for s in stop],
-            stop_token_ids=_tokens(v.get("stop_token_ids", []), "stop_token_ids", vocab, 64),
-            ignore_eos=_bool(v.get("ignore_eos", False), "ignore_eos"),
-        )
-    except InvalidParameterError as exc:
-        raise ProtocolError(str(exc)) from exc
-
 
 # -- messages -------------------------------------------------------------------------------------------
 @dataclass
@@ -202,27 +53,27 @@ class GenerationRequest(Message):
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> GenerationRequest:
-        prompt = _opt(d.get("prompt"), _str, "prompt", MAX_PROMPT_CHARS)
-        prompt_ids = _opt(d.get("prompt_ids"), _tokens, "prompt_ids", vocab, MAX_PROMPT_TOKENS)
+        prompt = f.optional(d.get("prompt"), f.string, "prompt", f.MAX_PROMPT_CHARS)
+        prompt_ids = f.optional(d.get("prompt_ids"), f.token_ids, "prompt_ids", vocab, f.MAX_PROMPT_TOKENS)
         if (prompt is None) == (prompt_ids is None):
             raise ProtocolError("exactly one of prompt and prompt_ids is required")
         if (prompt is not None and not prompt) or (prompt_ids is not None and not prompt_ids):
             raise ProtocolError("prompt: must not be empty")
         msg = cls(
-            request_id=_ident(d.get("request_id"), "request_id"),
+            request_id=f.ident(d.get("request_id"), "request_id"),
             prompt=prompt,
             prompt_ids=prompt_ids,
-            params=_params(d.get("params", {}), vocab),
-            priority=_int(d.get("priority", 0), "priority", -1000, 1000),
-            deadline_ms=_opt(d.get("deadline_ms"), _int, "deadline_ms", 0, 2**53),
-            drafter=_opt(d.get("drafter"), _ident, "drafter"),
-            drafters=_names(d.get("drafters", []), "drafters"),
-            speculation=_str(d.get("speculation", "adaptive"), "speculation", 16),
-            spec_k=_opt(d.get("spec_k"), _int, "spec_k", 1, MAX_SPEC_K),
-            created_ms=_int(d.get("created_ms", 0), "created_ms", 0, 2**53),
+            params=f.sampling(d.get("params", {}), vocab),
+            priority=f.integer(d.get("priority", 0), "priority", -1000, 1000),
+            deadline_ms=f.optional(d.get("deadline_ms"), f.integer, "deadline_ms", 0, 2**53),
+            drafter=f.optional(d.get("drafter"), f.ident, "drafter"),
+            drafters=f.names(d.get("drafters", []), "drafters"),
+            speculation=f.string(d.get("speculation", "adaptive"), "speculation", 16),
+            spec_k=f.optional(d.get("spec_k"), f.integer, "spec_k", 1, f.MAX_SPEC_K),
+            created_ms=f.integer(d.get("created_ms", 0), "created_ms", 0, 2**53),
         )
-        if msg.speculation not in SPECULATION_MODES:
-            raise ProtocolError(f"speculation: {msg.speculation!r} is not one of {', '.join(SPECULATION_MODES)}")
+        if msg.speculation not in f.SPECULATION_MODES:
+            raise ProtocolError(f"speculation: {msg.speculation!r} is not one of {', '.join(f.SPECULATION_MODES)}")
         if (msg.speculation == "fixed") != (msg.spec_k is not None):
             raise ProtocolError("spec_k: required with speculation 'fixed' and only then")
         if msg.drafter is not None and msg.drafters and msg.drafter not in msg.drafters:
@@ -267,20 +118,20 @@ class DraftJob(Message):
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> DraftJob:
         msg = cls(
-            request_id=_ident(d.get("request_id"), "request_id"),
-            verifier=_ident(d.get("verifier"), "verifier"),
-            epoch=_int(d.get("epoch"), "epoch", 1, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS),
-            base=_int(d.get("base"), "base", 0, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS),
-            tokens=_tokens(d.get("tokens"), "tokens", vocab, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS, allow_empty=False),
-            k=_int(d.get("k"), "k", 1, MAX_SPEC_K),
-            width=_int(d.get("width", 1), "width", 1, 16),
-            experts=_names(d.get("experts", []), "experts"),
-            expert_weights=_weights(d.get("expert_weights", [])),
-            peers=_peers(d.get("peers", {})),
-            sent_ms=_int(d.get("sent_ms", 0), "sent_ms", 0, 2**53),
-            params=_opt(d.get("params"), _params, vocab),
-            position=_int(d.get("position", 0), "position", 0, MAX_NEW_TOKENS),
-            q_top=_int(d.get("q_top", 0), "q_top", 0, MAX_Q_TOP),
+            request_id=f.ident(d.get("request_id"), "request_id"),
+            verifier=f.ident(d.get("verifier"), "verifier"),
+            epoch=f.integer(d.get("epoch"), "epoch", 1, f.MAX_SEQUENCE),
+            base=f.integer(d.get("base"), "base", 0, f.MAX_SEQUENCE),
+            tokens=f.token_ids(d.get("tokens"), "tokens", vocab, f.MAX_SEQUENCE, allow_empty=False),
+            k=f.integer(d.get("k"), "k", 1, f.MAX_SPEC_K),
+            width=f.integer(d.get("width", 1), "width", 1, 16),
+            experts=f.names(d.get("experts", []), "experts"),
+            expert_weights=f.weights(d.get("expert_weights", [])),
+            peers=f.peers(d.get("peers", {})),
+            sent_ms=f.integer(d.get("sent_ms", 0), "sent_ms", 0, 2**53),
+            params=f.optional(d.get("params"), f.sampling, vocab),
+            position=f.integer(d.get("position", 0), "position", 0, f.MAX_NEW_TOKENS),
+            q_top=f.integer(d.get("q_top", 0), "q_top", 0, f.MAX_Q_TOP),
         )
         p = msg.params
         if p is not None and (p.greedy or p.seed is None or msg.width != 1 or not msg.q_top):
@@ -301,7 +152,7 @@ class DraftClose(Message):
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> DraftClose:
-        return cls(request_id=_ident(d.get("request_id"), "request_id"))
+        return cls(request_id=f.ident(d.get("request_id"), "request_id"))
 
 
 @dataclass
@@ -333,12 +184,12 @@ class Draft(Message):
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> Draft:
-        tokens = _tokens(d.get("tokens", []), "tokens", vocab, MAX_DRAFT_NODES)
+        tokens = f.token_ids(d.get("tokens", []), "tokens", vocab, f.MAX_DRAFT_NODES)
         parents = d.get("parents", [])
         if not isinstance(parents, list) or len(parents) != len(tokens):
             raise ProtocolError("parents: one parent per token required")
         for i, p in enumerate(parents):
-            _int(p, "parents", -1, i - 1)
+            f.integer(p, "parents", -1, i - 1)
         confidences = d.get("confidences", [])
         if not isinstance(confidences, list) or len(confidences) != len(tokens):
             raise ProtocolError("confidences: one per token required")
@@ -351,30 +202,30 @@ class Draft(Message):
         if q_ids and len(q_ids) != len(tokens):
             raise ProtocolError("q_ids: one distribution per token required")
         for i, (ids, probs) in enumerate(zip(q_ids, q_probs)):
-            _tokens(ids, "q_ids", vocab, MAX_Q_TOP, allow_empty=False)
+            f.token_ids(ids, "q_ids", vocab, f.MAX_Q_TOP, allow_empty=False)
             if not isinstance(probs, list) or len(probs) != len(ids):
                 raise ProtocolError("q_probs: one probability per id required")
             for p in probs:
-                _float(p, "q_probs", 0.0, 1.0)
+                f.number(p, "q_probs", 0.0, 1.0)
             if tokens[i] not in ids or probs[ids.index(tokens[i])] <= 0:
                 raise ProtocolError("q_ids: a sampled token must have a positive probability")
         return cls(
-            request_id=_ident(d.get("request_id"), "request_id"),
-            drafter=_ident(d.get("drafter"), "drafter"),
-            epoch=_int(d.get("epoch"), "epoch", 1, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS),
+            request_id=f.ident(d.get("request_id"), "request_id"),
+            drafter=f.ident(d.get("drafter"), "drafter"),
+            epoch=f.integer(d.get("epoch"), "epoch", 1, f.MAX_SEQUENCE),
             tokens=tokens,
             parents=parents,
-            confidences=[_float(c, "confidences", 0.0, 1.0) for c in confidences],
-            sources=[_ident(s, "sources") for s in sources],
-            resync=_bool(d.get("resync", False), "resync"),
-            job_sent_ms=_int(d.get("job_sent_ms", 0), "job_sent_ms", 0, 2**53),
-            draft_ms=_float(d.get("draft_ms", 0.0), "draft_ms", 0.0, 1e9),
+            confidences=[f.number(c, "confidences", 0.0, 1.0) for c in confidences],
+            sources=[f.ident(s, "sources") for s in sources],
+            resync=f.boolean(d.get("resync", False), "resync"),
+            job_sent_ms=f.integer(d.get("job_sent_ms", 0), "job_sent_ms", 0, 2**53),
+            draft_ms=f.number(d.get("draft_ms", 0.0), "draft_ms", 0.0, 1e9),
             q_ids=q_ids,
             q_probs=q_probs,
-            votes=_votes(d.get("votes", {}), vocab),
-            vote_conf=_vote_conf(d.get("vote_conf", {})),
-            feature=_str(d.get("feature", ""), "feature", MAX_NAME_CHARS),
-            lookahead=_bool(d.get("lookahead", False), "lookahead"),
+            votes=f.votes(d.get("votes", {}), vocab),
+            vote_conf=f.vote_conf(d.get("vote_conf", {})),
+            feature=f.string(d.get("feature", ""), "feature", f.MAX_NAME_CHARS),
+            lookahead=f.boolean(d.get("lookahead", False), "lookahead"),
         )
 
 
@@ -400,14 +251,14 @@ class VoteAsk(Message):
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> VoteAsk:
         return cls(
-            request_id=_ident(d.get("request_id"), "request_id"),
-            lead=_ident(d.get("lead"), "lead"),
-            ticket=_int(d.get("ticket"), "ticket", 0, 2**62),
-            expert=_ident(d.get("expert"), "expert"),
-            base=_int(d.get("base"), "base", 0, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS),
-            tokens=_tokens(d.get("tokens"), "tokens", vocab, MAX_PROMPT_TOKENS + MAX_NEW_TOKENS, allow_empty=False),
-            width=_int(d.get("width", 1), "width", 1, 16),
-            check=_int(d.get("check", 0), "check", 0, 2**32 - 1),
+            request_id=f.ident(d.get("request_id"), "request_id"),
+            lead=f.ident(d.get("lead"), "lead"),
+            ticket=f.integer(d.get("ticket"), "ticket", 0, 2**62),
+            expert=f.ident(d.get("expert"), "expert"),
+            base=f.integer(d.get("base"), "base", 0, f.MAX_SEQUENCE),
+            tokens=f.token_ids(d.get("tokens"), "tokens", vocab, f.MAX_SEQUENCE, allow_empty=False),
+            width=f.integer(d.get("width", 1), "width", 1, 16),
+            check=f.integer(d.get("check", 0), "check", 0, 2**32 - 1),
         )
 
 
@@ -428,15 +279,15 @@ class Vote(Message):
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> Vote:
-        tokens, probs = _candidates(d.get("tokens", []), d.get("probs", []), vocab)
+        tokens, probs = f.candidates(d.get("tokens", []), d.get("probs", []), vocab)
         return cls(
-            request_id=_ident(d.get("request_id"), "request_id"),
-            worker=_ident(d.get("worker"), "worker"),
-            ticket=_int(d.get("ticket"), "ticket", 0, 2**62),
-            expert=_ident(d.get("expert"), "expert"),
+            request_id=f.ident(d.get("request_id"), "request_id"),
+            worker=f.ident(d.get("worker"), "worker"),
+            ticket=f.integer(d.get("ticket"), "ticket", 0, 2**62),
+            expert=f.ident(d.get("expert"), "expert"),
             tokens=tokens,
             probs=probs,
-            resync=_bool(d.get("resync", False), "resync"),
+            resync=f.boolean(d.get("resync", False), "resync"),
         )
 
 
@@ -466,17 +317,17 @@ class Chunk(Message):
         if stats is not None and not isinstance(stats, dict):
             raise ProtocolError("stats: expected a map")
         return cls(
-            request_id=_ident(d.get("request_id"), "request_id"),
-            seq=_int(d.get("seq"), "seq", 0, 1 << 40),
-            offset=_int(d.get("offset"), "offset", 0, 1 << 40),
-            token_ids=_tokens(d.get("token_ids", []), "token_ids", vocab, MAX_CHUNK_TOKENS),
-            text=_str(d.get("text", ""), "text", MAX_TEXT_CHARS),
-            finished=_bool(d.get("finished", False), "finished"),
-            finish_reason=_opt(d.get("finish_reason"), _str, "finish_reason", 32),
-            error=_opt(d.get("error"), _str, "error", 10_000),
-            error_type=_opt(d.get("error_type"), _str, "error_type", 64),
+            request_id=f.ident(d.get("request_id"), "request_id"),
+            seq=f.integer(d.get("seq"), "seq", 0, 1 << 40),
+            offset=f.integer(d.get("offset"), "offset", 0, 1 << 40),
+            token_ids=f.token_ids(d.get("token_ids", []), "token_ids", vocab, f.MAX_CHUNK_TOKENS),
+            text=f.string(d.get("text", ""), "text", f.MAX_TEXT_CHARS),
+            finished=f.boolean(d.get("finished", False), "finished"),
+            finish_reason=f.optional(d.get("finish_reason"), f.string, "finish_reason", 32),
+            error=f.optional(d.get("error"), f.string, "error", 10_000),
+            error_type=f.optional(d.get("error_type"), f.string, "error_type", 64),
             stats=stats,
-            verifier=_str(d.get("verifier", ""), "verifier", MAX_NAME_CHARS),
+            verifier=f.string(d.get("verifier", ""), "verifier", f.MAX_NAME_CHARS),
         )
 
 
@@ -489,7 +340,7 @@ class Cancel(Message):
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> Cancel:
-        return cls(request_id=_ident(d.get("request_id"), "request_id"))
+        return cls(request_id=f.ident(d.get("request_id"), "request_id"))
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -549,7 +400,8 @@ def peek_request_id(fields_map: dict) -> str | None:
         return None
 
 
-def decode_entry(fields_map: dict, expected: tuple[type[Message], ...] | None = None, vocab: int | None = None) -> Message:
+def decode_entry(fields_map: dict, expected: tuple[type[Message], ...] | None = None,
+                 vocab: int | None = None) -> Message:
     """Decode a stream entry's field map (``{b"d": payload}``)."""
     if not isinstance(fields_map, dict) or set(fields_map) != {FIELD}:
         keys = sorted(str(k) for k in fields_map) if isinstance(fields_map, dict) else type(fields_map).__name__
