@@ -267,7 +267,7 @@ def test_a_verifier_admits_a_burst_a_few_requests_per_pass_not_all_at_once(redis
         seen = []
         for _ in range(3):
             verifier.step()
-            seen.append(verifier.counters["admitted"])
+            seen.append(verifier.metrics.counters["admitted"])
     finally:
         cluster.stop()
     assert seen == [2, 4, 5]
