@@ -6,7 +6,7 @@ sibling per depth, as fused drafts do). Each (context) block prefills its larges
 for the smaller batches; each cell is one warm-up forward and the median of a few timed ones; the drafted
 slots are rolled back after every forward so the context stays put.
 
-Drafting: :class:`~cosine.engine.drafter.Drafter` jobs of 1-8 steps over 1-16 rows (the real drafting
+Drafting: :class:`~cosine.engine.draft_model.Drafter` jobs of 1-8 steps over 1-16 rows (the real drafting
 path: catch-up of the last token, forwards, tree building), pooled over the drafters given.
 
 The whole run keeps to ``time_budget_s``: a quick probe predicts what each block will cost, and blocks
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from cosine.engine.drafter import Drafter, DraftRequest
+from cosine.engine.draft_model import Drafter, DraftRequest
 from cosine.engine.models import load_model, resolve_device, resolve_dtype
 from cosine.engine.runner import ModelRunner, Segment
 from cosine.errors import InvalidParameterError

@@ -13,7 +13,7 @@ import pytest
 from cosine.broker import RedisSettings
 from cosine.client import Client
 from cosine.deployment import Deployment, WorkerSpec
-from cosine.engine.drafter import Drafter
+from cosine.engine.draft_model import Drafter
 from cosine.engine.fused_drafter import FusedDrafter, FusedRequest
 from cosine.engine.runner import ModelRunner
 from cosine.keys import Keys

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cosine.engine.drafter import Drafter, DraftRequest
+from cosine.engine.draft_model import Drafter, DraftRequest
 from cosine.engine.fused_drafter import FusedDrafter, FusedRequest
 from cosine.engine.runner import ModelRunner
 from cosine.engine.speculative import ROUTE, SpecConfig

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from cosine.engine.drafter import Drafter, DraftRequest
+from cosine.engine.draft_model import Drafter, DraftRequest
 from cosine.engine.runner import ModelRunner, Segment, prefill_groups
 from cosine.engine.sequence import Sequence
+from cosine.engine.target import TargetVerifier
 from cosine.engine.tree import DraftTree
-from cosine.engine.verifier import TargetVerifier
 from cosine.sampling_params import SamplingParams
 
 from .helpers import KV_TOLERANCE, tiny_llama

@@ -15,8 +15,8 @@ import torch
 from cosine.engine.acceptance import accept
 from cosine.engine.runner import ModelRunner, Segment
 from cosine.engine.sequence import Sequence
+from cosine.engine.target import TargetVerifier
 from cosine.engine.tree import DraftTree
-from cosine.engine.verifier import TargetVerifier
 from cosine.sampling_params import SamplingParams
 
 from .helpers import tiny_llama

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from cosine.broker import RedisSettings
-from cosine.engine.drafter import Drafter
+from cosine.engine.draft_model import Drafter
 from cosine.engine.fused_drafter import FusedDrafter, FusedRequest
 from cosine.engine.runner import ModelRunner
 from cosine.engine.tree import DraftTree

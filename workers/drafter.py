@@ -7,7 +7,7 @@ import logging
 import torch
 
 from cosine.broker import RedisSettings
-from cosine.engine.drafter import Drafter
+from cosine.engine.draft_model import Drafter
 from cosine.engine.models import load_model
 from cosine.engine.runner import ModelRunner
 from cosine.service.drafter_service import DrafterService, DrafterSettings

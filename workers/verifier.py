@@ -9,7 +9,7 @@ import torch
 from cosine.broker import RedisSettings
 from cosine.engine.models import load_model, load_tokenizer
 from cosine.engine.runner import ModelRunner
-from cosine.engine.verifier import TargetVerifier
+from cosine.engine.target import TargetVerifier
 from cosine.service.run_loop import stop_on_signals
 from cosine.service.verifier_service import VerifierService, VerifierSettings
 

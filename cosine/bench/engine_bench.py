@@ -31,8 +31,8 @@ from cosine.engine.kv_cache import cache_kwarg
 from cosine.engine.runner import ModelRunner
 from cosine.engine.sequence import Sequence, SpecStats
 from cosine.engine.speculative import SpecConfig, SpeculativeEngine
+from cosine.engine.target import TargetVerifier
 from cosine.engine.tree import DraftTree
-from cosine.engine.verifier import TargetVerifier
 from cosine.markdown import table
 from cosine.sampling_params import SamplingParams
 from cosine.zoo import paths

@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cosine.engine.drafter import Drafter
+from cosine.engine.draft_model import Drafter
 from cosine.engine.tree import DraftTree
 from cosine.policy.fusion import fuse_position
 

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cosine.engine.drafter import PROPOSALS, Drafter, DraftRequest
+from cosine.engine.draft_model import PROPOSALS, Drafter, DraftRequest
 from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
 from cosine.engine.models import check_same_vocabulary, load_model, load_tokenizer
 from cosine.engine.prompt_scoring import best_by_prompt_loss
 from cosine.engine.runner import ModelRunner
 from cosine.engine.sequence import Sequence
 from cosine.engine.stopping import apply_stop_strings, visible_text
+from cosine.engine.target import StepResult, TargetVerifier
 from cosine.engine.tree import DraftTree
-from cosine.engine.verifier import StepResult, TargetVerifier
 from cosine.errors import InvalidParameterError
 from cosine.policy.speculation import SpecSettings
 from cosine.policy.steering import RequestSteer, Steering, Switches

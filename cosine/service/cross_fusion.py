@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from cosine import defaults
 from cosine.broker import RedisSettings, Streams, connect
-from cosine.engine.drafter import Drafter, common_prefix
+from cosine.engine.draft_model import Drafter, common_prefix
 from cosine.keys import Keys
 from cosine.protocol import ProtocolError, Vote, VoteAsk, decode_entry
 from cosine.service.run_loop import run_forever

@@ -30,7 +30,7 @@ import torch
 
 from cosine import defaults
 from cosine.broker import RedisSettings, Streams, connect
-from cosine.engine.drafter import Drafter, DraftRequest
+from cosine.engine.draft_model import Drafter, DraftRequest
 from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
 from cosine.engine.prompt_scoring import best_by_prompt_loss
 from cosine.engine.tree import DraftTree

@@ -82,7 +82,7 @@ class VerifierSettings:
 class VerifierService:
     def __init__(self, redis_settings: RedisSettings, settings: VerifierSettings, engine, tokenizer,
                  connector: Callable[[RedisSettings], redis.Redis] = connect) -> None:
-        """``engine``: a :class:`~cosine.engine.verifier.TargetVerifier` (or one with its interface);
+        """``engine``: a :class:`~cosine.engine.target.TargetVerifier` (or one with its interface);
         ``connector`` makes each Redis connection (the heartbeat has one of its own)."""
         self.settings = settings
         self.me = settings.worker_id

@@ -2,7 +2,7 @@
 
 The simulated target's next token is a keyed hash of the whole context (:class:`SimModel`), so a request's
 true continuation is fixed by its prompt and speculative decoding must reproduce it exactly.
-:class:`SimTarget` has :class:`cosine.engine.verifier.TargetVerifier`'s interface and
+:class:`SimTarget` has :class:`cosine.engine.target.TargetVerifier`'s interface and
 :class:`SimFusedDrafter` :class:`cosine.engine.fused_drafter.FusedDrafter`'s: each expert proposes the true
 token with probability α(expert, domain) (:class:`AcceptanceModel`), the real
 :func:`cosine.policy.fusion.fuse_position` fuses the candidates, and a diverged prefix stays wrong. Every
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from cosine.engine.fused_drafter import FusedDraft, FusedRequest
 from cosine.engine.sequence import Sequence
+from cosine.engine.target import StepResult, TargetVerifier
 from cosine.engine.tree import DraftTree
-from cosine.engine.verifier import StepResult, TargetVerifier
 from cosine.policy.fusion import fuse_position
 from cosine.sim.costs import A100X4_70B, DOMAINS, RTX3090_68M, AcceptanceModel, DrafterCost, TargetCost
 
@@ -93,7 +93,7 @@ class SimRunner:
 
 # -- target ---------------------------------------------------------------------------------------------
 class SimTarget(TargetVerifier):
-    """:class:`cosine.engine.verifier.TargetVerifier` over :class:`SimModel` and a cost model: the same
+    """:class:`cosine.engine.target.TargetVerifier` over :class:`SimModel` and a cost model: the same
     bookkeeping (sequences, room, validation), simulated forwards."""
 
     def __init__(self, model: SimModel | None = None, cost: TargetCost = A100X4_70B, time_scale: float = 1.0,
