@@ -26,7 +26,7 @@ def test_help(args):
 
 def test_the_e2e_paths_the_cli_offers_are_the_benchmarks():
     from cosine.bench.e2e_bench import PATHS
-    from cosine.cli import E2E_PATHS
+    from cosine.cli_bench import E2E_PATHS
 
     assert E2E_PATHS == PATHS
 
