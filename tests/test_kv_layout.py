@@ -24,17 +24,22 @@ from .test_kv_cache import assert_row_matches
 
 
 class MaskSpy:
-    """Records the ``attention_mask`` each forward of ``model`` was given."""
+    """Records the attention mask each forward of ``runner`` gave its model (lean or transformers' forward)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.masks: list[torch.Tensor | None] = []
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        inner = ModelRunner.call_model
 
-    def _hook(self, module, args, kwargs):
-        self.masks.append(kwargs.get("attention_mask"))
+        def spy(this, ids, pos, mask, keep):  # on the class: prefills run in a copy of the runner
+            if this.model is runner.model:
+                self.masks.append(mask)
+            return inner(this, ids, pos, mask, keep)
+
+        ModelRunner.call_model = spy
+        self._inner = inner
 
     def close(self) -> None:
-        self._handle.remove()
+        ModelRunner.call_model = self._inner
 
 
 def _greedy_next(model, tokens: list[int], n: int) -> list[int]:
@@ -69,7 +74,7 @@ def test_chain_and_single_token_passes_at_batch_one_build_no_mask():
     model = tiny_llama(vocab=53, seed=12)
     runner = ModelRunner(model)
     runner.add_rows(["a"], [[5, 6, 7, 8]])
-    spy = MaskSpy(model)
+    spy = MaskSpy(runner)
     try:
         for seg in (Segment.chain([1]), Segment.chain([2, 3, 4]), Segment([9, 10, 11], [-1, -1, 0])):
             runner.forward([seg])
@@ -85,7 +90,7 @@ def test_chain_and_single_token_passes_at_batch_one_build_no_mask():
 def test_prefill_of_different_lengths_needs_no_mask_and_equal_rows_share_the_causal_path():
     model = tiny_llama(vocab=53, seed=13)
     runner = ModelRunner(model)
-    spy = MaskSpy(model)
+    spy = MaskSpy(runner)
     try:
         runner.add_rows(["a", "b"], [[1, 2, 3, 4, 5], [6, 7, 8, 9]])  # one group, right-padded: causal
         runner.forward([Segment.chain([10]), Segment.chain([11, 12])])  # lengths 5 and 4: a mask

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from cosine.engine import lean_llama
 from cosine.engine.kv_cache import BatchKV, cache_kwarg
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,11 @@ class ModelRunner:
     # pass costs its rows times its largest tree: what cost models of this runner price (CostModel.padded).
     PADDED = True
 
-    def __init__(self, model: torch.nn.Module, name: str = "model") -> None:
+    def __init__(self, model: torch.nn.Module, name: str = "model", lean: bool | None = None) -> None:
         self.model = model
+        # The lean forward (:mod:`cosine.engine.lean_llama`) where it reproduces the model's own bit for bit;
+        # ``lean=False`` keeps transformers' forward (``None``: lean where supported).
+        self.lean = lean_llama.supports(model) if lean is None else lean and lean_llama.supports(model)
         self.name = name
         param = next(model.parameters())
         self.device = param.device
@@ -215,22 +219,16 @@ class ModelRunner:
             anc = torch.tensor([self._ancestors(segments[row], q) for row in work], device=self.device)
             mask = self.kv.attention_mask(work, anc)
         last = [max(n, 1) - 1 for n in sizes]  # each row's last node
-        keep: dict = {}
+        keep: int | torch.Tensor | None = None
         if self._keeps_logits and logits == "none":
-            keep = {"logits_to_keep": 1}
+            keep = 1
         elif self._keeps_logits and logits == "last":
-            keep = {"logits_to_keep": 1 if all(n == q for n in sizes) else
-                    torch.tensor(last, device=self.device)[:, None]}  # [rows, 1] positions
+            keep = (1 if all(n == q for n in sizes) else
+                    torch.tensor(last, device=self.device)[:, None])  # [rows, 1] positions
         self.kv.feed(work if subset else None, q)
         try:
-            out = self.model(
-                input_ids=torch.tensor(ids, device=self.device),
-                position_ids=torch.tensor(pos, device=self.device),
-                attention_mask=mask,
-                use_cache=True,
-                **{self._cache_kwarg: self.kv.cache},
-                **keep,
-            )
+            got = self.call_model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
+                                  mask, keep)
         finally:
             self.kv.fed()
         self.forwards += 1
@@ -239,15 +237,24 @@ class ModelRunner:
         self.slots_fed += sum(sizes)
         if logits == "none":
             return None
-        got = out.logits
         if logits == "last":
-            got = got[:, -1] if keep else got[torch.arange(rows), torch.tensor(last)]
+            got = got[:, -1] if keep is not None else got[torch.arange(rows), torch.tensor(last)]
         if got.dtype != torch.float32:
             got = got.float()
         if not subset:
             return got
         full = got.new_empty((len(segments), *got.shape[1:]))
         return full.index_copy_(0, torch.tensor(work, device=full.device), got)
+
+    def call_model(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+                   keep: int | torch.Tensor | None) -> torch.Tensor:
+        """The model's logits for one forward over the cache (the lean forward where it applies); ``keep``:
+        the positions to project (``logits_to_keep``), ``None`` for all."""
+        if self.lean:
+            return lean_llama.forward(self.model, ids, pos, mask, self.kv.cache, 0 if keep is None else keep)
+        extra = {} if keep is None else {"logits_to_keep": keep}
+        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
+                          **{self._cache_kwarg: self.kv.cache}, **extra).logits
 
     def commit(self, keep: torch.Tensor | list[list[bool]]) -> None:
         """Commit the nodes marked in ``keep`` (``[rows, Q]`` bools) of the last forward."""
