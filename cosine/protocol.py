@@ -159,7 +159,9 @@ class DraftClose(Message):
 class Draft(Message):
     """Drafter -> ``verify:{verifier}``: a draft tree built on ``epoch`` committed tokens.
 
-    ``resync`` asks the verifier to resend the whole sequence (the drafter lost its state)."""
+    ``resync`` asks the verifier to resend the whole sequence (the drafter lost its state). A *bet* (sent
+    unasked, drafted ahead) carries in ``assumed`` the last committed tokens it assumes (the tokens after those
+    the drafter was last sent): the verifier takes it when the request's sequence ends with them at ``epoch``."""
 
     TYPE: ClassVar[str] = "draft"
     request_id: str
@@ -181,6 +183,7 @@ class Draft(Message):
     vote_conf: dict[str, list[float]] = field(default_factory=dict)
     feature: str = ""
     lookahead: bool = False  # served from a draft prepared ahead (the previous draft fully accepted)
+    assumed: list[int] = field(default_factory=list)  # a bet: the committed tokens it assumes before epoch
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> Draft:
@@ -226,6 +229,7 @@ class Draft(Message):
             vote_conf=f.vote_conf(d.get("vote_conf", {})),
             feature=f.string(d.get("feature", ""), "feature", f.MAX_NAME_CHARS),
             lookahead=f.boolean(d.get("lookahead", False), "lookahead"),
+            assumed=f.token_ids(d.get("assumed", []), "assumed", vocab, f.MAX_DRAFT_NODES + 1),
         )
 
 

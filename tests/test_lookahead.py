@@ -1,5 +1,5 @@
-"""Lookahead drafting in the drafter service (zoo drafters, a real Redis): a draft prepared ahead answers the
-next job at once, and one that is shorter than the next job asks for is continued, not thrown away."""
+"""Lookahead drafting in the drafter service (zoo drafters, a real Redis): a draft prepared ahead goes to the
+verifier as a bet, and the job that confirms it needs no reply."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from cosine.engine.runner import ModelRunner
 from cosine.engine.tree import DraftTree
 from cosine.keys import DRAFTERS_GROUP
 from cosine.local_redis import LocalRedis
-from cosine.protocol import DraftJob, entry
+from cosine.protocol import Draft, DraftJob, decode_entry, entry
 from cosine.service.drafter_service import DrafterService, DrafterSettings
 
 EXPERTS = ["code", "prose"]
@@ -43,7 +43,10 @@ def _drafters(zoo_engine) -> dict[str, Drafter]:
     return {n: Drafter(ModelRunner(zoo_engine.drafters[n].runner.model, n), n) for n in EXPERTS}
 
 
-def test_a_longer_job_extends_the_draft_prepared_ahead(redis_url, zoo_engine, zoo_prompts):
+def test_a_bet_goes_to_the_verifier_and_the_job_confirming_it_needs_no_reply(redis_url, zoo_engine, zoo_prompts):
+    """After replying, the drafter drafts the next round assuming its draft is accepted with its own guess for
+    the bonus token, and sends that bet to the verifier at once: the same tree as drafting from scratch on the
+    assumed tokens. A job confirming the bet is answered with nothing; one that does not is drafted anew."""
     vocab = int(zoo_engine.verifier.runner.model.config.vocab_size)
     service = DrafterService(RedisSettings(url=redis_url, prefix="ahead"), DrafterSettings("d0"),
                              _drafters(zoo_engine), vocab)
@@ -52,24 +55,25 @@ def test_a_longer_job_extends_the_draft_prepared_ahead(redis_url, zoo_engine, zo
     job = DraftJob("r", "v", len(prompt), 0, prompt, 3, experts=EXPERTS)
     [(_, first)] = service.draft_all([job])
     service.look_ahead([job])
-    ahead = service.requests["r"].ahead
-    assert ahead is not None and ahead.draft.tree.depth == 3
-    # The verifier accepted the whole draft plus the guessed bonus token, then asked for 6 positions.
-    committed = ahead.expected
-    longer = DraftJob("r", "v", len(committed), len(prompt), committed[len(prompt):], 6, experts=EXPERTS)
-    [(_, reply)] = service.draft_all([longer])
-    assert reply.lookahead and service.lookahead_hits == 1 and service.lookahead_extended == 1
-    want = fresh.draft([FusedRequest("r", committed, 6, EXPERTS)])["r"]
-    assert (reply.tokens, reply.parents, reply.sources) == (want.tree.tokens, want.tree.parents, want.tree.sources)
-    assert reply.votes == want.votes
-    # A shorter job is answered from the draft prepared ahead, truncated.
-    service.look_ahead([longer])
-    committed = service.requests["r"].ahead.expected
-    shorter = DraftJob("r", "v", len(committed), 0, committed, 2, experts=EXPERTS)
-    [(_, reply)] = service.draft_all([shorter])
-    assert reply.lookahead and service.lookahead_hits == 2 and service.lookahead_extended == 1
-    assert len(reply.votes["code"]) == 2 and max(reply.parents) < len(reply.tokens)
-    assert first.tokens and service.lookahead_misses == 0
+    [(_, fields)] = service.streams.r.xrange(service.keys.verify("v"))
+    bet = decode_entry(fields, (Draft,), vocab)
+    committed = prompt + [first.tokens[i] for i in DraftTree(first.tokens, first.parents).spine()]
+    assert bet.assumed == committed[len(prompt):] + [bet.assumed[-1]] and len(bet.assumed) == 4
+    committed = prompt + bet.assumed
+    assert bet.epoch == len(committed) and bet.lookahead and not bet.job_sent_ms
+    want = fresh.draft([FusedRequest("r", committed, 3, EXPERTS)])["r"]
+    assert (bet.tokens, bet.parents, bet.sources) == (want.tree.tokens, want.tree.parents, want.tree.sources)
+    assert bet.votes == want.votes
+    confirming = DraftJob("r", "v", len(committed), len(prompt), bet.assumed, 3, experts=EXPERTS)
+    assert service.draft_all([confirming]) == [(confirming, None)] and service.lookahead_hits == 1
+    # The next bet assumes the one just confirmed was accepted; a job with another outcome is drafted anew.
+    service.look_ahead([confirming])
+    other = committed + [(bet.tokens[0] + 1) % vocab]
+    missed = DraftJob("r", "v", len(other), len(committed), other[len(committed):], 2, experts=EXPERTS)
+    [(_, reply)] = service.draft_all([missed])
+    assert reply is not None and not reply.lookahead and service.lookahead_misses == 1
+    want = fresh.draft([FusedRequest("r", other, 2, EXPERTS)])["r"]
+    assert reply.tokens == want.tree.tokens and service.bets_sent == 2
 
 
 def test_drafting_ahead_is_not_counted_as_busy(redis_url, zoo_engine, zoo_prompts):

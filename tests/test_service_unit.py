@@ -103,6 +103,33 @@ def test_stale_and_foreign_drafts_are_dropped_and_a_late_one_costs_a_plain_step(
     assert chunk.token_ids == truth(1) and svc.metrics.counters["late_drafts"] == 1
 
 
+def test_a_bet_on_the_outcome_is_the_next_draft_without_a_round_trip_and_a_wrong_one_is_dropped(connector):
+    """Bets the drafter sent ahead wait for the pass: the one whose assumed tokens were committed is the next
+    round's draft at once (cut to the positions the round gets); a bet on another outcome is dropped."""
+    svc = make_verifier(connector)
+    drafter_alive(svc)
+    svc.recover_own()
+    msg = submit(svc, max_new_tokens=20, speculation=3)
+    svc.step()
+    [job] = jobs(svc)
+    after = truth(4)  # the draft below is accepted whole, then the target adds its own token
+    draft = Draft(msg.request_id, "d0", job.epoch, after[:3], [-1, 0, 1], [0.9] * 3, ["code"] * 3)
+    right = Draft(msg.request_id, "d0", job.epoch + 4, truth(9)[4:9], [-1, 0, 1, 2, 3], [0.9] * 5, ["code"] * 5,
+                  assumed=after, lookahead=True)
+    wrong = Draft(msg.request_id, "d0", job.epoch + 4, truth(6)[4:6], [-1, 0], [0.9] * 2, ["code"] * 2,
+                  assumed=after[:3] + [(after[3] + 1) % 50], lookahead=True)
+    for d in (draft, wrong, right):
+        svc.streams.add(svc.drafts.stream, d)
+    svc.step()
+    st = svc.active[msg.request_id]
+    assert chunks(svc, msg.request_id)[0].token_ids == after
+    assert st.drafting.draft is not None and st.drafting.draft.tokens == truth(7)[4:7], "the bet, cut to k=3"
+    assert svc.metrics.counters["bets_taken"] == 1 and st.drafting.bets == []
+    assert jobs(svc)[-1].epoch == job.epoch + 4, "the job still goes out: the drafter learns the outcome"
+    svc.step()  # verified at once, no draft awaited
+    assert [c.token_ids for c in chunks(svc, msg.request_id)][1] == truth(8)[4:8]
+
+
 def test_a_request_past_its_deadline_ends_with_timeout_and_frees_its_row(connector):
     svc = make_verifier(connector)
     svc.recover_own()

@@ -7,8 +7,9 @@ after ``base``; one it cannot honour is answered with ``resync``) and the reques
 expert with the lowest loss on the prompt's tail), which replies carry for the router's prior.
 
 Lookahead: with nothing else queued, the worker drafts each request's next round right after replying,
-assuming the whole draft is accepted and the target's bonus token is its own guess; a next job that matches
-is answered from that at once (or only the positions beyond it are drafted). A job arriving meanwhile ends
+assuming the whole draft is accepted and the target's bonus token is its own guess, and sends that *bet* to
+the verifier at once; the verifier takes it when the pass commits what it assumed, without waiting for a job
+round trip, and this worker then answers the job that confirms it with nothing. A job arriving meanwhile ends
 drafting ahead at the next depth: a job must not wait for drafting that is only a bet.
 
 With fusion across drafter workers a job may name experts hosted elsewhere (``peers``): this worker leads the
@@ -56,7 +57,8 @@ class DrafterSettings:
 
 @dataclass
 class _Ahead:
-    """A draft prepared for the round after the one just sent."""
+    """A bet sent to the verifier: the draft for the round after the one just sent, if that round commits
+    ``expected``."""
 
     expected: list[int]  # the committed tokens it assumes
     draft: FusedDraft
@@ -104,8 +106,8 @@ class DrafterService:
         self.batches = 0
         self.resyncs = 0
         self.lookahead_hits = 0
-        self.lookahead_extended = 0  # hits that drafted the positions beyond what was drafted ahead
         self.lookahead_misses = 0
+        self.bets_sent = 0
         self.heartbeat = Heartbeat(Streams(connect(redis_settings), self.keys), settings.worker_id, self.info)
         self.remote = RedisRemoteExperts(self.streams, settings.worker_id, vocab_size, settings.vote_timeout_ms)
         # Answers other leads' asks with this worker's models (none to offer when its drafts are simulated).
@@ -122,8 +124,8 @@ class DrafterService:
             "batches": self.batches,
             "resyncs": self.resyncs,
             "lookahead_hits": self.lookahead_hits,
-            "lookahead_extended": self.lookahead_extended,
             "lookahead_misses": self.lookahead_misses,
+            "bets_sent": self.bets_sent,
             "busy": round(self.busy_s / up, 4),
             "busy_s": round(self.busy_s, 4),
             "lookahead_s": round(self.lookahead_s, 4),
@@ -184,6 +186,8 @@ class DrafterService:
         elapsed_ms = (time.perf_counter() - t0) * 1000
         pipe = self.streams.transaction()
         for job, reply in replies:
+            if reply is None:  # confirms a bet the verifier holds: nothing to send
+                continue
             reply.draft_ms = round(elapsed_ms, 3)
             self.streams.add(self.keys.verify(job.verifier), reply, pipe)
         Streams.ack_delete(pipe, self.stream, DRAFTERS_GROUP, done_ids)
@@ -193,11 +197,12 @@ class DrafterService:
         t1 = time.perf_counter()
         self.busy_s += t1 - t0
         if self.settings.lookahead and replies and not self.jobs_waiting():
-            self.look_ahead([job for job, reply in replies if reply.tokens and not reply.q_ids])
+            self.look_ahead([job for job, reply in replies if reply is None or (reply.tokens and not reply.q_ids)])
             self.lookahead_s += time.perf_counter() - t1
 
-    def draft_all(self, jobs: list[DraftJob]) -> list[tuple[DraftJob, Draft]]:
-        replies: list[tuple[DraftJob, Draft]] = []
+    def draft_all(self, jobs: list[DraftJob]) -> list[tuple[DraftJob, Draft | None]]:
+        """A reply per job; ``None`` for a job that confirms a bet the verifier took."""
+        replies: list[tuple[DraftJob, Draft | None]] = []
         runnable: list[tuple[DraftJob, list[int]]] = []
         for job in jobs:
             tokens = self._sequence(job)
@@ -207,8 +212,7 @@ class DrafterService:
             else:
                 runnable.append((job, tokens))
         self._learn_features([(job.request_id, toks) for job, toks in runnable])
-        # (job, request to draft, the lookahead draft it continues or None)
-        fused: list[tuple[DraftJob, FusedRequest, FusedDraft | None]] = []
+        fused: list[tuple[DraftJob, FusedRequest]] = []
         for job, toks in runnable:
             known = self.requests[job.request_id]
             hosted = [(e, w) for e, w in zip(job.experts, job.expert_weights or [1.0] * len(job.experts))
@@ -217,52 +221,37 @@ class DrafterService:
             known.weights = dict(hosted) if len(hosted) > 1 else None
             known.peers = {e: job.peers[e] for e in known.experts if e not in self.fused.drafters}
             ahead, known.ahead = known.ahead, None
-            ready = ahead.draft if ahead is not None and ahead.expected == toks and not job.sampled else None
-            if ready is not None and ready.tree.depth >= job.k:
+            if ahead is not None and ahead.expected == toks and not job.sampled:
+                # The job confirms the bet sent ahead, which the verifier took when its pass committed it.
                 self.lookahead_hits += 1
-                d = ready
-                if d.tree.depth > job.k:
-                    d = d.truncated(job.k)
-                replies.append((job, self._fill(self._reply(job), d, lookahead=True)))
-            elif ready is not None and ready.tree.depth and set(ready.votes) == set(known.experts):
-                # Drafted ahead, but fewer positions than asked for: draft only the rest, from its spine.
-                self.lookahead_hits += 1
-                self.lookahead_extended += 1
-                spine = [ready.tree.tokens[i] for i in ready.tree.spine()]
-                fused.append((job, FusedRequest(job.request_id, toks + spine, job.k - len(spine), known.experts,
-                                                job.width, weights=known.weights), ready))
-            elif job.sampled:
-                if ahead is not None:
-                    self.lookahead_misses += 1
+                self._last_draft[job.request_id] = ahead.draft.tree
+                replies.append((job, None))
+                continue
+            if ahead is not None:
+                self.lookahead_misses += 1
+            if job.sampled:
                 local = [e for e in known.experts if e in self.fused.drafters]
                 replies.append((job, self._sampled(job, toks, local[0] if local else known.feature)))
             else:
-                if ahead is not None:
-                    self.lookahead_misses += 1
                 fused.append((job, FusedRequest(job.request_id, toks, job.k, known.experts, job.width,
-                                                weights=known.weights), None))
+                                                weights=known.weights)))
         if fused:
-            peers = {job.request_id: self.requests[job.request_id].peers for job, _, _ in fused}
+            peers = {job.request_id: self.requests[job.request_id].peers for job, _ in fused}
             try:
                 if any(peers.values()):
                     self.remote.route(peers)
-                    drafts = self.fused.draft([req for _, req, _ in fused], remote=self.remote)
+                    drafts = self.fused.draft([req for _, req in fused], remote=self.remote)
                 else:
-                    drafts = self.fused.draft([req for _, req, _ in fused])
+                    drafts = self.fused.draft([req for _, req in fused])
             except Exception:  # a drafting failure must cost speed, never the worker
                 log.exception("drafting failed for %d requests; replying with empty drafts", len(fused))
-                self.fused.release([req.seq_id for _, req, _ in fused])
+                self.fused.release([req.seq_id for _, req in fused])
                 drafts = {}
-            for job, req, ready in fused:
+            for job, req in fused:
                 reply = self._reply(job)
                 d = drafts.get(req.seq_id)
-                if ready is not None:  # the lookahead draft, continued (or alone if the rest failed)
-                    d = ready if d is None or not d.tree.tokens else FusedDraft(
-                        ready.tree.grafted(d.tree, ready.tree.spine()[-1]),
-                        {e: v + d.votes.get(e, []) for e, v in ready.votes.items()},
-                        {e: c + d.vote_confidence.get(e, []) for e, c in ready.vote_confidence.items()})
                 if d is not None:
-                    self._fill(reply, d, lookahead=ready is not None)
+                    self._fill(reply, d)
                 replies.append((job, reply))
         return replies
 
@@ -280,7 +269,7 @@ class DrafterService:
             last = self._last_draft.get(job.request_id)
             if last is None:
                 continue
-            spine = [last.tokens[i] for i in last.spine()]
+            spine = [last.tokens[i] for i in last.spine()][: job.k]  # a bet deeper than k was cut to k
             local = [e for e in known.experts if e in self.fused.drafters]  # no round trips ahead of time
             if local:
                 reqs.append(FusedRequest(job.request_id, known.tokens + spine, job.k + 1, local, job.width,
@@ -293,6 +282,8 @@ class DrafterService:
             log.exception("lookahead drafting failed for %d requests", len(reqs))
             self.fused.release([r.seq_id for r in reqs])
             return
+        verifier = {job.request_id: job.verifier for job in jobs}
+        pipe = self.streams.pipeline()
         for req in reqs:
             d = drafts.get(req.seq_id)
             if d is None or not d.tree.tokens:
@@ -300,8 +291,17 @@ class DrafterService:
             guess = d.tree.spine()[0]  # the bonus token the target is assumed to add
             nxt = FusedDraft(d.tree.below(guess), {e: v[1:] for e, v in d.votes.items()},
                              {e: c[1:] for e, c in d.vote_confidence.items()})
-            if nxt.tree.tokens:  # stopped after the guess alone: nothing drafted ahead
-                self.requests[req.seq_id].ahead = _Ahead(req.tokens + [d.tree.tokens[guess]], nxt)
+            if not nxt.tree.tokens:  # stopped after the guess alone: nothing drafted ahead
+                continue
+            known = self.requests[req.seq_id]
+            expected = req.tokens + [d.tree.tokens[guess]]
+            known.ahead = _Ahead(expected, nxt)
+            bet = Draft(req.seq_id, self.settings.worker_id, len(expected), feature=known.feature,
+                        assumed=expected[len(known.tokens):])
+            self.streams.add(self.keys.verify(verifier[req.seq_id]), self._fill(bet, nxt, lookahead=True), pipe)
+            self.bets_sent += 1
+        if len(pipe):
+            pipe.execute()
 
     def _fill(self, reply: Draft, d: FusedDraft, lookahead: bool = False) -> Draft:
         tree = d.tree

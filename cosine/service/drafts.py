@@ -3,7 +3,10 @@ jobs it sends (length and drafter models from :class:`~cosine.policy.steering.St
 come back on ``verify:{verifier}``.
 
 A draft is a hint: one built on another committed length (stale), from a worker no longer assigned, or for a
-request no longer held is dropped; the request then advances with a plain target step. How long drafts take
+request no longer held is dropped; the request then advances with a plain target step. A *bet* is a draft
+the drafter sent unasked for an outcome it guessed; it waits here until a pass decides, and when the request's
+sequence ends with the tokens it assumed, it is the next round's draft at once: no job-and-reply round trip
+between the pass and the next one (the job still goes out, so the drafter learns the outcome). How long drafts take
 to come back (their round trips) sets when a missing one counts as late.
 """
 
@@ -168,6 +171,13 @@ class DraftExchange:
                 self.rtts.append(max(0.0, wall - msg.job_sent_ms))
             st = active.get(msg.request_id)
             d = st.drafting if st is not None else None
+            if msg.assumed and d is not None and msg.drafter == d.worker and msg.epoch > len(st.seq):
+                d.bets = [b for b in d.bets if b.epoch >= len(st.seq)][-MAX_BETS + 1:] + [msg]
+                continue
+            if msg.assumed and d is not None and msg.drafter == d.worker and msg.epoch == len(st.seq):
+                if not self._take_bet(st, msg):
+                    self.metrics.counters["stale_drafts"] += 1
+                continue
             if d is None or msg.drafter != d.worker or msg.epoch != len(st.seq) or d.draft is not None:
                 self.metrics.counters["stale_drafts"] += 1
                 if st is not None:
@@ -183,6 +193,30 @@ class DraftExchange:
                 st.counters.lookahead_hits += 1
                 self.metrics.counters["lookahead_hits"] += 1
             d.draft = msg
+
+    def settle_bets(self, sts: list[RequestState]) -> None:
+        """After a pass: each request takes the bet that assumed what was committed (once its next job is
+        queued, so the bet is cut to the positions steering gave it)."""
+        for st in sts:
+            d = st.drafting
+            bets, d.bets = [b for b in d.bets if b.epoch >= len(st.seq)], []
+            for bet in bets:
+                if bet.epoch > len(st.seq):
+                    d.bets.append(bet)
+                elif self._take_bet(st, bet):
+                    break
+
+    def _take_bet(self, st: RequestState, bet: Draft) -> bool:
+        """Take ``bet`` as the draft for the request's current epoch if it assumed the committed tokens."""
+        d, tokens = st.drafting, st.seq.tokens
+        if (d.draft is not None or d.plain or d.k < 1 or bet.drafter != d.worker
+                or tokens[len(tokens) - len(bet.assumed):] != bet.assumed):
+            return False
+        d.draft = truncated(bet, d.k)
+        self.metrics.counters["bets_taken"] += 1
+        self.metrics.counters["lookahead_hits"] += 1
+        st.counters.lookahead_hits += 1
+        return True
 
     def ack_consumed(self, pipe) -> None:
         """Queue the acknowledgement of every draft taken since the last write."""
@@ -207,6 +241,25 @@ class DraftExchange:
     def info(self) -> dict:
         return {"draft_budget_ms": round(self.budget_ms(), 2),
                 "draft_rtt_p50_ms": round(statistics.median(self.rtts), 2) if self.rtts else 0.0}
+
+
+MAX_BETS = 8  # bets kept per request (a drafter sends a few per round)
+
+
+def truncated(draft: Draft, k: int) -> Draft:
+    """``draft`` without its nodes deeper than ``k`` (a bet drafted deeper than the round asks for)."""
+    depths: list[int] = []
+    for p in draft.parents:
+        depths.append(0 if p < 0 else depths[p] + 1)
+    if not depths or max(depths) < k:
+        return draft
+    keep = [i for i, dep in enumerate(depths) if dep < k]
+    index = {old: new for new, old in enumerate(keep)}
+    return replace(draft, tokens=[draft.tokens[i] for i in keep],
+                   parents=[-1 if draft.parents[i] < 0 else index[draft.parents[i]] for i in keep],
+                   confidences=[draft.confidences[i] for i in keep], sources=[draft.sources[i] for i in keep],
+                   votes={e: v[:k] for e, v in draft.votes.items()},
+                   vote_conf={e: c[:k] for e, c in draft.vote_conf.items()})
 
 
 def tree_of(draft: Draft, vocab: int) -> DraftTree:

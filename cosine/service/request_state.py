@@ -35,6 +35,7 @@ class Drafting:
     job_sent: float = 0.0  # monotonic time the job in flight was sent
     draft: Draft | None = None  # a draft that arrived for the current epoch, not verified yet
     plain: bool = False  # the next round is a plain target step (no job sent)
+    bets: list[Draft] = field(default_factory=list)  # drafts sent ahead for epochs not reached yet
 
     @property
     def waiting(self) -> bool:

@@ -333,6 +333,7 @@ class VerifierService:
         for st in finished:
             self.book.close(pipe, st)
         jobs = self.drafts.queue_jobs(pipe, continuing, self.active, self.load())
+        self.drafts.settle_bets(continuing)
         self.drafts.ack_consumed(pipe)
         pipe.execute()
         self.drafts.sent(jobs)
