@@ -43,37 +43,49 @@ def _drafters(zoo_engine) -> dict[str, Drafter]:
     return {n: Drafter(ModelRunner(zoo_engine.drafters[n].runner.model, n), n) for n in EXPERTS}
 
 
-def test_a_bet_goes_to_the_verifier_and_the_job_confirming_it_needs_no_reply(redis_url, zoo_engine, zoo_prompts):
-    """After replying, the drafter drafts the next round assuming its draft is accepted with its own guess for
-    the bonus token, and sends that bet to the verifier at once: the same tree as drafting from scratch on the
-    assumed tokens. A job confirming the bet is answered with nothing; one that does not is drafted anew."""
+def test_bets_go_to_the_verifier_and_the_job_confirming_one_needs_no_reply(redis_url, zoo_engine, zoo_prompts):
+    """After replying, the drafter drafts the next round for the outcomes it expects and sends each to the
+    verifier at once: first the whole draft accepted with its own guess of the bonus token, then rejections
+    at a depth with its runner-up there; each the same tree as drafting from scratch on the assumed tokens.
+    A job confirming a bet is answered with nothing; one confirming none is drafted anew."""
     vocab = int(zoo_engine.verifier.runner.model.config.vocab_size)
-    service = DrafterService(RedisSettings(url=redis_url, prefix="ahead"), DrafterSettings("d0"),
+    service = DrafterService(RedisSettings(url=redis_url, prefix="ahead"), DrafterSettings("d0", ahead_rows=3),
                              _drafters(zoo_engine), vocab)
     fresh = FusedDrafter(_drafters(zoo_engine))  # the same models, drafting from scratch
     prompt = zoo_engine.tokenizer(zoo_prompts["prose"][0], add_special_tokens=False)["input_ids"]
     job = DraftJob("r", "v", len(prompt), 0, prompt, 3, experts=EXPERTS)
     [(_, first)] = service.draft_all([job])
+    spine = [first.tokens[i] for i in DraftTree(first.tokens, first.parents).spine()]
+    runner_up = service._last_draft["r"].runner_up
+    assert len(runner_up) == 3 and all(alt is not None and alt[0] != tok for alt, tok in zip(runner_up, spine))
     service.look_ahead([job])
-    [(_, fields)] = service.streams.r.xrange(service.keys.verify("v"))
-    bet = decode_entry(fields, (Draft,), vocab)
-    committed = prompt + [first.tokens[i] for i in DraftTree(first.tokens, first.parents).spine()]
-    assert bet.assumed == committed[len(prompt):] + [bet.assumed[-1]] and len(bet.assumed) == 4
+    bets = [decode_entry(f, (Draft,), vocab) for _, f in service.streams.r.xrange(service.keys.verify("v"))]
+    assert len(bets) == 3 and service.bets_sent == 3
+    whole, *rejections = bets
+    assert whole.assumed[:3] == spine and len(whole.assumed) == 4, "the spine and the guessed bonus token"
+    for bet in rejections:
+        j = len(bet.assumed)
+        assert bet.assumed == spine[: j - 1] + [runner_up[j - 1][0]], "rejected at depth j: the runner-up there"
+    for bet in bets:
+        committed = prompt + bet.assumed
+        assert bet.epoch == len(committed) and bet.lookahead and not bet.job_sent_ms
+        want = fresh.draft([FusedRequest("x", committed, 3, EXPERTS)])["x"]
+        assert (bet.tokens, bet.parents, bet.sources) == (want.tree.tokens, want.tree.parents, want.tree.sources)
+        assert bet.votes == want.votes
+    bet = rejections[0]
     committed = prompt + bet.assumed
-    assert bet.epoch == len(committed) and bet.lookahead and not bet.job_sent_ms
-    want = fresh.draft([FusedRequest("r", committed, 3, EXPERTS)])["r"]
-    assert (bet.tokens, bet.parents, bet.sources) == (want.tree.tokens, want.tree.parents, want.tree.sources)
-    assert bet.votes == want.votes
     confirming = DraftJob("r", "v", len(committed), len(prompt), bet.assumed, 3, experts=EXPERTS)
     assert service.draft_all([confirming]) == [(confirming, None)] and service.lookahead_hits == 1
-    # The next bet assumes the one just confirmed was accepted; a job with another outcome is drafted anew.
+    # The next bets assume the one just confirmed was accepted; a job with another outcome is drafted anew.
     service.look_ahead([confirming])
-    other = committed + [(bet.tokens[0] + 1) % vocab]
+    other = committed + [(bet.tokens[0] + 1) % vocab, 7]
     missed = DraftJob("r", "v", len(other), len(committed), other[len(committed):], 2, experts=EXPERTS)
     [(_, reply)] = service.draft_all([missed])
     assert reply is not None and not reply.lookahead and service.lookahead_misses == 1
-    want = fresh.draft([FusedRequest("r", other, 2, EXPERTS)])["r"]
-    assert reply.tokens == want.tree.tokens and service.bets_sent == 2
+    want = fresh.draft([FusedRequest("y", other, 2, EXPERTS)])["y"]
+    assert reply.tokens == want.tree.tokens
+    service.release("r")
+    assert not any(d.cached for d in service.drafters.values()), "the bets' rows go with the request"
 
 
 def test_drafting_ahead_is_not_counted_as_busy(redis_url, zoo_engine, zoo_prompts):
@@ -90,7 +102,7 @@ def test_drafting_ahead_is_not_counted_as_busy(redis_url, zoo_engine, zoo_prompt
     t0 = time.perf_counter()
     service.handle(batch)
     wall = time.perf_counter() - t0
-    assert service.requests["r"].ahead is not None, "the job's next round was drafted ahead"
+    assert service.requests["r"].ahead, "the job's next round was drafted ahead"
     info = service.info()
     assert info["busy_s"] > 0 and info["lookahead_s"] > 0
     assert info["busy_s"] + info["lookahead_s"] <= wall + 1e-3  # each second counted once
@@ -106,10 +118,10 @@ def test_a_job_coming_in_ends_drafting_ahead(redis_url, zoo_engine, zoo_prompts)
     service.draft_all([job])
     service.streams.r.xadd(service.stream, entry(DraftJob("s", "v", len(prompt), 0, prompt, 4, experts=EXPERTS)))
     service.look_ahead([job])  # stopped after the bonus token's guess: nothing drafted ahead is kept
-    assert service.requests["r"].ahead is None
+    assert service.requests["r"].ahead == []
     service.streams.r.delete(service.stream)
     service.look_ahead([job])
-    assert service.requests["r"].ahead is not None and service.requests["r"].ahead.draft.tree.depth == 4
+    assert service.requests["r"].ahead and service.requests["r"].ahead[0].draft.tree.depth == 4
     # The fused drafter ends every tree at the last depth completed when asked to stop: it asks before every
     # expert's forward after the first depth, and a depth some experts did not draft is dropped.
     reqs = [FusedRequest("a", prompt, 5, EXPERTS), FusedRequest("b", prompt[:-3], 3, EXPERTS)]

@@ -14,7 +14,10 @@ local work; an expert whose candidates do not come back in time drops out of tha
 built from the others: a weaker draft, never a wrong output).
 
 The experts' top-1 tokens at every depth (their *votes*) and confidences come back with the tree, so the
-caller can score each expert's agreement with what the target then commits (expertise routing).
+caller can score each expert's agreement with what the target then commits (expertise routing), and so does
+each depth's *runner-up*: the most likely local candidate the tree does not hold (each local expert offers
+one candidate more than the tree's width), which is the drafter's guess for the target's token should it
+reject that depth (what drafting ahead bets on).
 Sampled proposals are not fused: the caller drafts those with a single :class:`Drafter`.
 """
 
@@ -52,11 +55,18 @@ class FusedDraft:
     tree: DraftTree
     votes: dict[str, list[int]] = field(default_factory=dict)  # expert -> its top-1 token per depth
     vote_confidence: dict[str, list[float]] = field(default_factory=dict)  # expert -> that token's probability
+    # Per depth: the most likely candidate not in the tree there, (token, probability); None if none.
+    runner_up: list[tuple[int, float] | None] = field(default_factory=list)
 
     def truncated(self, depth: int) -> FusedDraft:
         """The draft cut to its first ``depth`` positions (tree, votes and their confidences)."""
         return FusedDraft(self.tree.truncated(depth), {e: v[:depth] for e, v in self.votes.items()},
-                          {e: c[:depth] for e, c in self.vote_confidence.items()})
+                          {e: c[:depth] for e, c in self.vote_confidence.items()}, self.runner_up[:depth])
+
+    def below_first(self) -> FusedDraft:
+        """The draft below its first spine node, one depth shorter (drafted from a guess of the token there)."""
+        return FusedDraft(self.tree.below(self.tree.spine()[0]), {e: v[1:] for e, v in self.votes.items()},
+                          {e: c[1:] for e, c in self.vote_confidence.items()}, self.runner_up[1:])
 
 
 class RemoteExperts(Protocol):
@@ -129,8 +139,8 @@ class FusedDrafter:
                 if depth > 1 and stop is not None and stop():
                     stopped = True  # a depth some experts did not draft is dropped (their rows catch up later)
                     break
-                with self.lock:
-                    proposed = self.drafters[e].propose(seqs, widths)
+                with self.lock:  # one candidate more than the tree takes: the runner-up
+                    proposed = self.drafters[e].propose(seqs, {sid: widths[sid] + 1 for sid in seqs})
                 for sid, c in proposed.items():
                     candidates.setdefault(sid, {})[e] = c
             if stopped:
@@ -158,7 +168,10 @@ class FusedDrafter:
                 cap = r.max_alternatives if r.max_alternatives is not None else len(r.experts) * r.width - 1
                 ranked = {e: [(t, p * r.weights.get(e, 1.0)) for t, p in c] for e, c in cands.items()} \
                     if r.weights else cands
-                fused = fuse_position(ranked, cap)
+                fused = fuse_position({e: c[: r.width] for e, c in ranked.items()}, cap)
+                in_tree = {fused.spine_token, *(tok for tok, _, _ in fused.alternatives)}
+                spare = [(t, p) for c in ranked.values() for t, p in c if t not in in_tree]
+                draft.runner_up.append(max(spare, key=lambda tp: tp[1]) if spare else None)
                 for e, c in cands.items():
                     draft.votes[e].append(c[0][0])
                     draft.vote_confidence[e].append(c[0][1])

@@ -6,11 +6,12 @@ alternatives). Per request the worker keeps the committed tokens it was told (jo
 after ``base``; one it cannot honour is answered with ``resync``) and the request's prompt feature (the
 expert with the lowest loss on the prompt's tail), which replies carry for the router's prior.
 
-Lookahead: with nothing else queued, the worker drafts each request's next round right after replying,
-assuming the whole draft is accepted and the target's bonus token is its own guess, and sends that *bet* to
-the verifier at once; the verifier takes it when the pass commits what it assumed, without waiting for a job
-round trip, and this worker then answers the job that confirms it with nothing. A job arriving meanwhile ends
-drafting ahead at the next depth: a job must not wait for drafting that is only a bet.
+Lookahead: with nothing else queued, the worker drafts each request's next round right after replying, for
+the outcomes of the pass it expects (:mod:`cosine.policy.bets`: the whole draft accepted with its own guess of
+the bonus token first, then rejections at a depth with its runner-up there, each in a drafter row of its own)
+and sends each as a *bet* to the verifier at once; the verifier takes the one whose assumed tokens its pass
+commits, without waiting for a job round trip, and this worker then answers the job that confirms it with
+nothing. A job arriving meanwhile ends drafting ahead at the next depth: a job must not wait for bets.
 
 With fusion across drafter workers a job may name experts hosted elsewhere (``peers``): this worker leads the
 lockstep and asks them per depth, and answers other leads from a thread of its own
@@ -34,8 +35,8 @@ from cosine.broker import RedisSettings, Streams, connect
 from cosine.engine.draft_model import Drafter, DraftRequest
 from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
 from cosine.engine.prompt_scoring import best_by_prompt_loss
-from cosine.engine.tree import DraftTree
 from cosine.keys import DRAFTERS_GROUP, Keys
+from cosine.policy.bets import Outcome, choose, outcomes
 from cosine.protocol import Draft, DraftClose, DraftJob, ProtocolError, decode_entry
 from cosine.service.cross_fusion import RedisRemoteExperts, VoteServer
 from cosine.service.heartbeat import Heartbeat
@@ -52,6 +53,7 @@ class DrafterSettings:
     block_ms: int = defaults.DRAFTER_BLOCK_MS
     idle_evict_s: float = defaults.DRAFTER_IDLE_EVICT_S
     lookahead: bool = defaults.DRAFTER_LOOKAHEAD
+    ahead_rows: int = defaults.DRAFTER_AHEAD_ROWS
     vote_timeout_ms: float = defaults.VOTE_TIMEOUT_MS
 
 
@@ -74,7 +76,8 @@ class _Drafted:
     weights: dict[str, float] | None = None  # trust per expert when several draft together
     peers: dict[str, str] = field(default_factory=dict)  # expert hosted elsewhere -> the worker hosting it
     seen: float = 0.0
-    ahead: _Ahead | None = None
+    ahead: list[_Ahead] = field(default_factory=list)  # bets sent for the round after the last job
+    rows: set[str] = field(default_factory=set)  # drafter rows of its bets on rejections (besides its own)
 
 
 class DrafterService:
@@ -95,7 +98,7 @@ class DrafterService:
         self.vocab = vocab_size
         self.stream = self.keys.draft(settings.worker_id)
         self.requests: dict[str, _Drafted] = {}
-        self._last_draft: dict[str, DraftTree] = {}  # the tree last sent per request (for lookahead)
+        self._last_draft: dict[str, FusedDraft] = {}  # the draft last sent per request (for lookahead)
         self.started = time.monotonic()
         # Time answering jobs; drafting ahead is kept apart: it runs only when no job waits, so counting it
         # made a drafter with nothing queued look saturated to the controller, which then cut k_max and the
@@ -220,14 +223,15 @@ class DrafterService:
             known.experts = [e for e, _ in hosted] or [known.feature]
             known.weights = dict(hosted) if len(hosted) > 1 else None
             known.peers = {e: job.peers[e] for e in known.experts if e not in self.fused.drafters}
-            ahead, known.ahead = known.ahead, None
-            if ahead is not None and ahead.expected == toks and not job.sampled:
-                # The job confirms the bet sent ahead, which the verifier took when its pass committed it.
+            bets, known.ahead = known.ahead, []
+            hit = next((b for b in bets if b.expected == toks), None) if not job.sampled else None
+            if hit is not None:
+                # The job confirms a bet sent ahead, which the verifier took when its pass committed it.
                 self.lookahead_hits += 1
-                self._last_draft[job.request_id] = ahead.draft.tree
+                self._last_draft[job.request_id] = hit.draft
                 replies.append((job, None))
                 continue
-            if ahead is not None:
+            if bets:
                 self.lookahead_misses += 1
             if job.sampled:
                 local = [e for e in known.experts if e in self.fused.drafters]
@@ -260,50 +264,74 @@ class DrafterService:
         return bool(self.streams.r.xlen(self.stream))
 
     def look_ahead(self, jobs: list[DraftJob]) -> None:
-        """Draft the round after each just-answered job, assuming its whole draft is accepted."""
-        reqs: list[FusedRequest] = []
+        """Draft the round after each just-answered job for the outcomes expected of its pass, and send each
+        to the job's verifier as a bet: the whole draft accepted first (its own row), then the likeliest
+        rejections (a row each) within ``ahead_rows``."""
+        plans: dict[str, tuple[DraftJob, _Drafted, list[str], list[Outcome]]] = {}
         for job in jobs:
             known = self.requests.get(job.request_id)
-            if known is None or known.ahead is not None:
-                continue
             last = self._last_draft.get(job.request_id)
-            if last is None:
+            if known is None or known.ahead or last is None:
                 continue
-            spine = [last.tokens[i] for i in last.spine()][: job.k]  # a bet deeper than k was cut to k
             local = [e for e in known.experts if e in self.fused.drafters]  # no round trips ahead of time
-            if local:
-                reqs.append(FusedRequest(job.request_id, known.tokens + spine, job.k + 1, local, job.width,
-                                         weights=known.weights))
+            spine_nodes = last.tree.spine()[: job.k]  # a bet deeper than k was cut to k
+            if not local or not spine_nodes:
+                continue
+            spine = [last.tree.tokens[i] for i in spine_nodes]
+            confs = [last.tree.confidences[i] for i in spine_nodes]
+            plans[job.request_id] = (job, known, local, outcomes(spine, confs, last.runner_up))
+        chosen = choose({rid: plan[3] for rid, plan in plans.items()}, self.settings.ahead_rows)
+        whole: list[FusedRequest] = []
+        rejected: list[tuple[FusedRequest, str, Outcome]] = []
+        for rid, (job, known, local, _) in plans.items():
+            for o in chosen[rid]:
+                tokens = known.tokens + list(o.assumed)
+                if o.depth == 0:  # one position more: the first is the guess of the bonus token
+                    whole.append(FusedRequest(rid, tokens, job.k + 1, local, job.width, weights=known.weights))
+                else:
+                    row = f"{rid}#{o.depth}"
+                    known.rows.add(row)
+                    rejected.append((FusedRequest(row, tokens, job.k, local, job.width, weights=known.weights),
+                                     rid, o))
+        # The likeliest outcome is sent first; the rejections follow in one more batched drafting.
+        self._bet([(req, req.seq_id) for req in whole], guess=True, jobs=plans)
+        if rejected and not self.jobs_waiting():
+            self._bet([(req, rid) for req, rid, _ in rejected], guess=False, jobs=plans)
+
+    def _bet(self, reqs: list[tuple[FusedRequest, str]], guess: bool, jobs: dict) -> None:
+        """Draft ``reqs`` (a drafter row each, for request ``rid``) and send each draft as a bet; with
+        ``guess``, the first drafted position is the bonus token the bet assumes."""
         if not reqs:
             return
         try:  # a job arriving meanwhile ends drafting ahead at the next depth: it must not wait for all of it
-            drafts = self.fused.draft(reqs, stop=self.jobs_waiting)
+            drafts = self.fused.draft([req for req, _ in reqs], stop=self.jobs_waiting)
         except Exception:
-            log.exception("lookahead drafting failed for %d requests", len(reqs))
-            self.fused.release([r.seq_id for r in reqs])
+            log.exception("lookahead drafting failed for %d rows", len(reqs))
+            self.fused.release([req.seq_id for req, _ in reqs])
             return
-        verifier = {job.request_id: job.verifier for job in jobs}
         pipe = self.streams.pipeline()
-        for req in reqs:
+        for req, rid in reqs:
             d = drafts.get(req.seq_id)
-            if d is None or not d.tree.tokens:
+            known = self.requests.get(rid)
+            if d is None or not d.tree.tokens or known is None:
                 continue
-            guess = d.tree.spine()[0]  # the bonus token the target is assumed to add
-            nxt = FusedDraft(d.tree.below(guess), {e: v[1:] for e, v in d.votes.items()},
-                             {e: c[1:] for e, c in d.vote_confidence.items()})
-            if not nxt.tree.tokens:  # stopped after the guess alone: nothing drafted ahead
-                continue
-            known = self.requests[req.seq_id]
-            expected = req.tokens + [d.tree.tokens[guess]]
-            known.ahead = _Ahead(expected, nxt)
-            bet = Draft(req.seq_id, self.settings.worker_id, len(expected), feature=known.feature,
+            expected = list(req.tokens)
+            if guess:
+                expected.append(d.tree.tokens[d.tree.spine()[0]])
+                d = d.below_first()
+                if not d.tree.tokens:  # stopped after the guess alone: nothing drafted ahead
+                    continue
+            known.ahead.append(_Ahead(expected, d))
+            bet = Draft(rid, self.settings.worker_id, len(expected), feature=known.feature,
                         assumed=expected[len(known.tokens):])
-            self.streams.add(self.keys.verify(verifier[req.seq_id]), self._fill(bet, nxt, lookahead=True), pipe)
+            self.streams.add(self.keys.verify(jobs[rid][0].verifier), self._fill(bet, d, lookahead=True, keep=False),
+                             pipe)
             self.bets_sent += 1
         if len(pipe):
             pipe.execute()
 
-    def _fill(self, reply: Draft, d: FusedDraft, lookahead: bool = False) -> Draft:
+    def _fill(self, reply: Draft, d: FusedDraft, lookahead: bool = False, keep: bool = True) -> Draft:
+        """``reply`` carrying draft ``d`` (kept as the request's last draft unless it is only a bet)."""
         tree = d.tree
         reply.tokens, reply.parents = tree.tokens, tree.parents
         reply.confidences = [min(1.0, max(0.0, c)) for c in tree.confidences]
@@ -311,7 +339,8 @@ class DrafterService:
         reply.votes = {e: list(v) for e, v in d.votes.items()}
         reply.vote_conf = {e: [min(1.0, max(0.0, c)) for c in v] for e, v in d.vote_confidence.items()}
         reply.lookahead = lookahead
-        self._last_draft[reply.request_id] = tree
+        if keep:
+            self._last_draft[reply.request_id] = d
         return reply
 
     def _sampled(self, job: DraftJob, tokens: list[int], expert: str) -> Draft:
@@ -368,10 +397,10 @@ class DrafterService:
         return tokens
 
     def release(self, request_id: str) -> None:
-        self.requests.pop(request_id, None)
+        known = self.requests.pop(request_id, None)
         self._last_draft.pop(request_id, None)
         self.remote.forget(request_id)
-        self.fused.release([request_id])
+        self.fused.release([request_id, *(known.rows if known is not None else ())])
 
     def evict_idle(self) -> None:
         cutoff = time.monotonic() - self.settings.idle_evict_s
