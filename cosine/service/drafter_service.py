@@ -21,6 +21,7 @@ failure while drafting answers with empty drafts (the verifier then decodes alon
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -32,7 +33,7 @@ import torch
 
 from cosine import defaults
 from cosine.broker import RedisSettings, Streams, connect
-from cosine.engine.draft_model import Drafter, DraftRequest
+from cosine.engine.draft_model import Drafter, DraftRequest, common_prefix
 from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
 from cosine.engine.prompt_scoring import best_by_prompt_loss
 from cosine.keys import DRAFTERS_GROUP, Keys
@@ -64,6 +65,8 @@ class _Ahead:
 
     expected: list[int]  # the committed tokens it assumes
     draft: FusedDraft
+    base: int  # the committed tokens the drafter had been sent when it bet
+    depth: int  # the depth whose rejection it bets on (0: the whole draft accepted)
 
 
 @dataclass
@@ -111,6 +114,7 @@ class DrafterService:
         self.lookahead_hits = 0
         self.lookahead_misses = 0
         self.bets_sent = 0
+        self.missed: collections.Counter[str] = collections.Counter()  # lookahead misses by kind (_miss_kind)
         self.heartbeat = Heartbeat(Streams(connect(redis_settings), self.keys), settings.worker_id, self.info)
         self.remote = RedisRemoteExperts(self.streams, settings.worker_id, vocab_size, settings.vote_timeout_ms)
         # Answers other leads' asks with this worker's models (none to offer when its drafts are simulated).
@@ -129,6 +133,7 @@ class DrafterService:
             "lookahead_hits": self.lookahead_hits,
             "lookahead_misses": self.lookahead_misses,
             "bets_sent": self.bets_sent,
+            **{f"lookahead_missed_{kind}": n for kind, n in self.missed.items()},
             "busy": round(self.busy_s / up, 4),
             "busy_s": round(self.busy_s, 4),
             "lookahead_s": round(self.lookahead_s, 4),
@@ -233,6 +238,7 @@ class DrafterService:
                 continue
             if bets:
                 self.lookahead_misses += 1
+                self.missed[_miss_kind(bets, toks)] += 1
             if job.sampled:
                 local = [e for e in known.experts if e in self.fused.drafters]
                 replies.append((job, self._sampled(job, toks, local[0] if local else known.feature)))
@@ -294,23 +300,23 @@ class DrafterService:
                     rejected.append((FusedRequest(row, tokens, job.k, local, job.width, weights=known.weights),
                                      rid, o))
         # The likeliest outcome is sent first; the rejections follow in one more batched drafting.
-        self._bet([(req, req.seq_id) for req in whole], guess=True, jobs=plans)
+        self._bet([(req, req.seq_id, 0) for req in whole], guess=True, jobs=plans)
         if rejected and not self.jobs_waiting():
-            self._bet([(req, rid) for req, rid, _ in rejected], guess=False, jobs=plans)
+            self._bet([(req, rid, o.depth) for req, rid, o in rejected], guess=False, jobs=plans)
 
-    def _bet(self, reqs: list[tuple[FusedRequest, str]], guess: bool, jobs: dict) -> None:
-        """Draft ``reqs`` (a drafter row each, for request ``rid``) and send each draft as a bet; with
-        ``guess``, the first drafted position is the bonus token the bet assumes."""
+    def _bet(self, reqs: list[tuple[FusedRequest, str, int]], guess: bool, jobs: dict) -> None:
+        """Draft ``reqs`` (a drafter row each, for request ``rid``, betting on a rejection at ``depth``) and
+        send each draft as a bet; with ``guess``, the first drafted position is the bonus token it assumes."""
         if not reqs:
             return
         try:  # a job arriving meanwhile ends drafting ahead at the next depth: it must not wait for all of it
-            drafts = self.fused.draft([req for req, _ in reqs], stop=self.jobs_waiting)
+            drafts = self.fused.draft([req for req, _, _ in reqs], stop=self.jobs_waiting)
         except Exception:
             log.exception("lookahead drafting failed for %d rows", len(reqs))
-            self.fused.release([req.seq_id for req, _ in reqs])
+            self.fused.release([req.seq_id for req, _, _ in reqs])
             return
         pipe = self.streams.pipeline()
-        for req, rid in reqs:
+        for req, rid, depth in reqs:
             d = drafts.get(req.seq_id)
             known = self.requests.get(rid)
             if d is None or not d.tree.tokens or known is None:
@@ -321,7 +327,7 @@ class DrafterService:
                 d = d.below_first()
                 if not d.tree.tokens:  # stopped after the guess alone: nothing drafted ahead
                     continue
-            known.ahead.append(_Ahead(expected, d))
+            known.ahead.append(_Ahead(expected, d, len(known.tokens), depth))
             bet = Draft(rid, self.settings.worker_id, len(expected), feature=known.feature,
                         assumed=expected[len(known.tokens):])
             self.streams.add(self.keys.verify(jobs[rid][0].verifier), self._fill(bet, d, lookahead=True, keep=False),
@@ -407,3 +413,17 @@ class DrafterService:
         for rid in [r for r, k in self.requests.items() if k.seen < cutoff]:
             log.info("evicting idle request %s", rid)
             self.release(rid)
+
+
+def _miss_kind(bets: list[_Ahead], tokens: list[int]) -> str:
+    """Why no bet matched the committed ``tokens``: ``bonus`` (the draft was accepted whole, the bonus token
+    guessed wrong), ``alternative`` (rejected at a depth bet on, with another token than the runner-up),
+    ``undrafted`` (rejected at a depth no bet covered) or ``other`` (no whole-draft bet to compare with)."""
+    whole = next((b for b in bets if b.depth == 0), None)
+    if whole is None:
+        return "other"
+    spine, new = whole.expected[whole.base:-1], tokens[whole.base:]
+    if new[: len(spine)] == spine:
+        return "bonus"
+    rejected = common_prefix(new, spine) + 1
+    return "alternative" if any(b.depth == rejected for b in bets) else "undrafted"

@@ -276,6 +276,7 @@ class VerifierService:
         """One target forward over ``ready``; then their output, next jobs and acknowledgements in one MULTI."""
         vocab = self.engine.runner.vocab_size
         drafts = {st.rid: tree_of(st.drafting.draft, vocab) if st.drafting.draft else None for st in ready}
+        bets = sum(bool(st.drafting.draft and st.drafting.draft.assumed) for st in ready)
         for st in ready:
             if st.drafting.draft is not None:
                 st.counters.draft_ms += st.drafting.draft.draft_ms
@@ -300,7 +301,7 @@ class VerifierService:
             finished = self._commit(ready, results, forward_s)
         self.metrics.trace_pass({"slots_run": self.engine.runner.slots_run, "slots_fed": self.engine.runner.slots_fed},
                                 active=len(self.active), verified=len(ready),
-                                depths=[t.depth if t else 0 for t in drafts.values()],
+                                depths=[t.depth if t else 0 for t in drafts.values()], bets=bets,
                                 forward_ms=round(forward_s * 1000, 3),
                                 draft_share=round(self.steering.draft_share(), 3),
                                 pass_overhead_ms=round(self.steering.pass_overhead_ms, 3))
