@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from cosine import defaults
 from cosine.cli_bench import bench
 from cosine.errors import CosineError
 
@@ -195,12 +196,16 @@ def worker() -> None:
 @click.option("--window-ms", type=float, default=None, help="Wait this long for more jobs after the first.")
 @click.option("--block-ms", type=int, default=None, help="Blocking read when idle.")
 @click.option("--lookahead/--no-lookahead", default=None,
-              help="While idle, draft each request's next round ahead (assuming its draft is accepted whole).  "
-                   "[default: on]")
+              help="While idle, draft each request's next round ahead for the outcomes expected of its pass and "
+                   "send them to the verifier as bets.  [default: on]")
+@click.option("--ahead-rows", type=click.IntRange(min=1), default=None,
+              help=f"Drafter rows drafted ahead after each reply (the whole draft accepted for every request, then "
+                   f"the likeliest other outcomes).  [default: {defaults.DRAFTER_AHEAD_ROWS}]")
 @click.option("--vote-timeout-ms", type=float, default=None,
               help="Fusion across workers: wait this long per draft position for other workers' candidates.")
 def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                   threads, name, model, batch_max, window_ms, block_ms, lookahead, vote_timeout_ms) -> None:
+                   threads, name, model, batch_max, window_ms, block_ms, lookahead, ahead_rows,
+                   vote_timeout_ms) -> None:
     """Host drafter models: consume this worker's draft jobs, reply with draft trees."""
     from cosine.service.drafter_service import DrafterSettings
     from cosine.zoo import paths
@@ -217,7 +222,7 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
         table = {d: str(paths.drafter_dir(d, root)) for d in paths.drafter_domains(root)}
     settings = DrafterSettings(worker_id=name or _default_name("drafter"))
     for attr, value in (("batch_max", batch_max), ("window_ms", window_ms), ("block_ms", block_ms),
-                        ("lookahead", lookahead), ("vote_timeout_ms", vote_timeout_ms)):
+                        ("lookahead", lookahead), ("ahead_rows", ahead_rows), ("vote_timeout_ms", vote_timeout_ms)):
         if value is not None:
             setattr(settings, attr, value)
     drafter_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),

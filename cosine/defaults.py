@@ -60,13 +60,16 @@ DRAFTER_WINDOW_MS = 0.0
 DRAFTER_BLOCK_MS = 100  # blocking read when idle
 DRAFTER_IDLE_EVICT_S = 120.0  # a request's drafter KV rows are dropped after this long without a job
 # Lookahead: after replying, an idle drafter drafts the next round too for the outcomes it expects (the draft
-# accepted whole with its own guess of the bonus token; rejected at a depth with its runner-up there) and
+# accepted whole with its own guess of the bonus token; rejected at a depth with a runner-up there) and
 # sends each to the verifier as a bet (cosine.policy.bets).
 DRAFTER_LOOKAHEAD = True
 # Drafter rows drafted ahead per lookahead: every request's whole-draft bet, then the likeliest other outcomes
 # across requests. At one request on the demo zoo the whole draft was accepted in about 30% of rounds, so a
 # bet on it alone left the verifier waiting for a fresh draft in most rounds.
 DRAFTER_AHEAD_ROWS = 6
+# Bets on a rejection are drafted this many positions deep (the whole-draft bet: the job's k), so that one
+# batched drafting of every bet ends before the verifier's pass does.
+DRAFTER_AHEAD_DEPTH = 2
 # Fusion across drafter workers (verifier --cross-process-fusion): a request's experts may live on several
 # workers; the one that gets the job leads the lockstep and asks the others for their candidates per depth.
 CROSS_PROCESS_FUSION = False

@@ -56,23 +56,24 @@ def test_bets_go_to_the_verifier_and_the_job_confirming_one_needs_no_reply(redis
     job = DraftJob("r", "v", len(prompt), 0, prompt, 3, experts=EXPERTS)
     [(_, first)] = service.draft_all([job])
     spine = [first.tokens[i] for i in DraftTree(first.tokens, first.parents).spine()]
-    runner_up = service._last_draft["r"].runner_up
-    assert len(runner_up) == 3 and all(alt is not None and alt[0] != tok for alt, tok in zip(runner_up, spine))
+    runners_up = service._last_draft["r"].runners_up
+    assert len(runners_up) == 3 and all(alts and tok not in dict(alts) for alts, tok in zip(runners_up, spine))
     service.look_ahead([job])
     bets = [decode_entry(f, (Draft,), vocab) for _, f in service.streams.r.xrange(service.keys.verify("v"))]
     assert len(bets) == 3 and service.bets_sent == 3
-    whole, *rejections = bets
+    whole, *others = bets
     assert whole.assumed[:3] == spine and len(whole.assumed) == 4, "the spine and the guessed bonus token"
-    for bet in rejections:
+    for bet in others:  # rejected at depth j, a runner-up there in place of the spine's token
         j = len(bet.assumed)
-        assert bet.assumed == spine[: j - 1] + [runner_up[j - 1][0]], "rejected at depth j: the runner-up there"
-    for bet in bets:
+        assert bet.assumed[: j - 1] == spine[: j - 1] and bet.assumed[-1] in dict(runners_up[j - 1])
+    for bet in bets:  # the whole draft's bet as deep as the job asked, the others DRAFTER_AHEAD_DEPTH deep
         committed = prompt + bet.assumed
         assert bet.epoch == len(committed) and bet.lookahead and not bet.job_sent_ms
-        want = fresh.draft([FusedRequest("x", committed, 3, EXPERTS)])["x"]
+        depth = 3 if bet is whole else min(3, service.settings.ahead_depth)
+        want = fresh.draft([FusedRequest("x", committed, depth, EXPERTS)])["x"]
         assert (bet.tokens, bet.parents, bet.sources) == (want.tree.tokens, want.tree.parents, want.tree.sources)
         assert bet.votes == want.votes
-    bet = rejections[0]
+    bet = others[0]
     committed = prompt + bet.assumed
     confirming = DraftJob("r", "v", len(committed), len(prompt), bet.assumed, 3, experts=EXPERTS)
     assert service.draft_all([confirming]) == [(confirming, None)] and service.lookahead_hits == 1
@@ -117,11 +118,13 @@ def test_a_job_coming_in_ends_drafting_ahead(redis_url, zoo_engine, zoo_prompts)
     job = DraftJob("r", "v", len(prompt), 0, prompt, 4, experts=EXPERTS)
     service.draft_all([job])
     service.streams.r.xadd(service.stream, entry(DraftJob("s", "v", len(prompt), 0, prompt, 4, experts=EXPERTS)))
-    service.look_ahead([job])  # stopped after the bonus token's guess: nothing drafted ahead is kept
-    assert service.requests["r"].ahead == []
+    service.look_ahead([job])  # stopped after one depth: the whole draft's bet holds only its guess, dropped
+    assert all(b.depth and b.draft.tree.depth == 1 for b in service.requests["r"].ahead)
+    service.requests["r"].ahead = []
     service.streams.r.delete(service.stream)
     service.look_ahead([job])
-    assert service.requests["r"].ahead and service.requests["r"].ahead[0].draft.tree.depth == 4
+    whole = [b for b in service.requests["r"].ahead if b.depth == 0]
+    assert len(whole) == 1 and whole[0].draft.tree.depth == 4
     # The fused drafter ends every tree at the last depth completed when asked to stop: it asks before every
     # expert's forward after the first depth, and a depth some experts did not draft is dropped.
     reqs = [FusedRequest("a", prompt, 5, EXPERTS), FusedRequest("b", prompt[:-3], 3, EXPERTS)]

@@ -15,9 +15,9 @@ built from the others: a weaker draft, never a wrong output).
 
 The experts' top-1 tokens at every depth (their *votes*) and confidences come back with the tree, so the
 caller can score each expert's agreement with what the target then commits (expertise routing), and so does
-each depth's *runner-up*: the most likely local candidate the tree does not hold (each local expert offers
-one candidate more than the tree's width), which is the drafter's guess for the target's token should it
-reject that depth (what drafting ahead bets on).
+each depth's *runners-up*: the likeliest candidates the tree does not hold (each local expert offers
+``RUNNERS_UP`` candidates more than the tree's width), the drafter's guesses for the target's token should
+it reject that depth (what drafting ahead bets on).
 Sampled proposals are not fused: the caller drafts those with a single :class:`Drafter`.
 """
 
@@ -34,6 +34,8 @@ from cosine.engine.tree import DraftTree
 from cosine.policy.fusion import fuse_position
 
 log = logging.getLogger(__name__)
+
+RUNNERS_UP = 2  # candidates per depth beyond the tree's, kept for bets on a rejection there
 
 
 @dataclass
@@ -55,18 +57,18 @@ class FusedDraft:
     tree: DraftTree
     votes: dict[str, list[int]] = field(default_factory=dict)  # expert -> its top-1 token per depth
     vote_confidence: dict[str, list[float]] = field(default_factory=dict)  # expert -> that token's probability
-    # Per depth: the most likely candidate not in the tree there, (token, probability); None if none.
-    runner_up: list[tuple[int, float] | None] = field(default_factory=list)
+    # Per depth: the likeliest candidates not in the tree there, (token, probability), best first.
+    runners_up: list[list[tuple[int, float]]] = field(default_factory=list)
 
     def truncated(self, depth: int) -> FusedDraft:
         """The draft cut to its first ``depth`` positions (tree, votes and their confidences)."""
         return FusedDraft(self.tree.truncated(depth), {e: v[:depth] for e, v in self.votes.items()},
-                          {e: c[:depth] for e, c in self.vote_confidence.items()}, self.runner_up[:depth])
+                          {e: c[:depth] for e, c in self.vote_confidence.items()}, self.runners_up[:depth])
 
     def below_first(self) -> FusedDraft:
         """The draft below its first spine node, one depth shorter (drafted from a guess of the token there)."""
         return FusedDraft(self.tree.below(self.tree.spine()[0]), {e: v[1:] for e, v in self.votes.items()},
-                          {e: c[1:] for e, c in self.vote_confidence.items()}, self.runner_up[1:])
+                          {e: c[1:] for e, c in self.vote_confidence.items()}, self.runners_up[1:])
 
 
 class RemoteExperts(Protocol):
@@ -139,8 +141,8 @@ class FusedDrafter:
                 if depth > 1 and stop is not None and stop():
                     stopped = True  # a depth some experts did not draft is dropped (their rows catch up later)
                     break
-                with self.lock:  # one candidate more than the tree takes: the runner-up
-                    proposed = self.drafters[e].propose(seqs, {sid: widths[sid] + 1 for sid in seqs})
+                with self.lock:  # more candidates than the tree takes: the runners-up
+                    proposed = self.drafters[e].propose(seqs, {sid: widths[sid] + RUNNERS_UP for sid in seqs})
                 for sid, c in proposed.items():
                     candidates.setdefault(sid, {})[e] = c
             if stopped:
@@ -170,8 +172,11 @@ class FusedDrafter:
                     if r.weights else cands
                 fused = fuse_position({e: c[: r.width] for e, c in ranked.items()}, cap)
                 in_tree = {fused.spine_token, *(tok for tok, _, _ in fused.alternatives)}
-                spare = [(t, p) for c in ranked.values() for t, p in c if t not in in_tree]
-                draft.runner_up.append(max(spare, key=lambda tp: tp[1]) if spare else None)
+                spare: dict[int, float] = {}
+                for t, p in (tp for c in ranked.values() for tp in c):
+                    if t not in in_tree and p > spare.get(t, -1.0):
+                        spare[t] = p
+                draft.runners_up.append(sorted(spare.items(), key=lambda tp: -tp[1])[:RUNNERS_UP])
                 for e, c in cands.items():
                     draft.votes[e].append(c[0][0])
                     draft.vote_confidence[e].append(c[0][1])

@@ -4,7 +4,7 @@ While the verifier checks a draft, its drafter can draft the next round for the 
 each as a bet (:mod:`cosine.service.drafter_service`). An outcome is what the pass commits after the tokens
 the drafter was sent: the draft's spine accepted whole and a bonus token (the drafter's own guess, drafted as
 the first position of that bet), or the spine accepted up to depth ``j - 1`` and the target's token at depth
-``j`` in place of the drafter's: its runner-up there, the most likely candidate the tree did not hold.
+``j`` in place of the drafter's: one of its runners-up there, the likeliest candidates the tree did not hold.
 
 Likelihoods use the drafter's own probabilities as stand-ins for the target's: reaching depth ``j`` is the
 product of the spine's confidences before it, and the runner-up's chance is its probability.
@@ -18,20 +18,20 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Outcome:
     depth: int  # the depth the target rejects (0: none, the whole spine accepted)
-    assumed: tuple[int, ...]  # the tokens committed after the last ones sent (the bonus guess not included)
+    assumed: tuple[int, ...]  # the tokens committed after the last ones sent (a guessed bonus not included)
     likelihood: float
 
 
-def outcomes(spine: list[int], confidences: list[float], runner_up: list[tuple[int, float] | None]) -> list[Outcome]:
+def outcomes(spine: list[int], confidences: list[float],
+             runners_up: list[list[tuple[int, float]]]) -> list[Outcome]:
     """Every outcome worth a bet, most likely first (the whole spine accepted is always one, first among
-    equals). ``confidences[i]`` and ``runner_up[i]``: the spine node at depth ``i + 1`` and the best
-    candidate not in the tree there."""
+    equals). ``confidences[i]`` and ``runners_up[i]``: the spine node at depth ``i + 1`` and the likeliest
+    candidates not in the tree there."""
     reach = 1.0
     found = []
-    for j, (token, conf) in enumerate(zip(spine, confidences), start=1):
-        alt = runner_up[j - 1] if j - 1 < len(runner_up) else None
-        if alt is not None:
-            found.append(Outcome(j, tuple(spine[: j - 1]) + (alt[0],), reach * alt[1]))
+    for j, conf in enumerate(confidences[: len(spine)], start=1):
+        for token, p in runners_up[j - 1] if j - 1 < len(runners_up) else []:
+            found.append(Outcome(j, tuple(spine[: j - 1]) + (token,), reach * p))
         reach *= conf
     found.append(Outcome(0, tuple(spine), reach))
     return sorted(found, key=lambda o: (-o.likelihood, o.depth != 0))

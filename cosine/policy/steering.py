@@ -94,8 +94,11 @@ class Steering:
         """Whether a request with this speculation mode gets its k from adaptive control."""
         return mode not in ("off", "fixed") and self.k != 0 and self.switches.adaptive
 
-    def k_for(self, steer: RequestSteer, mode: str, fixed_k: int | None, room: int, load: Load) -> int:
-        """Draft positions for the request's next round (0 = a plain target step)."""
+    def k_for(self, steer: RequestSteer, mode: str, fixed_k: int | None, room: int, load: Load,
+              ahead: bool = False) -> int:
+        """Draft positions for the request's next round (0 = a plain target step). ``ahead``: the round's
+        draft is in hand already (a bet its drafter sent ahead), so the job only sets the depth of the bets
+        drafted while this round is verified: drafting is off the round's path and priced at nothing."""
         if mode == "off" or self.k == 0:  # a verifier started with k=0 never speculates
             return 0
         if mode == "fixed":
@@ -107,8 +110,9 @@ class Steering:
         single = self.plain_pass_ms(load)
         # The drafter/target ratio is relative to a bare forward; a round of plain steps costs its overhead too.
         diluted = single / (single + self.pass_overhead_ms) if single > 0 else 1.0
+        share = 0.0 if ahead else self.draft_share() * diluted
         k = self.controller.k_for(steer.spec, bounds=bounds, pressure=load.pressure,
-                                  verify_cost=self.verify_cost(load), draft_share=self.draft_share() * diluted)
+                                  verify_cost=self.verify_cost(load), draft_share=share)
         return max(0, min(k, room))
 
     def plain_pass_ms(self, load: Load) -> float:
@@ -129,13 +133,16 @@ class Steering:
         return (self.cost.verify_ms(n, load.context, fed) - single) / (k * (single + self.pass_overhead_ms))
 
     # -- what a round costs beyond the cost model -------------------------------------------------------
-    def observe_pass(self, draft_wait_ms: float, overhead_ms: float) -> None:
+    def observe_pass(self, draft_wait_ms: float, overhead_ms: float, fresh: bool = True) -> None:
         """The verifier's time since its previous pass: waiting for drafts while it held requests, and the rest
-        besides the pass's forward (Redis, serialisation, scheduling, prefilling arrivals)."""
+        besides the pass's forward (Redis, serialisation, scheduling, prefilling arrivals). ``fresh``: some
+        draft of the pass was drafted for its job (not a bet); a pass of bets alone says nothing of how long
+        drafting keeps a round waiting."""
         if self.draft_wait_ms is None:
             self.draft_wait_ms, self.pass_overhead_ms = draft_wait_ms, overhead_ms
             return
-        self.draft_wait_ms += PASS_EWMA * (draft_wait_ms - self.draft_wait_ms)
+        if fresh:
+            self.draft_wait_ms += PASS_EWMA * (draft_wait_ms - self.draft_wait_ms)
         self.pass_overhead_ms += PASS_EWMA * (overhead_ms - self.pass_overhead_ms)
 
     def draft_share(self) -> float:
@@ -151,7 +158,8 @@ class Steering:
         return min(1.0, self.draft_wait_ms / self.draft_ms_sent)
 
     def cap(self, ks: dict[str, int], width: int, token_cap: int, load: Load,
-            adaptive: dict[str, tuple[RequestSteer, int]] | None = None) -> dict[str, int]:
+            adaptive: dict[str, tuple[RequestSteer, int]] | None = None, ahead: frozenset[str] = frozenset()
+            ) -> dict[str, int]:
         """The round's ks (the jobs going out together), adjusted together: with an engine that pads rows,
         one depth for the ``adaptive`` requests (id -> its steering and room; :meth:`one_depth`); otherwise
         their shorter drafts lengthened towards the round's longest where that pays
@@ -165,7 +173,7 @@ class Steering:
         elif adaptive and len(ks) > 1:
             ks = self.align(ks, adaptive, width, load)
         ks = self.controller.cap_total(ks, {rid: width for rid in ks}, token_cap, self.cost.padded)
-        drafting = [k for k in ks.values() if k > 0]
+        drafting = [k for rid, k in ks.items() if k > 0 and rid not in ahead]  # the drafts a round waits for
         if drafting:
             self.draft_ms_sent = self.cost.draft_ms(len(drafting), max(drafting))
         return ks

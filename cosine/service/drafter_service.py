@@ -55,6 +55,7 @@ class DrafterSettings:
     idle_evict_s: float = defaults.DRAFTER_IDLE_EVICT_S
     lookahead: bool = defaults.DRAFTER_LOOKAHEAD
     ahead_rows: int = defaults.DRAFTER_AHEAD_ROWS
+    ahead_depth: int = defaults.DRAFTER_AHEAD_DEPTH
     vote_timeout_ms: float = defaults.VOTE_TIMEOUT_MS
 
 
@@ -271,9 +272,10 @@ class DrafterService:
 
     def look_ahead(self, jobs: list[DraftJob]) -> None:
         """Draft the round after each just-answered job for the outcomes expected of its pass, and send each
-        to the job's verifier as a bet: the whole draft accepted first (its own row), then the likeliest
-        rejections (a row each) within ``ahead_rows``."""
-        plans: dict[str, tuple[DraftJob, _Drafted, list[str], list[Outcome]]] = {}
+        to the job's verifier as a bet: the whole draft accepted (the request's own row) and the likeliest
+        rejections (a row each) within ``ahead_rows`` rows in all."""
+        plans: dict[str, tuple[DraftJob, _Drafted, list[str]]] = {}
+        found: dict[str, list[Outcome]] = {}
         for job in jobs:
             known = self.requests.get(job.request_id)
             last = self._last_draft.get(job.request_id)
@@ -285,52 +287,51 @@ class DrafterService:
                 continue
             spine = [last.tree.tokens[i] for i in spine_nodes]
             confs = [last.tree.confidences[i] for i in spine_nodes]
-            plans[job.request_id] = (job, known, local, outcomes(spine, confs, last.runner_up))
-        chosen = choose({rid: plan[3] for rid, plan in plans.items()}, self.settings.ahead_rows)
-        whole: list[FusedRequest] = []
-        rejected: list[tuple[FusedRequest, str, Outcome]] = []
-        for rid, (job, known, local, _) in plans.items():
-            for o in chosen[rid]:
-                tokens = known.tokens + list(o.assumed)
-                if o.depth == 0:  # one position more: the first is the guess of the bonus token
-                    whole.append(FusedRequest(rid, tokens, job.k + 1, local, job.width, weights=known.weights))
-                else:
-                    row = f"{rid}#{o.depth}"
-                    known.rows.add(row)
-                    rejected.append((FusedRequest(row, tokens, job.k, local, job.width, weights=known.weights),
-                                     rid, o))
-        # The likeliest outcome is sent first; the rejections follow in one more batched drafting.
-        self._bet([(req, req.seq_id, 0) for req in whole], guess=True, jobs=plans)
-        if rejected and not self.jobs_waiting():
-            self._bet([(req, rid, o.depth) for req, rid, o in rejected], guess=False, jobs=plans)
+            plans[job.request_id] = (job, known, local)
+            found[job.request_id] = outcomes(spine, confs, last.runners_up)
+        # One batched drafting: the whole draft's row one position deeper (its first position is the guess of
+        # the bonus token), the others ``ahead_depth`` deep, so that all of them are in before the pass ends
+        # (drafted one after the other, the rejections were mostly cut short by the next job).
+        chosen = choose(found, self.settings.ahead_rows)
+        self._bet([(rid, o, 1 if o.depth == 0 else 0, None if o.depth == 0 else self.settings.ahead_depth)
+                   for rid, outs in chosen.items() for o in outs], plans)
 
-    def _bet(self, reqs: list[tuple[FusedRequest, str, int]], guess: bool, jobs: dict) -> None:
-        """Draft ``reqs`` (a drafter row each, for request ``rid``, betting on a rejection at ``depth``) and
-        send each draft as a bet; with ``guess``, the first drafted position is the bonus token it assumes."""
+    def _bet(self, outs: list[tuple[str, Outcome, int, int | None]], plans: dict) -> None:
+        """Draft the round after each outcome ``(request, outcome, guessed, depth)`` (a drafter row each: the
+        request's own for its whole-draft outcome; ``depth`` at most, else the job's k) and send each draft as
+        a bet; the first ``guessed`` positions drafted are guesses of tokens the outcome commits."""
+        reqs: list[FusedRequest] = []
+        for n, (rid, o, guessed, cap) in enumerate(outs):
+            job, known, local = plans[rid]
+            row = rid if o.depth == 0 else f"{rid}#{sum(1 for r, *_ in outs[:n] if r == rid)}"
+            known.rows.add(row)
+            depth = job.k if cap is None else min(job.k, cap)
+            reqs.append(FusedRequest(row, known.tokens + list(o.assumed), depth + guessed, local, job.width,
+                                     weights=known.weights))
         if not reqs:
             return
         try:  # a job arriving meanwhile ends drafting ahead at the next depth: it must not wait for all of it
-            drafts = self.fused.draft([req for req, _, _ in reqs], stop=self.jobs_waiting)
+            drafts = self.fused.draft(reqs, stop=self.jobs_waiting)
         except Exception:
             log.exception("lookahead drafting failed for %d rows", len(reqs))
-            self.fused.release([req.seq_id for req, _, _ in reqs])
+            self.fused.release([req.seq_id for req in reqs])
             return
         pipe = self.streams.pipeline()
-        for req, rid, depth in reqs:
+        for req, (rid, o, guessed, _) in zip(reqs, outs):
             d = drafts.get(req.seq_id)
             known = self.requests.get(rid)
             if d is None or not d.tree.tokens or known is None:
                 continue
             expected = list(req.tokens)
-            if guess:
+            for _ in range(guessed):
                 expected.append(d.tree.tokens[d.tree.spine()[0]])
                 d = d.below_first()
-                if not d.tree.tokens:  # stopped after the guess alone: nothing drafted ahead
-                    continue
-            known.ahead.append(_Ahead(expected, d, len(known.tokens), depth))
+            if not d.tree.tokens:  # stopped after the guesses: nothing drafted ahead
+                continue
+            known.ahead.append(_Ahead(expected, d, len(known.tokens), o.depth))
             bet = Draft(rid, self.settings.worker_id, len(expected), feature=known.feature,
                         assumed=expected[len(known.tokens):])
-            self.streams.add(self.keys.verify(jobs[rid][0].verifier), self._fill(bet, d, lookahead=True, keep=False),
+            self.streams.add(self.keys.verify(plans[rid][0].verifier), self._fill(bet, d, lookahead=True, keep=False),
                              pipe)
             self.bets_sent += 1
         if len(pipe):

@@ -101,11 +101,12 @@ class DraftExchange:
         s = self.settings
         self.refresh()
         rooms = {st.rid: self.room(st.seq) for st in sts}
-        ks = {st.rid: self.steering.k_for(st.drafting.steer, st.msg.speculation, st.msg.spec_k, rooms[st.rid], load)
-              for st in sts}
+        ahead = frozenset(st.rid for st in sts if st.drafting.draft is not None)  # a bet in hand (settle_bets)
+        ks = {st.rid: self.steering.k_for(st.drafting.steer, st.msg.speculation, st.msg.spec_k, rooms[st.rid], load,
+                                          st.rid in ahead) for st in sts}
         adaptive = {st.rid: (st.drafting.steer, rooms[st.rid]) for st in sts
                     if self.steering.adapts(st.msg.speculation)}
-        ks = self.steering.cap(ks, s.tree_width, s.max_batch_tokens, load, adaptive)
+        ks = self.steering.cap(ks, s.tree_width, s.max_batch_tokens, load, adaptive, ahead)
         workers = collections.Counter(st.drafting.worker for st in active.values())
         jobs = []
         for st in sts:
@@ -113,8 +114,11 @@ class DraftExchange:
             worker = self._place(st, workers) if k > 0 else None
             d.plain = worker is None
             if d.plain:
+                d.draft = None  # a bet in hand is not verified in a plain step
                 self.metrics.counters["plain_steps"] += 1
                 continue
+            if d.draft is not None:
+                d.draft = truncated(d.draft, k)  # a bet drafted deeper than the round gets
             self.metrics.counters["draft_jobs"] += 1
             self.metrics.counters["draft_positions"] += k
             experts, weights = self.steering.experts_for(d.steer, self.placement.pool(worker), st.msg.drafter,
@@ -175,7 +179,7 @@ class DraftExchange:
                 d.bets = [b for b in d.bets if b.epoch >= len(st.seq)][-MAX_BETS + 1:] + [msg]
                 continue
             if msg.assumed and d is not None and msg.drafter == d.worker and msg.epoch == len(st.seq):
-                if not self._take_bet(st, msg):
+                if d.plain or d.waiting_epoch != len(st.seq) or not self._take_bet(st, msg, d.k):
                     self.metrics.counters["stale_drafts"] += 1
                 continue
             if d is None or msg.drafter != d.worker or msg.epoch != len(st.seq) or d.draft is not None:
@@ -195,8 +199,8 @@ class DraftExchange:
             d.draft = msg
 
     def settle_bets(self, sts: list[RequestState]) -> None:
-        """After a pass: each request takes the bet that assumed what was committed (once its next job is
-        queued, so the bet is cut to the positions steering gave it)."""
+        """After a pass, before the next jobs are queued: each request takes the bet that assumed what was
+        committed (:meth:`queue_jobs` then cuts it to the positions steering gives the round)."""
         for st in sts:
             d = st.drafting
             bets, d.bets = [b for b in d.bets if b.epoch >= len(st.seq)], []
@@ -206,13 +210,13 @@ class DraftExchange:
                 elif self._take_bet(st, bet):
                     break
 
-    def _take_bet(self, st: RequestState, bet: Draft) -> bool:
-        """Take ``bet`` as the draft for the request's current epoch if it assumed the committed tokens."""
+    def _take_bet(self, st: RequestState, bet: Draft, k: int | None = None) -> bool:
+        """Take ``bet`` as the draft for the request's current epoch if it assumed the committed tokens (cut to
+        ``k`` positions when the round's job is out already)."""
         d, tokens = st.drafting, st.seq.tokens
-        if (d.draft is not None or d.plain or d.k < 1 or bet.drafter != d.worker
-                or tokens[len(tokens) - len(bet.assumed):] != bet.assumed):
+        if d.draft is not None or bet.drafter != d.worker or tokens[len(tokens) - len(bet.assumed):] != bet.assumed:
             return False
-        d.draft = truncated(bet, d.k)
+        d.draft = bet if k is None else truncated(bet, k)
         self.metrics.counters["bets_taken"] += 1
         self.metrics.counters["lookahead_hits"] += 1
         st.counters.lookahead_hits += 1

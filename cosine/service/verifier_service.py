@@ -285,7 +285,7 @@ class VerifierService:
         self.metrics.counters["pass_tokens"] += sum(1 + (len(t.tokens) if t else 0) for t in drafts.values())
         since = self.metrics.since_last_pass()
         if since is not None:
-            self.steering.observe_pass(*since)
+            self.steering.observe_pass(*since, fresh=bets < sum(1 for t in drafts.values() if t))
         t0 = time.perf_counter()
         try:
             results = self.engine.step(drafts)
@@ -333,8 +333,8 @@ class VerifierService:
             (finished if st.seq.finished else continuing).append(st)
         for st in finished:
             self.book.close(pipe, st)
-        jobs = self.drafts.queue_jobs(pipe, continuing, self.active, self.load())
         self.drafts.settle_bets(continuing)
+        jobs = self.drafts.queue_jobs(pipe, continuing, self.active, self.load())
         self.drafts.ack_consumed(pipe)
         pipe.execute()
         self.drafts.sent(jobs)
