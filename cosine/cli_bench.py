@@ -212,3 +212,22 @@ def bench_engine(zoo_path, prompts_per_domain, max_new_tokens, k, tree_width, ba
                             device, dtype, hf, repeats, tuple(micro_contexts), micro_calls)
     payload = run_engine_bench(cfg)
     _report("engine", payload, engine_markdown(payload), out, update_readme)
+
+
+@bench.command("gpu")
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--layers", type=click.IntRange(1), default=None,
+              help="Layers of the random-weight Llama-3-8B and Qwen2.5-7B shaped models.  [default: 4; 2 with --quick]")
+@click.option("--quick", is_flag=True, help="Tiny shapes and few repeats: a smoke run that fits a CPU.")
+@click.option("--out", type=click.Path(file_okay=False), default="gpu-check", show_default=True)
+def bench_gpu(device, dtype, layers, quick, out) -> None:
+    """A few minutes' check of the engine on one accelerator: the zoo's target and random-weight models shaped
+    like Llama-3-8B and Qwen2.5-7B (a few layers, nothing downloaded); the engine's target-only greedy decoding
+    against HF generate at batch 1 and 8, verify passes of 1, 5 and 9 tokens, host syncs per pass, the share
+    of a pass outside the kernels, peak memory, and greedy exactness. Writes gpu-check.json and gpu-check.md."""
+    from cosine.bench.gpu_check import gpu_markdown, run_gpu_check
+
+    payload = run_gpu_check(device, dtype, out, quick=quick, layers=layers)
+    click.echo(gpu_markdown(payload))
+    click.echo(f"\nwrote {pathlib.Path(out) / 'gpu-check.json'} and {pathlib.Path(out) / 'gpu-check.md'}")
