@@ -20,19 +20,6 @@ from cosine.service.drafter_service import DrafterService, DrafterSettings
 EXPERTS = ["code", "prose"]
 
 
-def test_grafted_continues_the_spine():
-    tree = DraftTree()
-    a = tree.add(5, -1)
-    tree.add(6, -1)  # an alternative at depth 1
-    rest = DraftTree.chain([7, 8])
-    rest.add(9, -1)  # an alternative at the first grafted depth
-    out = tree.grafted(rest, a)
-    assert out.tokens == [5, 6, 7, 8, 9] and out.parents == [-1, -1, 0, 2, 0]
-    assert out.depth == 3 and [out.tokens[i] for i in out.spine()] == [5, 7, 8]
-    with pytest.raises(ValueError):
-        tree.grafted(rest, 2)
-
-
 @pytest.fixture(scope="module")
 def redis_url():
     with LocalRedis() as srv:

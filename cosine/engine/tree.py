@@ -94,19 +94,6 @@ class DraftTree:
             node = kids[0]
             path.append(node)
 
-    def grafted(self, other: DraftTree, at: int) -> DraftTree:
-        """A copy with ``other``'s nodes appended under node ``at`` (``other``'s roots become its children),
-        e.g. a draft continued from its last spine node. Proposal distributions are not carried."""
-        if not 0 <= at < len(self.tokens):
-            raise ValueError(f"graft point {at} is not a node of this tree")
-        n = len(self.tokens)
-        return DraftTree(
-            tokens=self.tokens + other.tokens,
-            parents=self.parents + [at if p < 0 else n + p for p in other.parents],
-            confidences=self.confidences + other.confidences,
-            sources=self.sources + other.sources,
-        )
-
     def below(self, node: int) -> DraftTree:
         """The nodes under ``node`` as a tree of their own (``node``'s children become roots)."""
         inside = {node}

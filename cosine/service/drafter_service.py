@@ -8,10 +8,10 @@ expert with the lowest loss on the prompt's tail), which replies carry for the r
 
 Lookahead: with nothing else queued, the worker drafts each request's next round right after replying, for
 the outcomes of the pass it expects (:mod:`cosine.policy.bets`: the whole draft accepted with its own guess of
-the bonus token first, then rejections at a depth with its runner-up there, each in a drafter row of its own)
-and sends each as a *bet* to the verifier at once; the verifier takes the one whose assumed tokens its pass
-commits, without waiting for a job round trip, and this worker then answers the job that confirms it with
-nothing. A job arriving meanwhile ends drafting ahead at the next depth: a job must not wait for bets.
+the bonus token, and the likeliest rejections at a depth with a runner-up there; a drafter row each, in one
+batched drafting) and sends each as a *bet* to the verifier at once; the verifier takes the one whose assumed
+tokens its pass commits, without waiting for a job round trip, and this worker then answers the job that
+confirms it with nothing. A job arriving meanwhile ends drafting ahead at the next depth: a job must not wait for bets.
 
 With fusion across drafter workers a job may name experts hosted elsewhere (``peers``): this worker leads the
 lockstep and asks them per depth, and answers other leads from a thread of its own

@@ -6,8 +6,8 @@ A draft is a hint: one built on another committed length (stale), from a worker 
 request no longer held is dropped; the request then advances with a plain target step. A *bet* is a draft
 the drafter sent unasked for an outcome it guessed; it waits here until a pass decides, and when the request's
 sequence ends with the tokens it assumed, it is the next round's draft at once: no job-and-reply round trip
-between the pass and the next one (the job still goes out, so the drafter learns the outcome). How long drafts take
-to come back (their round trips) sets when a missing one counts as late.
+between the pass and the next one (the job still goes out, so the drafter learns the outcome). How long
+drafts take to come back (their round trips) sets when a missing one counts as late.
 """
 
 from __future__ import annotations
