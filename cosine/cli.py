@@ -201,10 +201,13 @@ def worker() -> None:
 @click.option("--ahead-rows", type=click.IntRange(min=1), default=None,
               help=f"Drafter rows drafted ahead after each reply (the whole draft accepted for every request, then "
                    f"the likeliest other outcomes).  [default: {defaults.DRAFTER_AHEAD_ROWS}]")
+@click.option("--ahead-depth", type=click.IntRange(min=1), default=None,
+              help=f"Positions drafted ahead for an outcome other than the whole draft accepted.  "
+                   f"[default: {defaults.DRAFTER_AHEAD_DEPTH}]")
 @click.option("--vote-timeout-ms", type=float, default=None,
               help="Fusion across workers: wait this long per draft position for other workers' candidates.")
 def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                   threads, name, model, batch_max, window_ms, block_ms, lookahead, ahead_rows,
+                   threads, name, model, batch_max, window_ms, block_ms, lookahead, ahead_rows, ahead_depth,
                    vote_timeout_ms) -> None:
     """Host drafter models: consume this worker's draft jobs, reply with draft trees."""
     from cosine.service.drafter_service import DrafterSettings
@@ -222,7 +225,8 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
         table = {d: str(paths.drafter_dir(d, root)) for d in paths.drafter_domains(root)}
     settings = DrafterSettings(worker_id=name or _default_name("drafter"))
     for attr, value in (("batch_max", batch_max), ("window_ms", window_ms), ("block_ms", block_ms),
-                        ("lookahead", lookahead), ("ahead_rows", ahead_rows), ("vote_timeout_ms", vote_timeout_ms)):
+                        ("lookahead", lookahead), ("ahead_rows", ahead_rows), ("ahead_depth", ahead_depth),
+                        ("vote_timeout_ms", vote_timeout_ms)):
         if value is not None:
             setattr(settings, attr, value)
     drafter_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),

@@ -130,6 +130,19 @@ def test_a_bet_on_the_outcome_is_the_next_draft_without_a_round_trip_and_a_wrong
     assert [c.token_ids for c in chunks(svc, msg.request_id)][1] == truth(8)[4:8]
 
 
+def test_the_first_draft_job_goes_out_before_the_prefill(connector):
+    """The drafter prefills its rows and drafts while the target prefills: the job is sent first."""
+    svc = make_verifier(connector)
+    drafter_alive(svc)
+    svc.recover_own()
+    seen = []
+    prefill = svc.engine.admit
+    svc.engine.admit = lambda seqs: seen.append(len(jobs(svc))) or prefill(seqs)
+    submit(svc, max_new_tokens=8, speculation=3)
+    svc.step()
+    assert seen == [1] and len(svc.active) == 1
+
+
 def test_a_request_past_its_deadline_ends_with_timeout_and_frees_its_row(connector):
     svc = make_verifier(connector)
     svc.recover_own()

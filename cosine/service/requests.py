@@ -9,6 +9,7 @@ dead owner's entries are reclaimed by another verifier, which resumes from the o
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from cosine.broker import Entry, Streams, now_ms
 from cosine.engine.sequence import FinishReason, Sequence
@@ -38,9 +39,11 @@ class RequestBook:
         self.active: dict[str, RequestState] = {}
 
     # -- admission ------------------------------------------------------------------------------------
-    def admit(self, entries: list[Entry]) -> list[RequestState]:
-        """Decode, look up earlier output and cancellation (one round trip for all), prefill; returns the
-        requests now active. Malformed entries go to the dead-letter stream and their client is told."""
+    def admit(self, entries: list[Entry],
+              before_prefill: Callable[[list[RequestState]], None] | None = None) -> list[RequestState]:
+        """Decode, look up earlier output and cancellation (one round trip for all), ``before_prefill`` the
+        requests about to be admitted, prefill; returns the requests now active. Malformed entries go to the
+        dead-letter stream and their client is told."""
         pipe = self.streams.transaction()
         decoded: list[tuple[bytes, GenerationRequest]] = []
         for eid, fields in entries:
@@ -59,6 +62,8 @@ class RequestBook:
         fresh = [st for (eid, msg), (rows, cancelled) in zip(decoded, earlier)
                  if (st := self._resume(pipe, msg, eid, rows, cancelled)) is not None]
         pipe.execute()
+        if fresh and before_prefill is not None:
+            before_prefill(fresh)
         if fresh:
             with self.metrics.timed("busy_s", "admit_s"):
                 self.engine.admit([st.seq for st in fresh])

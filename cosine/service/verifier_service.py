@@ -226,9 +226,9 @@ class VerifierService:
         return None if wait <= 0.0005 else max(1, int(wait * 1000))
 
     def admit(self, entries: list[Entry]) -> None:
-        fresh = self.book.admit(entries)
-        if fresh:
-            self.drafts.dispatch(fresh, self.active, self.load())
+        """Admit new requests; their first draft jobs go out before the target's prefill, so that the drafter
+        prefills its own rows (and drafts) while the target prefills."""
+        self.book.admit(entries, before_prefill=lambda fresh: self.drafts.dispatch(fresh, self.active, self.load()))
 
     def schedule(self, now: float) -> list[RequestState]:
         """The requests to verify now, chosen by the scheduler among those with a draft in hand, a late draft,
