@@ -176,6 +176,53 @@ def test_cancellation_before_and_after_admission(connector):
     assert chunk.finish_reason == "cancelled" and not svc.active
 
 
+def test_a_prefill_that_fails_ends_its_request_with_an_error_and_spares_the_others(connector):
+    """Fault injected at the engine's prefill for one request of a batch: it ends with an explicit error and
+    its entry is acknowledged (a restart does not re-admit it); the request admitted with it is served."""
+    svc = make_verifier(connector)
+    svc.recover_own()
+    good, bad = build_request(PROMPT, max_new_tokens=6), build_request(PROMPT, max_new_tokens=6)
+    for m in (good, bad):
+        svc.streams.add(svc.keys.requests, m)
+    prefill = svc.engine.admit
+
+    def failing(seqs):
+        if any(s.seq_id == bad.request_id for s in seqs):
+            raise RuntimeError("out of memory")
+        prefill(seqs)
+
+    svc.engine.admit = failing
+    svc.step()
+    assert list(svc.active) == [good.request_id]
+    [chunk] = chunks(svc, bad.request_id)
+    assert chunk.finished and chunk.finish_reason == "error" and "out of memory" in chunk.error
+    assert pending(svc, svc.keys.requests) == 1, "only the good request's entry stays pending"
+    while svc.active:
+        svc.step()
+    assert chunks(svc, good.request_id)[-1].token_ids and pending(svc, svc.keys.requests) == 0
+    again = make_verifier(connector)
+    again.recover_own()
+    assert not again.active
+
+
+def test_a_second_entry_for_the_same_request_is_acknowledged_and_served_once(connector):
+    """A retried submit can add a request twice: it is prefilled once, both entries end acknowledged."""
+    svc = make_verifier(connector)
+    svc.recover_own()
+    msg = build_request(PROMPT, max_new_tokens=6)
+    for _ in range(2):
+        svc.streams.add(svc.keys.requests, msg)
+    svc.step()
+    assert list(svc.active) == [msg.request_id] and svc.metrics.counters["duplicate_requests"] == 1
+    assert pending(svc, svc.keys.requests) == 1
+    svc.streams.add(svc.keys.requests, msg)  # a third, while the request is served
+    while svc.active:
+        svc.step()
+    assert pending(svc, svc.keys.requests) == 0 and svc.metrics.counters["duplicate_requests"] == 2
+    tokens = [t for c in chunks(svc, msg.request_id) for t in c.token_ids]
+    assert tokens == truth(6), "one stream of output, no chunk twice"
+
+
 def test_a_request_taken_over_by_another_verifier_is_let_go_without_a_write(connector):
     svc = make_verifier(connector)
     svc.recover_own()

@@ -56,8 +56,12 @@ class RequestBook:
                 if rid is not None and rid not in self.active:  # tell its client instead of leaving it waiting
                     self.output.reject(pipe, rid, exc.reason, "invalid_request")
                 continue
-            if msg.request_id not in self.active:  # else a re-delivery of a request we already serve
+            held = self.active.get(msg.request_id)
+            if held is None and all(m.request_id != msg.request_id for _, m in decoded):
                 decoded.append((eid, msg))
+            elif held is None or held.entry_id != eid:  # a second entry for a request already taken
+                self._duplicate(pipe, msg.request_id, eid)
+            # (else a re-delivery of the entry of a request this verifier serves: it is acknowledged at its end)
         earlier = self.streams.earlier_outputs([msg.request_id for _, msg in decoded])
         fresh = [st for (eid, msg), (rows, cancelled) in zip(decoded, earlier)
                  if (st := self._resume(pipe, msg, eid, rows, cancelled)) is not None]
@@ -65,12 +69,46 @@ class RequestBook:
         if fresh and before_prefill is not None:
             before_prefill(fresh)
         if fresh:
-            with self.metrics.timed("busy_s", "admit_s"):
-                self.engine.admit([st.seq for st in fresh])
+            fresh = self._prefill(fresh)
             for st in fresh:
                 self.active[st.rid] = st
             self.metrics.counters["admitted"] += len(fresh)
         return fresh
+
+    def _prefill(self, sts: list[RequestState]) -> list[RequestState]:
+        """Prefill ``sts`` in one batch; if that fails, each alone, and a request whose own prefill fails ends
+        with an explicit error (its entry acknowledged, so no restart re-admits it): one bad request must
+        not strand the others admitted with it. Returns the requests prefilled."""
+        with self.metrics.timed("busy_s", "admit_s"):
+            try:
+                self.engine.admit([st.seq for st in sts])
+                return sts
+            except Exception:  # noqa: BLE001 - retried one by one below, each failure ends its request
+                log.exception("prefill failed for %d requests; prefilling them one by one", len(sts))
+                self.engine.release([st.rid for st in sts])
+            done, failed = [], []
+            for st in sts:
+                try:
+                    self.engine.admit([st.seq])
+                    done.append(st)
+                except Exception as exc:  # noqa: BLE001 - the request ends with the error, the worker goes on
+                    log.exception("prefill failed for request %s", st.rid)
+                    self.engine.release([st.rid])
+                    failed.append((st, f"prefill failed: {type(exc).__name__}: {exc}"))
+        if failed:
+            pipe = self.streams.transaction()
+            for st, error in failed:
+                self._finish(pipe, st, FinishReason.ERROR, error, "server_error")
+                self.metrics.counters["prefill_failed"] += 1
+            pipe.execute()
+        return done
+
+    def _duplicate(self, pipe, request_id: str, eid: bytes) -> None:
+        """Queue the acknowledgement of a second entry for a request already taken (a client's retried
+        submit): the first entry's request is served once; this one is only dropped."""
+        Streams.ack_delete(pipe, self.keys.requests, VERIFIERS_GROUP, [eid])
+        self.metrics.counters["duplicate_requests"] += 1
+        log.warning("request %s: dropped a second admission entry %s", request_id, eid)
 
     def _resume(self, pipe, msg: GenerationRequest, eid: bytes, rows: list[Entry],
                 cancelled: bool) -> RequestState | None:
