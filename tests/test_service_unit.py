@@ -223,6 +223,22 @@ def test_a_second_entry_for_the_same_request_is_acknowledged_and_served_once(con
     assert tokens == truth(6), "one stream of output, no chunk twice"
 
 
+def test_a_drafter_no_live_worker_hosts_is_refused_by_name(connector):
+    svc = make_verifier(connector)
+    svc.recover_own()
+    alone = submit(svc, max_new_tokens=4, drafter="nope")  # no drafter worker known yet: decoded alone
+    svc.step()
+    assert alone.request_id in svc.active
+    drafter_alive(svc, experts="code,prose")
+    svc.drafts.refresh(force=True)
+    typo, pinned = submit(svc, max_new_tokens=4, drafter="nope"), submit(svc, max_new_tokens=4, drafter="code")
+    svc.step()
+    [chunk] = chunks(svc, typo.request_id)
+    assert chunk.finish_reason == "error" and chunk.error_type == "invalid_request"
+    assert "'nope'" in chunk.error and "'code'" in chunk.error and "'prose'" in chunk.error
+    assert pinned.request_id in svc.active
+
+
 def test_a_request_taken_over_by_another_verifier_is_let_go_without_a_write(connector):
     svc = make_verifier(connector)
     svc.recover_own()

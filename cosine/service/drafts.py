@@ -62,6 +62,11 @@ class DraftExchange:
                                                        self.settings.cross_fusion)
             self._placement_at = now
 
+    def hosted(self) -> set[str]:
+        """Every drafter model the live drafter workers host (as of the last look at their heartbeats)."""
+        self.refresh()
+        return {e for models in self.placement.hosted.values() for e in models}
+
     def watch(self, active: dict[str, RequestState]) -> None:
         """A request whose drafter worker is gone: look at the live workers again now, not at the next beat."""
         if any(st.drafting.worker is not None and not self.placement.alive(st.drafting.worker)

@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 
 class RequestBook:
     def __init__(self, streams: Streams, engine, tokenizer, output: OutputWriter, steering: Steering,
-                 metrics: VerifierMetrics, me: str) -> None:
+                 metrics: VerifierMetrics, me: str, hosted: Callable[[], set[str]] = set) -> None:
+        """``hosted()``: the drafter models live drafter workers host (empty: none known), against which a
+        request's ``drafter``/``drafters`` are checked at admission."""
         self.streams = streams
+        self.hosted = hosted
         self.keys = streams.keys
         self.engine = engine
         self.tokenizer = tokenizer
@@ -120,6 +123,7 @@ class RequestBook:
         try:
             seq = Sequence(self._prompt_ids(msg), msg.params, seq_id=msg.request_id, seed=request_seed(msg))
             self.engine.validate(seq)
+            self._check_drafters(msg)
         except InvalidParameterError as exc:
             self.refuse(pipe, msg.request_id, eid, str(exc), "invalid_request", earlier.next_seq, len(earlier.tokens))
             return None
@@ -137,6 +141,15 @@ class RequestBook:
             self._finish(pipe, st, FinishReason.TIMEOUT)
             return None
         return st
+
+    def _check_drafters(self, msg: GenerationRequest) -> None:
+        """Refuse drafter models no live drafter worker hosts (a typo would otherwise decode as if unpinned).
+        With no drafter worker known there is nothing to check against: the request decodes alone until
+        one comes."""
+        hosted = self.hosted()
+        unknown = sorted({n for n in [msg.drafter, *msg.drafters] if n is not None} - hosted) if hosted else []
+        if unknown:
+            raise InvalidParameterError("drafter", f"no live drafter worker hosts {unknown}; hosted: {sorted(hosted)}")
 
     def _prompt_ids(self, msg: GenerationRequest) -> list[int]:
         if msg.prompt_ids is not None:

@@ -96,8 +96,9 @@ class VerifierService:
         self.control = ControlView(self.streams.r, self.keys)
         self.metrics = VerifierMetrics(settings.trace_passes)
         self.output = OutputWriter(self.streams, tokenizer, vocab, self.me)
-        self.book = RequestBook(self.streams, engine, tokenizer, self.output, self.steering, self.metrics, self.me)
         self.drafts = DraftExchange(self.streams, self.steering, settings, self.metrics, vocab, engine.room)
+        self.book = RequestBook(self.streams, engine, tokenizer, self.output, self.steering, self.metrics, self.me,
+                                hosted=self.drafts.hosted)
         self.upkeep = Upkeep(self.streams, self.book, self.metrics, self.me, settings.max_active,
                              settings.admission_refresh_s, settings.reclaim_interval_s, settings.reclaim_min_idle_s,
                              settings.max_deliveries)
