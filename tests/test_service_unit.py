@@ -239,6 +239,22 @@ def test_a_drafter_no_live_worker_hosts_is_refused_by_name(connector):
     assert pinned.request_id in svc.active
 
 
+def test_an_entry_whose_read_reply_was_lost_is_admitted_by_the_live_verifier(connector):
+    """A read delivered an entry to this verifier but the reply never reached it: no reclaim sweep takes
+    entries of a live consumer, so the verifier reads its own strays again."""
+    svc = make_verifier(connector, reclaim_interval_s=0.01)
+    svc.recover_own()
+    msg = build_request(PROMPT, max_new_tokens=4)
+    svc.streams.add(svc.keys.requests, msg)
+    svc.streams.read_group(svc.keys.requests, VERIFIERS_GROUP, "v0", 10, None)  # the reply that got lost
+    svc.step()
+    assert msg.request_id in svc.active and svc.metrics.counters["strays"] == 1
+    while svc.active:
+        svc.step()
+    assert chunks(svc, msg.request_id)[-1].finished and pending(svc, svc.keys.requests) == 0
+    assert svc.metrics.counters["strays"] == 1, "an entry it serves or holds is no stray"
+
+
 def test_a_request_taken_over_by_another_verifier_is_let_go_without_a_write(connector):
     svc = make_verifier(connector)
     svc.recover_own()

@@ -39,8 +39,9 @@ class Upkeep:
         self._refresh_at = self._reclaim_at = self._cancels_at = 0.0
         self._cancel_cursor: bytes | str | None = None
 
-    def run(self, now: float, admitting: bool) -> list[Entry]:
-        """Everything due at monotonic time ``now``; returns the entries reclaimed from dead verifiers, for
+    def run(self, now: float, admitting: bool, held: frozenset[bytes] = frozenset()) -> list[Entry]:
+        """Everything due at monotonic time ``now``; returns the entries reclaimed from dead verifiers and this
+        verifier's own strays (:meth:`strays`; ``held``: the admission entries read but not admitted yet), for
         the caller to admit (none while it drains)."""
         if now >= self._cancels_at:
             self._cancels_at = now + defaults.CANCEL_POLL_S
@@ -51,8 +52,21 @@ class Upkeep:
             self.refresh_ownership()
         if admitting and now >= self._reclaim_at:
             self._reclaim_at = now + self.reclaim_s
-            return self.reclaim()
+            return self.strays(held) + self.reclaim()
         return []
+
+    def strays(self, held: frozenset[bytes]) -> list[Entry]:
+        """Admission entries delivered to this verifier that it neither serves nor holds: a read whose reply
+        was lost (a timeout, a dropped connection) leaves its entries pending for a live consumer, which no
+        reclaim sweep takes, so they are read again here."""
+        known = held | {st.entry_id for st in self.book.active.values()}
+        lost = [(eid, f) for eid, f in self.streams.own_pending(self.keys.requests, VERIFIERS_GROUP, self.me)
+                if eid not in known]
+        if lost:
+            log.warning("%d admission entries were delivered to this verifier but never seen; admitting them",
+                        len(lost))
+            self.metrics.counters["strays"] += len(lost)
+        return lost
 
     def cancellations(self) -> None:
         """End the requests named on the cancel stream since the last look (read without a group: every

@@ -170,7 +170,7 @@ class VerifierService:
     # -- the turn -------------------------------------------------------------------------------------
     def step(self, admit: bool = True) -> None:
         """Upkeep, read, admit, schedule, verify and send."""
-        reclaimed = self.upkeep.run(time.monotonic(), admit)
+        reclaimed = self.upkeep.run(time.monotonic(), admit, frozenset(eid for eid, _ in self.arrivals))
         if reclaimed:
             self.admit(reclaimed)
         self.drafts.watch(self.active)
