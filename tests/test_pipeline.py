@@ -158,15 +158,21 @@ def test_stream_yields_what_generate_returns(client, zoo_prompts):
     assert [t for c in chunks for t in c.token_ids] == full.token_ids
 
 
-def test_async_client(cluster, zoo_prompts):
+def test_async_client(cluster, client, zoo_prompts):
+    """The asyncio client gets what the blocking one gets (greedy: the target's own tokens), streamed too."""
+    prompts = [zoo_prompts["code"][5], zoo_prompts["records"][5], zoo_prompts["prose"][5]]
+
     async def go():
         async with AsyncClient(cluster.url) as ac:
-            res = await ac.generate_many([zoo_prompts["code"][5], zoo_prompts["records"][5]], max_new_tokens=16)
-            parts = [c async for c in ac.stream(zoo_prompts["prose"][5], max_new_tokens=16)]
+            res = await ac.generate_many(prompts[:2], max_new_tokens=16)
+            parts = [c async for c in ac.stream(prompts[2], max_new_tokens=16)]
             return res, parts
 
     res, parts = asyncio.run(go())
-    assert all(len(r.token_ids) >= 1 for r in res) and parts[-1].finished
+    want = [client.generate(p, max_new_tokens=16) for p in prompts]
+    assert [r.token_ids for r in res] == [w.token_ids for w in want[:2]]
+    assert [r.text for r in res] == [w.text for w in want[:2]]
+    assert parts[-1].finished and [t for c in parts for t in c.token_ids] == want[2].token_ids
 
 
 def test_invalid_parameters_raise_typed_errors(client):
@@ -207,6 +213,9 @@ def test_malformed_messages_are_dead_lettered_and_workers_keep_serving(cluster, 
         assert fields[b"reason"] and fields[b"stream"]
     reasons = b" ".join(f[b"reason"] for _e, f in letters).decode()
     assert "not msgpack" in reasons and "schema version" in reasons and "outside the vocabulary" in reasons
+    with pytest.raises(InvalidRequestError) as err:  # the malformed request's sender gets its typed error
+        client.result("bad", timeout=20)
+    assert "outside the vocabulary" in str(err.value)
     assert all(w["alive"] for w in [{"alive": wid in s.live_workers()} for wid in ("verifier-0", "drafter-0")])
 
 
