@@ -82,9 +82,11 @@ def test_drafter_killed_mid_run(zoo_engine, zoo_prompts, tmp_path, capsys):
         assert not col.errors, col.errors
         results = [col.results[rid] for rid in ids]
         _check_identical(zoo_engine, items, results, capsys)
-        # requests of the dead drafter must move to the other one
+        # Requests of the dead drafter move to the other one: some request was drafted by both (placement is
+        # sticky, so without the kill none is).
         heartbeat_until(srv.url, "verifier", "verifier-0", lambda w: int(w.get("drafter_moves", 0)) >= 1)
-        assert any("drafter-1" in r.stats["drafter_workers"] for r in results)
+        moved = [r for r in results if {"drafter-0", "drafter-1"} <= set(r.stats["drafter_workers"])]
+        assert moved, [r.stats["drafter_workers"] for r in results]
 
 
 def test_verifier_killed_mid_run(zoo_engine, zoo_prompts, tmp_path, capsys):
