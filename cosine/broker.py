@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio as aioredis
+from redis.connection import parse_url
 from redis.exceptions import ResponseError
 
 from cosine import defaults
@@ -46,9 +48,9 @@ class RedisSettings:
     socket_timeout_s: float = defaults.SOCKET_TIMEOUT_S
 
 
-def connect(settings: RedisSettings) -> redis.Redis:
-    """A client whose socket timeout exceeds every blocking read we issue."""
-    common = {
+def _options(settings: RedisSettings) -> tuple[dict, list[tuple[str, int]]]:
+    """Connection options shared by the blocking and the asyncio clients, and the sentinels (if any)."""
+    common: dict = {
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": settings.socket_timeout_s,
         "health_check_interval": 30,
@@ -58,15 +60,34 @@ def connect(settings: RedisSettings) -> redis.Redis:
         common["username"] = settings.username
     if settings.password:
         common["password"] = settings.password
+    hosts = []
     if settings.sentinels:
-        from redis.sentinel import Sentinel
-
-        hosts = []
+        # The master's database comes from the URL (the sentinels know nothing of it).
+        common["db"] = int(parse_url(settings.url).get("db", 0))
         for part in settings.sentinels.split(","):
             host, _, port = part.strip().rpartition(":")
             hosts.append((host, int(port)))
-        return Sentinel(hosts, **common).master_for(settings.sentinel_master)
+    return common, hosts
+
+
+def connect(settings: RedisSettings) -> redis.Redis:
+    """A client whose socket timeout exceeds every blocking read we issue."""
+    common, sentinels = _options(settings)
+    if sentinels:
+        from redis.sentinel import Sentinel
+
+        return Sentinel(sentinels, **common).master_for(settings.sentinel_master)
     return redis.Redis.from_url(settings.url, **common)
+
+
+def connect_async(settings: RedisSettings) -> aioredis.Redis:
+    """The asyncio client for the same settings as :func:`connect`."""
+    common, sentinels = _options(settings)
+    if sentinels:
+        from redis.asyncio.sentinel import Sentinel
+
+        return Sentinel(sentinels, **common).master_for(settings.sentinel_master)
+    return aioredis.Redis.from_url(settings.url, **common)
 
 
 def now_ms() -> int:

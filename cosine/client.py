@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 
 import redis
-import redis.asyncio as aioredis
 
 from cosine import defaults
-from cosine.broker import RedisSettings, Streams, connect, now_ms, xadd_args
+from cosine.broker import RedisSettings, Streams, connect, connect_async, now_ms, xadd_args
 from cosine.errors import (
     InvalidParameterError,
     InvalidRequestError,
@@ -298,9 +297,10 @@ class AsyncClient:
     """asyncio producer client with the same methods as :class:`Client`."""
 
     def __init__(self, url: str = defaults.REDIS_URL, prefix: str = defaults.KEY_PREFIX, *,
-                 require_workers: bool = True) -> None:
-        self.keys = Keys(prefix)
-        self.r = aioredis.Redis.from_url(url, socket_timeout=defaults.SOCKET_TIMEOUT_S, decode_responses=False)
+                 settings: RedisSettings | None = None, require_workers: bool = True) -> None:
+        self.settings = settings or RedisSettings(url=url, prefix=prefix)
+        self.keys = Keys(self.settings.prefix)
+        self.r = connect_async(self.settings)
         self.require_workers = require_workers
 
     async def close(self) -> None:

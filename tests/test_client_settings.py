@@ -1,0 +1,39 @@
+"""The producer clients connect as the settings say: credentials and key prefix for the asyncio client too,
+and the URL's database when a Sentinel names the master."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from cosine.broker import RedisSettings, connect, connect_async
+from cosine.client import AsyncClient
+from cosine.local_redis import LocalRedis
+
+
+def test_with_sentinels_the_urls_database_is_kept():
+    settings = RedisSettings(url="redis://127.0.0.1:1/3", sentinels="127.0.0.1:2,127.0.0.1:3")
+    assert connect(settings).connection_pool.connection_kwargs["db"] == 3  # built without connecting
+    assert connect_async(settings).connection_pool.connection_kwargs["db"] == 3
+
+
+def test_the_asyncio_client_uses_the_settings_credentials_and_prefix():
+    with LocalRedis() as srv:
+        admin = redis.Redis.from_url(srv.url)
+        admin.execute_command("ACL", "SETUSER", "producer", "on", ">s3cret", "~*", "&*", "+@all")
+        admin.execute_command("ACL", "SETUSER", "default", "off")
+        settings = RedisSettings(url=srv.url, prefix="tenant", username="producer", password="s3cret")
+
+        async def submit(client: AsyncClient) -> str:
+            async with client:
+                return await client.submit([5, 6, 7], max_new_tokens=4)
+
+        rid = asyncio.run(submit(AsyncClient(settings=settings, require_workers=False)))
+        check = connect(settings)
+        [(_, fields)] = check.xrange("tenant:requests")
+        assert rid.encode() in b"".join(fields.values()), "the request went to the settings' prefix"
+        with pytest.raises(redis.AuthenticationError):  # the default user is off: credentials were needed
+            asyncio.run(submit(AsyncClient(srv.url, require_workers=False)))
+        check.execute_command("ACL", "SETUSER", "default", "on")  # for the server's own clean shutdown
