@@ -127,12 +127,12 @@ class Streams:
         return (pipe if pipe is not None else self.r).xadd(**xadd_args(self.keys, stream, msg))
 
     def add_output(self, pipe, chunk: Chunk) -> None:
-        """Queue a request's output chunk; the last one also sets the stream's expiry (late readers have
-        ``OUTPUT_TTL_S`` to read it)."""
+        """Queue a request's output chunk and the stream's expiry: ``OUTPUT_OPEN_TTL_S`` after each chunk
+        while the request runs, ``OUTPUT_TTL_S`` for late readers after the last."""
         key = self.keys.out(chunk.request_id)
         self.add(key, chunk, pipe)
-        if chunk.finished:
-            pipe.pexpire(key, int(defaults.OUTPUT_TTL_S * 1000))
+        ttl = defaults.OUTPUT_TTL_S if chunk.finished else defaults.OUTPUT_OPEN_TTL_S
+        pipe.pexpire(key, int(ttl * 1000))
 
     @staticmethod
     def ack_delete(pipe, stream: str, group: str, ids: Iterable[bytes]) -> None:
@@ -147,9 +147,14 @@ class Streams:
     ) -> None:
         """Move an entry to the dead-letter stream with the reason and its original bytes, atomically."""
         record: dict = {b"stream": stream, b"id": entry_id, b"reason": reason[:2000], b"origin": origin}
-        for k, v in (fields or {}).items():
+        cap = defaults.DLQ_FIELD_BYTES
+        for k, v in list((fields or {}).items())[:16]:  # a dead letter keeps a bounded sample of the entry
             key = k if isinstance(k, bytes) else str(k).encode()
-            record[b"orig:" + key[:64]] = v if isinstance(v, (bytes, str, int, float)) else repr(v)
+            value = v if isinstance(v, (bytes, str, int, float)) else repr(v)
+            if isinstance(value, (bytes, str)) and len(value) > cap:
+                record[b"size:" + key[:64]] = len(value)
+                value = value[:cap]
+            record[b"orig:" + key[:64]] = value
         pipe = self.transaction()
         self.add(self.keys.dlq, record, pipe)
         if group is not None:

@@ -16,8 +16,12 @@ SOCKET_TIMEOUT_S = 10.0
 # stream whose consumers are all gone. Trimming can drop undelivered jobs, so keep it far above any backlog.
 STREAM_MAXLEN = 200_000
 DLQ_MAXLEN = 10_000  # dead letters kept (MAXLEN ~)
+DLQ_FIELD_BYTES = 4096  # a dead letter keeps at most this much of each original field (and 16 fields)
 CANCEL_MAXLEN = 10_000  # cancellation notices kept
 OUTPUT_TTL_S = 600.0  # a finished request's output stream lives this long for late readers
+# An unfinished request's output stream expires this long after its last chunk (so a request nobody ends,
+# e.g. after Redis lost its entry, does not leave its stream forever); every chunk renews it.
+OUTPUT_OPEN_TTL_S = 3600.0
 RECONNECT_BACKOFF_S = (0.05, 2.0)  # workers retry a lost Redis forever, backing off between these bounds
 
 # -- liveness and recovery --------------------------------------------------------------------------------

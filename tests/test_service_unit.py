@@ -333,3 +333,30 @@ def test_each_kind_of_stream_has_its_cap():
     assert cap[keys.requests] == cap[keys.draft("d")] == cap[keys.out("r")] == defaults.STREAM_MAXLEN
     assert (cap[keys.dlq], cap[keys.cancel], cap[keys.votes("d")], cap[keys.control_log]) == (
         defaults.DLQ_MAXLEN, defaults.CANCEL_MAXLEN, defaults.VOTE_STREAM_MAXLEN, defaults.CONTROL_LOG_MAXLEN)
+
+
+def test_a_dead_letter_keeps_a_bounded_sample_of_the_entry(connector):
+    svc = make_verifier(connector)
+    huge = {f"f{i}".encode(): b"x" * (3 * defaults.DLQ_FIELD_BYTES) for i in range(40)}
+    eid = svc.streams.r.xadd(svc.keys.requests, huge)
+    svc.streams.dead_letter(svc.keys.requests, None, eid, huge, "junk")
+    [(_, letter)] = svc.streams.entries(svc.keys.dlq)
+    kept = {k: v for k, v in letter.items() if k.startswith(b"orig:")}
+    assert len(kept) == 16 and all(len(v) == defaults.DLQ_FIELD_BYTES for v in kept.values())
+    assert letter[b"size:f0"] == str(3 * defaults.DLQ_FIELD_BYTES).encode()
+
+
+def test_an_open_output_stream_expires_unless_written_to(connector):
+    """Every chunk renews its stream's expiry, so a request nobody ends does not leave its stream forever."""
+    svc = make_verifier(connector)
+    drafter_alive(svc)
+    svc.recover_own()
+    msg = submit(svc, max_new_tokens=40, speculation=0)
+    svc.step()
+    svc.step()
+    key = svc.keys.out(msg.request_id)
+    assert chunks(svc, msg.request_id) and not chunks(svc, msg.request_id)[-1].finished
+    assert 0 < svc.streams.r.pttl(key) <= defaults.OUTPUT_OPEN_TTL_S * 1000
+    while svc.active:
+        svc.step()
+    assert svc.streams.r.pttl(key) <= defaults.OUTPUT_TTL_S * 1000
