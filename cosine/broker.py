@@ -94,6 +94,12 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def server_ms(reply) -> int:
+    """A ``TIME`` reply (seconds, microseconds) in milliseconds."""
+    sec, usec = reply
+    return int(sec) * 1000 + int(usec) // 1000
+
+
 def is_nogroup(exc: Exception) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
@@ -271,9 +277,16 @@ class Streams:
         return [(eid, fields) for eid, fields in got if fields]
 
     # -- liveness -------------------------------------------------------------------------------------
+    def server_ms(self) -> int:
+        """Redis's clock in milliseconds: liveness compares heartbeats written on one host with the time read
+        on another, so both sides use the broker's clock, not their own (a few seconds of skew between hosts
+        made live workers look dead, or dead ones alive)."""
+        return server_ms(self.r.time())
+
     def heartbeat(self, worker_id: str, info: dict[str, str | int | float]) -> None:
+        stamp = self.server_ms()
         pipe = self.pipeline()
-        pipe.zadd(self.keys.workers, {worker_id: now_ms()})
+        pipe.zadd(self.keys.workers, {worker_id: stamp})
         key = self.keys.worker(worker_id)
         if info:
             pipe.hset(key, mapping={k: str(v) for k, v in info.items()})
@@ -281,8 +294,8 @@ class Streams:
         pipe.execute()
 
     def live_workers(self, role: str | None = None, dead_after_s: float = defaults.WORKER_DEAD_AFTER_S) -> dict:
-        """Workers with a recent heartbeat: ``{id: info}``, optionally only one role."""
-        cutoff = now_ms() - int(dead_after_s * 1000)
+        """Workers with a recent heartbeat (by the broker's clock): ``{id: info}``, optionally only one role."""
+        cutoff = self.server_ms() - int(dead_after_s * 1000)
         ids = [i.decode() for i in self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")]
         if not ids:
             return {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 import redis
 
 from cosine import defaults
-from cosine.broker import RedisSettings, Streams, connect, connect_async, now_ms, xadd_args
+from cosine.broker import RedisSettings, Streams, connect, connect_async, now_ms, server_ms, xadd_args
 from cosine.errors import (
     InvalidParameterError,
     InvalidRequestError,
@@ -224,7 +224,7 @@ class Client:
     def _check_workers(self) -> None:
         if not self.require_workers:
             return
-        cutoff = now_ms() - int(defaults.WORKER_DEAD_AFTER_S * 1000)
+        cutoff = self.streams.server_ms() - int(defaults.WORKER_DEAD_AFTER_S * 1000)
         pipe = self.r.pipeline(transaction=False)
         for wid in self.r.zrangebyscore(self.keys.workers, cutoff, "+inf"):
             pipe.hget(self.keys.worker(wid.decode()), "role")
@@ -315,7 +315,7 @@ class AsyncClient:
     async def _check_workers(self) -> None:
         if not self.require_workers:
             return
-        cutoff = now_ms() - int(defaults.WORKER_DEAD_AFTER_S * 1000)
+        cutoff = server_ms(await self.r.time()) - int(defaults.WORKER_DEAD_AFTER_S * 1000)
         ids = await self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")
         _has_verifier([await self.r.hget(self.keys.worker(wid.decode()), "role") for wid in ids])
 

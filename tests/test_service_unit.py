@@ -360,3 +360,18 @@ def test_an_open_output_stream_expires_unless_written_to(connector):
     while svc.active:
         svc.step()
     assert svc.streams.r.pttl(key) <= defaults.OUTPUT_TTL_S * 1000
+
+
+def test_liveness_uses_the_brokers_clock_not_the_hosts(connector, monkeypatch):
+    """A worker whose host clock is 10 s behind still looks alive; one silent for longer than the dead-after
+    time looks dead whatever a host's clock says."""
+    import cosine.broker as broker
+
+    svc = make_verifier(connector)
+    real = broker.now_ms
+    monkeypatch.setattr(broker, "now_ms", lambda: real() - 10_000)  # the drafter's host: 10 s behind
+    drafter_alive(svc, "d-behind")
+    monkeypatch.setattr(broker, "now_ms", lambda: real() + 10_000)  # the reader's host: 10 s ahead
+    assert "d-behind" in svc.streams.live_workers("drafter")
+    svc.streams.r.zadd(svc.keys.workers, {"d-gone": svc.streams.server_ms() - 60_000})
+    assert "d-gone" not in svc.streams.live_workers()
