@@ -22,6 +22,7 @@ from cosine.errors import (
     InvalidParameterError,
     InvalidRequestError,
     NoWorkersError,
+    OverloadedError,
     RequestCancelledError,
     RequestTimeoutError,
     ServerError,
@@ -196,6 +197,11 @@ def _has_verifier(roles: list) -> None:
         raise NoWorkersError("no live verifier worker: start one with `cosine worker verifier` or `cosine up`")
 
 
+def _has_room(outstanding: int, limit: int) -> None:
+    if outstanding >= limit:
+        raise OverloadedError(f"the deployment holds {outstanding} requests (limit {limit}); retry later")
+
+
 class Client:
     """Blocking producer client.
 
@@ -204,12 +210,16 @@ class Client:
     """
 
     def __init__(self, url: str = defaults.REDIS_URL, prefix: str = defaults.KEY_PREFIX, *,
-                 settings: RedisSettings | None = None, require_workers: bool = True) -> None:
+                 settings: RedisSettings | None = None, require_workers: bool = True,
+                 max_outstanding: int = defaults.MAX_OUTSTANDING_REQUESTS) -> None:
+        """``max_outstanding``: requests the deployment may hold (queued or in flight) before a submit raises
+        :class:`~cosine.errors.OverloadedError`."""
         self.settings = settings or RedisSettings(url=url, prefix=prefix)
         self.keys = Keys(self.settings.prefix)
         self.r = connect(self.settings)
         self.streams = Streams(self.r, self.keys)
         self.require_workers = require_workers
+        self.max_outstanding = max_outstanding
 
     def close(self) -> None:
         self.r.close()
@@ -221,19 +231,23 @@ class Client:
         self.close()
 
     # -- submitting -----------------------------------------------------------------------------------
-    def _check_workers(self) -> None:
-        if not self.require_workers:
-            return
-        cutoff = self.streams.server_ms() - int(defaults.WORKER_DEAD_AFTER_S * 1000)
+    def _check_admission(self) -> None:
+        """Before a submit: a live verifier (unless not required) and room in the deployment."""
         pipe = self.r.pipeline(transaction=False)
-        for wid in self.r.zrangebyscore(self.keys.workers, cutoff, "+inf"):
-            pipe.hget(self.keys.worker(wid.decode()), "role")
-        _has_verifier(pipe.execute())
+        pipe.xlen(self.keys.requests)
+        if self.require_workers:
+            cutoff = self.streams.server_ms() - int(defaults.WORKER_DEAD_AFTER_S * 1000)
+            for wid in self.r.zrangebyscore(self.keys.workers, cutoff, "+inf"):
+                pipe.hget(self.keys.worker(wid.decode()), "role")
+        outstanding, *roles = pipe.execute()
+        if self.require_workers:
+            _has_verifier(roles)
+        _has_room(outstanding, self.max_outstanding)
 
     def submit(self, prompt: str | Sequence[int], **params) -> str:
         """Queue a request; returns its id. Parameters as for :meth:`generate`."""
         msg = build_request(prompt, **params)
-        self._check_workers()
+        self._check_admission()
         self.streams.add(self.keys.requests, msg)
         return msg.request_id
 
@@ -297,11 +311,13 @@ class AsyncClient:
     """asyncio producer client with the same methods as :class:`Client`."""
 
     def __init__(self, url: str = defaults.REDIS_URL, prefix: str = defaults.KEY_PREFIX, *,
-                 settings: RedisSettings | None = None, require_workers: bool = True) -> None:
+                 settings: RedisSettings | None = None, require_workers: bool = True,
+                 max_outstanding: int = defaults.MAX_OUTSTANDING_REQUESTS) -> None:
         self.settings = settings or RedisSettings(url=url, prefix=prefix)
         self.keys = Keys(self.settings.prefix)
         self.r = connect_async(self.settings)
         self.require_workers = require_workers
+        self.max_outstanding = max_outstanding
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -312,16 +328,16 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def _check_workers(self) -> None:
-        if not self.require_workers:
-            return
-        cutoff = server_ms(await self.r.time()) - int(defaults.WORKER_DEAD_AFTER_S * 1000)
-        ids = await self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")
-        _has_verifier([await self.r.hget(self.keys.worker(wid.decode()), "role") for wid in ids])
+    async def _check_admission(self) -> None:
+        if self.require_workers:
+            cutoff = server_ms(await self.r.time()) - int(defaults.WORKER_DEAD_AFTER_S * 1000)
+            ids = await self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")
+            _has_verifier([await self.r.hget(self.keys.worker(wid.decode()), "role") for wid in ids])
+        _has_room(await self.r.xlen(self.keys.requests), self.max_outstanding)
 
     async def submit(self, prompt: str | Sequence[int], **params) -> str:
         msg = build_request(prompt, **params)
-        await self._check_workers()
+        await self._check_admission()
         await self.r.xadd(**xadd_args(self.keys, self.keys.requests, msg))
         return msg.request_id
 

@@ -15,6 +15,10 @@ SOCKET_TIMEOUT_S = 10.0
 # Safety cap on job streams (MAXLEN ~). Streams stay short by deleting entries on ack; this only bounds a
 # stream whose consumers are all gone. Trimming can drop undelivered jobs, so keep it far above any backlog.
 STREAM_MAXLEN = 200_000
+# Requests a deployment accepts at once, queued or in flight (the request stream's length: entries are deleted
+# when their request ends); a client's submit past it raises OverloadedError instead of queueing a request
+# that the safety cap above could later trim away unseen.
+MAX_OUTSTANDING_REQUESTS = 10_000
 DLQ_MAXLEN = 10_000  # dead letters kept (MAXLEN ~)
 DLQ_FIELD_BYTES = 4096  # a dead letter keeps at most this much of each original field (and 16 fields)
 CANCEL_MAXLEN = 10_000  # cancellation notices kept

@@ -55,6 +55,10 @@ class NoWorkersError(RequestError):
     """No live verifier worker is registered, so nothing would serve the request."""
 
 
+class OverloadedError(RequestError):
+    """The deployment holds as many requests as it accepts (queued or in flight): retry later."""
+
+
 class ServerError(RequestError):
     """A worker failed the request (the reason is in the message)."""
 

@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from cosine.broker import RedisSettings, connect, connect_async
-from cosine.client import AsyncClient
+from cosine.client import AsyncClient, Client
+from cosine.errors import OverloadedError
 from cosine.local_redis import LocalRedis
 
 
@@ -37,3 +38,22 @@ def test_the_asyncio_client_uses_the_settings_credentials_and_prefix():
         with pytest.raises(redis.AuthenticationError):  # the default user is off: credentials were needed
             asyncio.run(submit(AsyncClient(srv.url, require_workers=False)))
         check.execute_command("ACL", "SETUSER", "default", "on")  # for the server's own clean shutdown
+
+
+def test_a_submit_past_the_deployments_limit_is_refused_with_overloaded():
+    """Requests queued or in flight are the request stream's length; past the limit a submit raises
+    OverloadedError (both clients) instead of queueing what the stream's cap could later trim unseen."""
+    with LocalRedis() as srv:
+        with Client(srv.url, require_workers=False, max_outstanding=2) as c:
+            ids = [c.submit([5, 6], max_new_tokens=2) for _ in range(2)]
+            with pytest.raises(OverloadedError, match="limit 2"):
+                c.submit([5, 6], max_new_tokens=2)
+
+            async def one_more() -> str:
+                async with AsyncClient(srv.url, require_workers=False, max_outstanding=2) as ac:
+                    return await ac.submit([5, 6], max_new_tokens=2)
+
+            with pytest.raises(OverloadedError):
+                asyncio.run(one_more())
+            c.r.xdel(c.keys.requests, c.r.xrange(c.keys.requests)[0][0])  # a request ended: room again
+            assert c.submit([5, 6], max_new_tokens=2) not in ids
