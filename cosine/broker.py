@@ -22,7 +22,7 @@ from redis.connection import parse_url
 from redis.exceptions import ResponseError
 
 from cosine import defaults
-from cosine.keys import Keys
+from cosine.keys import VERIFIERS_GROUP, Keys
 from cosine.protocol import Chunk, Message, entry
 
 log = logging.getLogger(__name__)
@@ -314,6 +314,35 @@ class Streams:
         pipe.zrem(self.keys.workers, worker_id)
         pipe.delete(self.keys.worker(worker_id))
         pipe.execute()
+
+    def forget_dead_workers(self, silent_s: float = defaults.WORKER_FORGET_AFTER_S) -> list[str]:
+        """Forget workers silent for ``silent_s``: their registry entry and their own streams, and their
+        consumer in the request group when nothing is pending for it (else a later sweep, once a reclaim has
+        taken their entries). Returns the workers forgotten."""
+        cutoff = self.server_ms() - int(silent_s * 1000)
+        gone = [w.decode() for w in self.r.zrangebyscore(self.keys.workers, "-inf", cutoff)]
+        if not gone:
+            return []
+        try:
+            consumers = {c["name"].decode(): c["pending"]
+                         for c in self.r.xinfo_consumers(self.keys.requests, VERIFIERS_GROUP)}
+        except ResponseError:  # no request stream or group yet
+            consumers = {}
+        pipe = self.pipeline()
+        forgotten = []
+        for w in gone:
+            if consumers.get(w, 0):
+                continue  # its requests are still pending for it: the reclaim sweep moves them first
+            forgotten.append(w)
+            pipe.delete(self.keys.draft(w), self.keys.verify(w), self.keys.ask(w), self.keys.votes(w),
+                        self.keys.worker(w))
+            pipe.zrem(self.keys.workers, w)
+            if w in consumers:
+                pipe.xgroup_delconsumer(self.keys.requests, VERIFIERS_GROUP, w)
+        pipe.execute()
+        if forgotten:
+            log.info("forgot %d workers silent for %.0f s: %s", len(forgotten), silent_s, forgotten)
+        return forgotten
 
     # -- singletons -----------------------------------------------------------------------------------
     def singleton(self, name: str, ttl_ms: int, holder: str) -> bool:

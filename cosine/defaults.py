@@ -31,6 +31,9 @@ RECONNECT_BACKOFF_S = (0.05, 2.0)  # workers retry a lost Redis forever, backing
 # -- liveness and recovery --------------------------------------------------------------------------------
 HEARTBEAT_INTERVAL_S = 0.5  # each worker's heartbeat (a thread that never waits on model work)
 WORKER_DEAD_AFTER_S = 3.0  # no heartbeat for this long = dead (its requests and drafts move elsewhere)
+# A worker silent this long is forgotten: its registry entry, its own streams (draft/verify/ask/votes) and its
+# consumer in the request group once nothing is pending for it (workers named by pid never come back).
+WORKER_FORGET_AFTER_S = 600.0
 ADMISSION_REFRESH_S = 1.0  # the owning verifier re-claims its admission entries (XCLAIM JUSTID) this often
 RECLAIM_INTERVAL_S = 0.5  # how often some verifier runs the reclaim sweep (one at a time: SET NX PX)
 # Admission entries idle longer than this AND owned by a dead (or unknown) verifier are reclaimed.

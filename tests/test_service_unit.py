@@ -375,3 +375,29 @@ def test_liveness_uses_the_brokers_clock_not_the_hosts(connector, monkeypatch):
     assert "d-behind" in svc.streams.live_workers("drafter")
     svc.streams.r.zadd(svc.keys.workers, {"d-gone": svc.streams.server_ms() - 60_000})
     assert "d-gone" not in svc.streams.live_workers()
+
+
+def test_workers_long_dead_are_forgotten_with_their_streams(connector):
+    """Workers named by pid never come back: after WORKER_FORGET_AFTER_S of silence their registry entry and
+    own streams go, and their request-group consumer once nothing is pending for it."""
+    svc = make_verifier(connector, reclaim_interval_s=0.01, reclaim_min_idle_s=0.0)
+    svc.recover_own()
+    s = svc.streams
+    long_ago = s.server_ms() - int(defaults.WORKER_FORGET_AFTER_S * 1000) - 1000
+    for w in ("drafter-123", "verifier-456"):
+        s.heartbeat(w, {"role": "drafter" if w.startswith("d") else "verifier"})
+        s.r.zadd(svc.keys.workers, {w: long_ago})
+    s.r.xadd(svc.keys.draft("drafter-123"), {b"x": b"1"})
+    s.r.xadd(svc.keys.verify("verifier-456"), {b"x": b"1"})
+    submit(svc, max_new_tokens=4)
+    s.read_group(svc.keys.requests, VERIFIERS_GROUP, "verifier-456", 10, None)  # still pending for it
+    drafter_alive(svc, "drafter-live")
+    assert s.forget_dead_workers() == ["drafter-123"]
+    assert not s.r.exists(svc.keys.draft("drafter-123"), svc.keys.worker("drafter-123"))
+    assert s.r.exists(svc.keys.verify("verifier-456")) and "drafter-live" in s.live_workers()
+    time.sleep(0.005)
+    got = svc.upkeep.reclaim()  # the dead verifier's request moves here; then it is forgotten too
+    assert len(got) == 1
+    assert s.forget_dead_workers() == ["verifier-456"]
+    names = [c["name"] for c in s.r.xinfo_consumers(svc.keys.requests, VERIFIERS_GROUP)]
+    assert b"verifier-456" not in names

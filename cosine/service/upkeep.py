@@ -1,6 +1,6 @@
 """A verifier's upkeep between passes: cancellations, deadlines, keeping its admission entries fresh (and
 letting go of requests another verifier took over), and the reclaim sweep that hands a dead verifier's
-requests to a live one, dead-lettering those delivered too often.
+requests to a live one, dead-lettering those delivered too often, and forgets workers long dead.
 
 The sweep runs on one verifier at a time (a ``SET NX PX`` guard per interval); liveness comes from
 heartbeats, not from how long an entry has been idle.
@@ -112,6 +112,7 @@ class Upkeep:
         """Take over admission entries whose owner is dead; dead-letter those delivered too often."""
         if not self.streams.singleton("reclaim", int(self.reclaim_s * 1000), self.me):
             return []
+        self.streams.forget_dead_workers()
         pending = self.streams.idle_pending(self.keys.requests, VERIFIERS_GROUP, self.reclaim_min_idle_ms)
         if not pending:
             return []
