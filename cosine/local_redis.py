@@ -49,9 +49,13 @@ def find_redis_server() -> str:
 class LocalRedis:
     """``with LocalRedis() as srv: srv.url``; ``restart()`` keeps the data when ``appendonly`` is on."""
 
-    def __init__(self, port: int | None = None, appendonly: bool = False, data_dir: str | None = None) -> None:
+    def __init__(self, port: int | None = None, appendonly: bool = False, data_dir: str | None = None,
+                 appendfsync: str = "always") -> None:
+        """``appendfsync``: ``always`` (nothing acknowledged is lost) or ``everysec`` (production's choice: up
+        to a second of writes lost when the server is killed)."""
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="cosine-redis-")
         self.dir = pathlib.Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
         self.proc: subprocess.Popen | None = None
@@ -63,7 +67,7 @@ class LocalRedis:
     def start(self, timeout: float = 10.0) -> LocalRedis:
         args = [
             find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
             "--dir", str(self.dir), "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
             "--logfile", str(self.dir / "redis.log"),
         ]
@@ -105,8 +109,12 @@ class LocalRedis:
             os.killpg(self.proc.pid, 9)
             self.proc.wait()
 
-    def restart(self) -> None:
-        self.stop()
+    def restart(self, kill: bool = False) -> None:
+        """Stop (gracefully, or with SIGKILL) and start again on the same port and data."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
         self.start()
 
     def close(self) -> None:
