@@ -377,9 +377,10 @@ def decode(raw: bytes, expected: tuple[type[Message], ...] | None = None, vocab:
     version = body.get("v")
     if version != SCHEMA_VERSION:
         raise ProtocolError(f"schema version {version!r} is not {SCHEMA_VERSION}")
-    cls = MESSAGE_TYPES.get(body.get("t"))  # type: ignore[arg-type]
+    mtype = body.get("t")
+    cls = MESSAGE_TYPES.get(mtype) if isinstance(mtype, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {body.get('t')!r}")
+        raise ProtocolError(f"unknown message type {mtype!r}"[:200])
     if expected is not None and cls not in expected:
         raise ProtocolError(f"message type {cls.TYPE!r} does not belong on this stream")
     known = {f.name for f in fields(cls)} | {"v", "t"}
