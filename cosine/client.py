@@ -65,7 +65,7 @@ def build_request(
     timeout: float | None = defaults.CLIENT_TIMEOUT_S,
     priority: int = 0,
     drafter: str | None = None,
-    drafters: Sequence[str] = (),
+    drafters: Sequence[str] | None = (),
     speculation: str | int = "adaptive",
     request_id: str | None = None,
     **sampling,
@@ -86,6 +86,12 @@ def build_request(
         raise InvalidParameterError(sorted(sampling)[0], "give sampling parameters in params or as arguments, not both")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InvalidParameterError("timeout", f"must be > 0 seconds or None, got {timeout!r}")
+    if not isinstance(prompt, (str, list, tuple)):
+        raise InvalidParameterError("prompt", f"must be text or a list of token ids, got {type(prompt).__name__}")
+    if drafters is None:
+        drafters = ()
+    elif not isinstance(drafters, (list, tuple)):
+        raise InvalidParameterError("drafters", f"must be a list of drafter names, got {type(drafters).__name__}")
     text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
     if not (text or ids):
         raise InvalidParameterError("prompt", "must not be empty")

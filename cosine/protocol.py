@@ -393,7 +393,11 @@ def decode(raw: bytes, expected: tuple[type[Message], ...] | None = None, vocab:
 def check(msg: Message) -> Message:
     """``msg`` as its reader will see it (encoded, decoded and validated): a sender learns at once what a
     receiver would refuse. Raises :class:`ProtocolError` with the reason."""
-    return decode(encode(msg), (type(msg),))
+    try:
+        raw = encode(msg)
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. an integer no wire format holds
+        raise ProtocolError(f"message: cannot be encoded: {type(exc).__name__}: {exc}") from exc
+    return decode(raw, (type(msg),))
 
 
 def peek_request_id(fields_map: dict) -> str | None:

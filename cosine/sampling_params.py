@@ -28,8 +28,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Accept a single string and lists from callers while keeping the dataclass hashable.
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else _items("stop", self.stop))
+        object.__setattr__(self, "stop_token_ids", _items("stop_token_ids", self.stop_token_ids))
         self.validate()
 
     @property
@@ -56,3 +56,12 @@ class SamplingParams:
             raise InvalidParameterError("stop", "must be non-empty strings")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise InvalidParameterError("stop_token_ids", "must be non-negative integers")
+
+
+def _items(name: str, value) -> tuple:
+    """``value`` (a list, tuple or None) as a tuple; anything else is refused naming the field."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise InvalidParameterError(name, f"must be a list, got {type(value).__name__}")
+    return tuple(value)

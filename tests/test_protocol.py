@@ -176,3 +176,24 @@ def test_fuzz_mutated_valid_messages_decode_or_raise_protocol_error(which, data)
 def test_the_fuzzers_seed_messages_are_valid():
     for msg in _valid_messages():
         assert p.decode(p.encode(msg), vocab=100) == msg
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=st.one_of(st.text(max_size=50), st.text(alphabet=st.characters(codec=None, max_codepoint=0x10FFFF),
+                                                         max_size=20),
+                        st.lists(st.integers(-10, 10**7), max_size=8), st.lists(json_like, max_size=3)),
+       params=st.dictionaries(st.sampled_from(["max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                                               "stop_token_ids", "ignore_eos", "priority", "drafter", "drafters",
+                                               "speculation", "spec_k", "timeout", "bogus"]), json_like, max_size=4))
+def test_fuzz_client_requests_are_built_or_refused_with_a_typed_error(prompt, params):
+    """Any prompt (empty, invalid UTF-8 surrogates, control characters, unknown ids) and any parameters: the
+    client builds a valid request or raises InvalidParameterError, never anything else."""
+    from cosine.client import build_request
+    from cosine.errors import InvalidParameterError
+
+    try:
+        msg = build_request(prompt, **params)
+    except InvalidParameterError:
+        return
+    p.check(msg)
+    assert p.decode(p.encode(msg)) == msg
