@@ -10,6 +10,7 @@ import click
 
 from cosine import defaults
 from cosine.cli_bench import bench
+from cosine.cli_reliability import chaos, load
 from cosine.errors import CosineError
 
 log = logging.getLogger("cosine")
@@ -104,6 +105,8 @@ def zoo_evaluate(zoo_path: str | None, threads: int) -> None:
 
 # -- bench (commands in cosine/cli_bench.py) ----------------------------------------------------------
 cli.add_command(bench)
+cli.add_command(chaos)
+cli.add_command(load)
 
 
 @cli.command()
@@ -449,38 +452,6 @@ def demo(zoo_path, prompts_per_domain, max_new_tokens, drafters, log_dir, local)
         run_local_demo(zoo_path, prompts_per_domain, max_new_tokens)
     else:
         run_demo(zoo_path, prompts_per_domain, max_new_tokens, drafters, log_dir)
-
-
-@cli.command()
-@click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the faults, their targets and timing.")
-@click.option("--duration", "duration_s", type=click.FloatRange(min=1), default=600.0, show_default=True,
-              help="Seconds of load under faults (then the requests in flight finish).")
-@click.option("--clients", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Closed-loop client threads (greedy and seeded-sampling requests alternate).")
-@click.option("--fault-every", "fault_every", type=(float, float), default=(3.0, 8.0), show_default=True,
-              help="The injector waits a random time in this range (seconds) between faults.")
-@click.option("--out", type=click.Path(file_okay=False), default="chaos-results", show_default=True)
-def chaos(zoo_path, seed, duration_s, clients, fault_every, out) -> None:
-    """Run a local deployment (2 verifiers, 3 drafters, controller, Redis with AOF everysec) under load while a
-    seeded injector kills and restarts workers, pauses a verifier past its heartbeat, kills Redis, kills the
-    controller and removes a drafter; then check that every request completed exactly or failed explicitly
-    and that nothing was left behind. Writes chaos.json, chaos.md and the workers' logs to --out."""
-    import pathlib
-
-    from cosine.chaos import ChaosConfig, markdown, run_chaos
-
-    folder = pathlib.Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    report = run_chaos(ChaosConfig(seed=seed, duration_s=duration_s, clients=clients, fault_every_s=fault_every,
-                                   zoo=zoo_path, log_dir=str(folder / "logs")))
-    (folder / "chaos.json").write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    (folder / "chaos.md").write_text(table)
-    click.echo(table)
-    bad = report["lost"] or report["outputs"]["mismatched"] or report["worker_crashes"]
-    if bad:
-        raise SystemExit(1)
 
 
 def main() -> None:
