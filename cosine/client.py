@@ -203,9 +203,13 @@ def _has_verifier(roles: list) -> None:
         raise NoWorkersError("no live verifier worker: start one with `cosine worker verifier` or `cosine up`")
 
 
-def _has_room(outstanding: int, limit: int) -> None:
+def _has_room(outstanding: int, limit: int, priority: int) -> None:
+    """Room for one more request: the last ``PRIORITY_RESERVE`` of ``limit`` is kept for priority > 0."""
+    if priority <= 0:
+        limit = max(1, int(limit * (1 - defaults.PRIORITY_RESERVE)))
     if outstanding >= limit:
-        raise OverloadedError(f"the deployment holds {outstanding} requests (limit {limit}); retry later")
+        raise OverloadedError(f"the deployment holds {outstanding} requests (limit {limit} at priority "
+                              f"{priority}); retry later")
 
 
 class Client:
@@ -237,7 +241,7 @@ class Client:
         self.close()
 
     # -- submitting -----------------------------------------------------------------------------------
-    def _check_admission(self) -> None:
+    def _check_admission(self, priority: int) -> None:
         """Before a submit: a live verifier (unless not required) and room in the deployment."""
         pipe = self.r.pipeline(transaction=False)
         pipe.xlen(self.keys.requests)
@@ -248,12 +252,12 @@ class Client:
         outstanding, *roles = pipe.execute()
         if self.require_workers:
             _has_verifier(roles)
-        _has_room(outstanding, self.max_outstanding)
+        _has_room(outstanding, self.max_outstanding, priority)
 
     def submit(self, prompt: str | Sequence[int], **params) -> str:
         """Queue a request; returns its id. Parameters as for :meth:`generate`."""
         msg = build_request(prompt, **params)
-        self._check_admission()
+        self._check_admission(msg.priority)
         self.streams.add(self.keys.requests, msg)
         return msg.request_id
 
@@ -334,16 +338,16 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def _check_admission(self) -> None:
+    async def _check_admission(self, priority: int) -> None:
         if self.require_workers:
             cutoff = server_ms(await self.r.time()) - int(defaults.WORKER_DEAD_AFTER_S * 1000)
             ids = await self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")
             _has_verifier([await self.r.hget(self.keys.worker(wid.decode()), "role") for wid in ids])
-        _has_room(await self.r.xlen(self.keys.requests), self.max_outstanding)
+        _has_room(await self.r.xlen(self.keys.requests), self.max_outstanding, priority)
 
     async def submit(self, prompt: str | Sequence[int], **params) -> str:
         msg = build_request(prompt, **params)
-        await self._check_admission()
+        await self._check_admission(msg.priority)
         await self.r.xadd(**xadd_args(self.keys, self.keys.requests, msg))
         return msg.request_id
 

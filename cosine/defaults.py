@@ -19,6 +19,7 @@ STREAM_MAXLEN = 200_000
 # when their request ends); a client's submit past it raises OverloadedError instead of queueing a request
 # that the safety cap above could later trim away unseen.
 MAX_OUTSTANDING_REQUESTS = 10_000
+PRIORITY_RESERVE = 0.1  # the last share of that bound only admits requests with priority > 0
 DLQ_MAXLEN = 10_000  # dead letters kept (MAXLEN ~)
 DLQ_FIELD_BYTES = 4096  # a dead letter keeps at most this much of each original field (and 16 fields)
 CANCEL_MAXLEN = 10_000  # cancellation notices kept

@@ -45,15 +45,26 @@ def test_a_submit_past_the_deployments_limit_is_refused_with_overloaded():
     OverloadedError (both clients) instead of queueing what the stream's cap could later trim unseen."""
     with LocalRedis() as srv:
         with Client(srv.url, require_workers=False, max_outstanding=2) as c:
-            ids = [c.submit([5, 6], max_new_tokens=2) for _ in range(2)]
+            ids = [c.submit([5, 6], max_new_tokens=2, priority=1) for _ in range(2)]
             with pytest.raises(OverloadedError, match="limit 2"):
-                c.submit([5, 6], max_new_tokens=2)
+                c.submit([5, 6], max_new_tokens=2, priority=1)
 
             async def one_more() -> str:
                 async with AsyncClient(srv.url, require_workers=False, max_outstanding=2) as ac:
-                    return await ac.submit([5, 6], max_new_tokens=2)
+                    return await ac.submit([5, 6], max_new_tokens=2, priority=1)
 
             with pytest.raises(OverloadedError):
                 asyncio.run(one_more())
             c.r.xdel(c.keys.requests, c.r.xrange(c.keys.requests)[0][0])  # a request ended: room again
-            assert c.submit([5, 6], max_new_tokens=2) not in ids
+            assert c.submit([5, 6], max_new_tokens=2, priority=1) not in ids
+
+
+def test_the_last_tenth_of_the_bound_is_kept_for_priority_requests():
+    with LocalRedis() as srv, Client(srv.url, require_workers=False, max_outstanding=10) as c:
+        for _ in range(9):
+            c.submit([5, 6], max_new_tokens=2)
+        with pytest.raises(OverloadedError, match="limit 9 at priority 0"):
+            c.submit([5, 6], max_new_tokens=2)
+        c.submit([5, 6], max_new_tokens=2, priority=2)
+        with pytest.raises(OverloadedError, match="limit 10 at priority 2"):
+            c.submit([5, 6], max_new_tokens=2, priority=2)
