@@ -94,10 +94,23 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_clock_offset_ms = 0  # the broker's clock minus this host's, as last read (server_ms)
+
+
 def server_ms(reply) -> int:
-    """A ``TIME`` reply (seconds, microseconds) in milliseconds."""
+    """A ``TIME`` reply (seconds, microseconds) in milliseconds; also updates this process's estimate of how
+    far the broker's clock is from its own (:func:`wall_ms`)."""
+    global _clock_offset_ms
     sec, usec = reply
-    return int(sec) * 1000 + int(usec) // 1000
+    ms = int(sec) * 1000 + int(usec) // 1000
+    _clock_offset_ms = ms - now_ms()
+    return ms
+
+
+def wall_ms() -> int:
+    """This host's clock set to the broker's (as of the last ``TIME`` this process read): a request's deadline
+    is stamped by a client and enforced by a verifier, on hosts whose clocks may disagree by seconds."""
+    return now_ms() + _clock_offset_ms
 
 
 def is_nogroup(exc: Exception) -> bool:

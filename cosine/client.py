@@ -9,6 +9,7 @@ request resumed by another verifier never duplicates or drops tokens.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field, fields
 import redis
 
 from cosine import defaults
-from cosine.broker import RedisSettings, Streams, connect, connect_async, now_ms, server_ms, xadd_args
+from cosine.broker import RedisSettings, Streams, connect, connect_async, server_ms, wall_ms, xadd_args
 from cosine.errors import (
     InvalidParameterError,
     InvalidRequestError,
@@ -96,7 +97,7 @@ def build_request(
     if not (text or ids):
         raise InvalidParameterError("prompt", "must not be empty")
     fixed = isinstance(speculation, int) and not isinstance(speculation, bool)
-    created = now_ms()
+    created = wall_ms()
     msg = GenerationRequest(
         request_id=request_id or uuid.uuid4().hex, prompt=text, prompt_ids=ids, params=params, priority=priority,
         deadline_ms=created + int(timeout * 1000) if timeout is not None else None, drafter=drafter,
@@ -198,6 +199,14 @@ class _Reading:
         return out
 
 
+def on_broker_clock(msg: GenerationRequest) -> GenerationRequest:
+    """``msg`` with its creation time and deadline moved to the broker's clock (as just read), which the
+    verifier enforcing the deadline reads too."""
+    shift = wall_ms() - msg.created_ms
+    return dataclasses.replace(msg, created_ms=msg.created_ms + shift,
+                               deadline_ms=None if msg.deadline_ms is None else msg.deadline_ms + shift)
+
+
 def _has_verifier(roles: list) -> None:
     if b"verifier" not in roles:
         raise NoWorkersError("no live verifier worker: start one with `cosine worker verifier` or `cosine up`")
@@ -243,10 +252,11 @@ class Client:
     # -- submitting -----------------------------------------------------------------------------------
     def _check_admission(self, priority: int) -> None:
         """Before a submit: a live verifier (unless not required) and room in the deployment."""
+        now = self.streams.server_ms()  # also sets this host's clock to the broker's for the deadline
         pipe = self.r.pipeline(transaction=False)
         pipe.xlen(self.keys.requests)
         if self.require_workers:
-            cutoff = self.streams.server_ms() - int(defaults.WORKER_DEAD_AFTER_S * 1000)
+            cutoff = now - int(defaults.WORKER_DEAD_AFTER_S * 1000)
             for wid in self.r.zrangebyscore(self.keys.workers, cutoff, "+inf"):
                 pipe.hget(self.keys.worker(wid.decode()), "role")
         outstanding, *roles = pipe.execute()
@@ -258,7 +268,7 @@ class Client:
         """Queue a request; returns its id. Parameters as for :meth:`generate`."""
         msg = build_request(prompt, **params)
         self._check_admission(msg.priority)
-        self.streams.add(self.keys.requests, msg)
+        self.streams.add(self.keys.requests, on_broker_clock(msg))
         return msg.request_id
 
     def cancel(self, request_id: str) -> None:
@@ -339,8 +349,9 @@ class AsyncClient:
         await self.close()
 
     async def _check_admission(self, priority: int) -> None:
+        now = server_ms(await self.r.time())  # also sets this host's clock to the broker's for the deadline
         if self.require_workers:
-            cutoff = server_ms(await self.r.time()) - int(defaults.WORKER_DEAD_AFTER_S * 1000)
+            cutoff = now - int(defaults.WORKER_DEAD_AFTER_S * 1000)
             ids = await self.r.zrangebyscore(self.keys.workers, cutoff, "+inf")
             _has_verifier([await self.r.hget(self.keys.worker(wid.decode()), "role") for wid in ids])
         _has_room(await self.r.xlen(self.keys.requests), self.max_outstanding, priority)
@@ -348,7 +359,7 @@ class AsyncClient:
     async def submit(self, prompt: str | Sequence[int], **params) -> str:
         msg = build_request(prompt, **params)
         await self._check_admission(msg.priority)
-        await self.r.xadd(**xadd_args(self.keys, self.keys.requests, msg))
+        await self.r.xadd(**xadd_args(self.keys, self.keys.requests, on_broker_clock(msg)))
         return msg.request_id
 
     async def cancel(self, request_id: str) -> None:

@@ -68,3 +68,32 @@ def test_the_last_tenth_of_the_bound_is_kept_for_priority_requests():
         c.submit([5, 6], max_new_tokens=2, priority=2)
         with pytest.raises(OverloadedError, match="limit 10 at priority 2"):
             c.submit([5, 6], max_new_tokens=2, priority=2)
+
+
+def test_a_deadline_holds_when_the_clients_clock_is_behind(monkeypatch):
+    """A client whose host clock is 30 s behind asks for 10 s: the deadline is stamped on the broker's clock,
+    so the verifier (right clock) serves the request instead of timing it out at once."""
+    import cosine.broker as broker
+    import cosine.client as client_module
+    from cosine.protocol import Chunk, decode_entry
+    from cosine.service.verifier_service import VerifierService, VerifierSettings
+    from cosine.sim.engines import SimModel, SimTarget, SimTokenizer
+
+    with LocalRedis() as srv:
+        settings = RedisSettings(url=srv.url, prefix="skew")
+        svc = VerifierService(settings, VerifierSettings("v0"), SimTarget(SimModel(), time_scale=0), SimTokenizer())
+        svc.recover_own()
+        real = broker.now_ms
+        with monkeypatch.context() as m:  # the client's host
+            m.setattr(broker, "now_ms", lambda: real() - 30_000)
+            m.setattr(client_module, "now_ms", lambda: real() - 30_000, raising=False)
+            with Client(settings=settings, require_workers=False) as c:
+                rid = c.submit([16, 17, 18, 19], max_new_tokens=4, timeout=10)
+        svc.streams.heartbeat("v0", {"role": "verifier"})  # the verifier's host reads the broker's clock
+        chunks: list[Chunk] = []
+        for _ in range(200):
+            svc.step()
+            chunks = [decode_entry(f, (Chunk,)) for _, f in svc.streams.entries(svc.keys.out(rid))]
+            if chunks and chunks[-1].finished:
+                break
+        assert chunks and chunks[-1].finished and chunks[-1].finish_reason != "timeout", chunks[-1:]

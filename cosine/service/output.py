@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cosine.broker import Entry, Streams, now_ms
+from cosine.broker import Entry, Streams, wall_ms
 from cosine.engine.sequence import FinishReason
 from cosine.protocol import Chunk, ProtocolError, decode_entry
 from cosine.service.request_state import RequestState
@@ -91,7 +91,7 @@ class OutputWriter:
                 "queue_ms": max(0, st.admitted_ms - created) if created else None,
                 "drafting_ms": round(c.draft_ms, 3),
                 "verifying_ms": round(c.verify_s * 1000, 3),
-                "total_ms": now_ms() - created if created else None,
+                "total_ms": wall_ms() - created if created else None,
                 "stale_drafts": c.stale,
                 "late_drafts": c.late,
                 "resyncs": c.resyncs,

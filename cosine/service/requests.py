@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from cosine.broker import Entry, Streams, now_ms
+from cosine.broker import Entry, Streams, wall_ms
 from cosine.engine.sequence import FinishReason, Sequence
 from cosine.errors import InvalidParameterError
 from cosine.keys import VERIFIERS_GROUP
@@ -128,7 +128,7 @@ class RequestBook:
             self.refuse(pipe, msg.request_id, eid, str(exc), "invalid_request", earlier.next_seq, len(earlier.tokens))
             return None
         seq.output_ids = earlier.tokens
-        st = RequestState(msg, eid, seq, now_ms(), Drafting(self.steering.new()),
+        st = RequestState(msg, eid, seq, wall_ms(), Drafting(self.steering.new()),
                           OutputCursor(earlier.next_seq, len(earlier.tokens)))
         st.output.text.emitted = earlier.emitted
         if earlier.tokens:

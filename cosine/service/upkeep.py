@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from cosine import defaults
-from cosine.broker import Entry, Streams, now_ms
+from cosine.broker import Entry, Streams, wall_ms
 from cosine.engine.sequence import FinishReason
 from cosine.keys import VERIFIERS_GROUP
 from cosine.protocol import Cancel, GenerationRequest, ProtocolError, decode_entry
@@ -88,7 +88,7 @@ class Upkeep:
             self.book.end(cancelled, FinishReason.CANCELLED)
 
     def deadlines(self) -> None:
-        wall = now_ms()
+        wall = wall_ms()
         late = [st for st in self.book.active.values()
                 if st.msg.deadline_ms is not None and wall > st.msg.deadline_ms]
         if late:

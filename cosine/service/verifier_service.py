@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import redis
 
 from cosine import defaults
-from cosine.broker import Entry, RedisSettings, Streams, connect, now_ms
+from cosine.broker import Entry, RedisSettings, Streams, connect, wall_ms
 from cosine.engine.sequence import FinishReason
 from cosine.engine.stopping import apply_stop_strings
 from cosine.engine.tree import depth_of
@@ -236,7 +236,7 @@ class VerifierService:
         no drafter or a plain step due (or none, when the pass is held for drafts on their way)."""
         budget = self.drafts.budget_ms() / 1000
         eta = self.drafts.eta_ms()
-        wall = now_ms()
+        wall = wall_ms()
         cands: list[Candidate] = []
         coming: list[tuple[Candidate, float]] = []
         late: set[str] = set()
@@ -322,7 +322,7 @@ class VerifierService:
         pipe = self.streams.transaction()
         finished: list[RequestState] = []
         continuing: list[RequestState] = []
-        wall = now_ms()
+        wall = wall_ms()
         for st in ready:
             st.counters.verify_s += forward_s / len(ready)
             st.drafting.draft = None
