@@ -81,7 +81,8 @@ class _Run:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _rss_mb(pid: int) -> float:
+def rss_mb(pid: int) -> float:
+    """A process's resident memory in MB (0 when it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -165,9 +166,9 @@ def _inject(run: _Run, dep, server: LocalRedis, stop: threading.Event) -> None:
 def _watch_memory(run: _Run, dep, server: LocalRedis, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         for name, proc in list(dep.procs.items()):
-            run.peak_rss_mb[name] = max(run.peak_rss_mb.get(name, 0.0), _rss_mb(proc.pid))
+            run.peak_rss_mb[name] = max(run.peak_rss_mb.get(name, 0.0), rss_mb(proc.pid))
         if server.proc is not None:
-            run.peak_rss_mb["redis"] = max(run.peak_rss_mb.get("redis", 0.0), _rss_mb(server.proc.pid))
+            run.peak_rss_mb["redis"] = max(run.peak_rss_mb.get("redis", 0.0), rss_mb(server.proc.pid))
 
 
 def _references(cfg: ChaosConfig, prompts: list[str], outcomes: list[_Outcome]) -> dict:

@@ -23,6 +23,7 @@ import threading
 import time
 
 from cosine.broker import RedisSettings, connect
+from cosine.chaos import rss_mb
 from cosine.client import Client
 from cosine.errors import OverloadedError, RequestError
 from cosine.local_redis import LocalRedis
@@ -30,17 +31,9 @@ from cosine.local_redis import LocalRedis
 log = logging.getLogger(__name__)
 
 
-def _rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0.0
-
-
 def _memory(url: str, dep) -> dict:
     used = connect(RedisSettings(url=url)).info("memory").get("used_memory", 0) / 2**20
-    return {"redis_mb": round(used, 2), "workers_mb": round(sum(_rss_mb(p.pid) for p in dep.procs.values()), 1)}
+    return {"redis_mb": round(used, 2), "workers_mb": round(sum(rss_mb(p.pid) for p in dep.procs.values()), 1)}
 
 
 def _saturation(url: str, prompts: list[str], max_new_tokens: int, seconds: float, clients: int = 8) -> float:
