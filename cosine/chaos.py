@@ -13,7 +13,8 @@ seconds (every kind once first, then at random, all from ``seed``) and logs it:
 Afterwards every request is checked: it completed or ended with an explicit :class:`~cosine.errors.RequestError`
 (never another exception, never a hang); greedy outputs equal the target alone's (a divergence is a named
 near-tie when the target's two tokens score within ``NEAR_TIE_LOGIT_GAP``) and seeded samples equal
-speculation off; the client's assembler already refuses a stream with a gap. Then that nothing is left
+speculation off (a named near-tie when the keyed uniform lies within ``NEAR_TIE_CDF`` of a boundary of the
+target's distribution); the client's assembler already refuses a stream with a gap. Then that nothing is left
 behind: no request entry pending, no worker holding a request, every output stream expiring.
 """
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 FAULTS = ("kill_verifier", "kill_drafter", "stop_verifier", "restart_redis", "kill_controller", "remove_drafter")
 NEAR_TIE_LOGIT_GAP = 1e-3
+NEAR_TIE_CDF = 1e-5  # a keyed sample whose uniform lies this close to a boundary of the target's CDF
 SEEDS = 8  # sampling seeds the workload cycles through (each prompt and seed: one reference to compute)
 
 
@@ -176,13 +178,15 @@ def _references(cfg: ChaosConfig, prompts: list[str], outcomes: list[_Outcome]) 
     """The target alone's outputs for every (prompt, sampling) the run used; greedy divergences classified."""
     import torch
 
+    from cosine.engine.sampling import TARGET_SAMPLE, cdf_margin, keyed_uniform, probabilities
     from cosine.engine.speculative import SpeculativeEngine
 
     engine = SpeculativeEngine.from_zoo(cfg.zoo, device="cpu", dtype="float32", drafters=[])
     model = engine.verifier.runner.model
     tok = engine.tokenizer
     want: dict[tuple[int, bool, int], list[int]] = {}
-    counts = {"identical": 0, "near_ties": 0, "mismatched": 0, "compared": 0}
+    counts = {"identical": 0, "near_ties": 0, "mismatched": 0, "compared": 0, "mismatched_greedy": 0,
+              "mismatched_sampled": 0, "mismatch_samples": []}
     for out in outcomes:
         if out.tokens is None:
             continue
@@ -199,13 +203,23 @@ def _references(cfg: ChaosConfig, prompts: list[str], outcomes: list[_Outcome]) 
             counts["identical"] += 1
             continue
         pos = next((p for p, (a, b) in enumerate(zip(out.tokens, ref)) if a != b), None)
-        if pos is not None and not out.sampled:
+        if pos is not None:
             with torch.inference_mode():
                 logits = model(torch.tensor([ids + ref[:pos]])).logits[0, -1]
-            if abs(float(logits[ref[pos]] - logits[out.tokens[pos]])) <= NEAR_TIE_LOGIT_GAP:
+            if out.sampled:  # the keyed uniform that close to a boundary of the target's distribution
+                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.8, seed=out.seed)
+                tie = cdf_margin(probabilities(logits, params), keyed_uniform(out.seed, pos, TARGET_SAMPLE)) \
+                    <= NEAR_TIE_CDF
+            else:
+                tie = abs(float(logits[ref[pos]] - logits[out.tokens[pos]])) <= NEAR_TIE_LOGIT_GAP
+            if tie:
                 counts["near_ties"] += 1
                 continue
         counts["mismatched"] += 1
+        counts["mismatched_sampled" if out.sampled else "mismatched_greedy"] += 1
+        if len(counts["mismatch_samples"]) < 10:
+            counts["mismatch_samples"].append({"prompt": out.index, "seed": out.seed if out.sampled else None,
+                                               "position": pos, "lengths": [len(out.tokens), len(ref)]})
     return counts
 
 
