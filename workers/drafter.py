@@ -8,8 +8,9 @@ import torch
 
 from cosine.broker import RedisSettings
 from cosine.engine.draft_model import Drafter
-from cosine.engine.models import load_model
+from cosine.engine.models import load_model, load_tokenizer
 from cosine.engine.runner import ModelRunner
+from cosine.engine.vocab import check_compatible, identity
 from cosine.service.drafter_service import DrafterService, DrafterSettings
 from cosine.service.run_loop import stop_on_signals
 
@@ -18,18 +19,24 @@ log = logging.getLogger(__name__)
 
 def main(redis_settings: RedisSettings, settings: DrafterSettings, models: dict[str, str], device: str | None,
          dtype: str | None, threads: int | None) -> None:
-    """``models`` maps expert names (e.g. domains) to model folders."""
+    """``models`` maps expert names (e.g. domains) to model folders, each with its tokenizer: the experts
+    must share one (checked here), and verifiers check it against their target's (announced in the
+    heartbeat). Logits cover the tokenizer's ids, whatever size each model pads its table to."""
     stop = stop_on_signals()
     if threads:
         torch.set_num_threads(threads)
     drafters = {}
-    vocab = None
+    first: tuple[str, object] | None = None
+    bound = 0
     for name, path in models.items():
+        tok = load_tokenizer(path)
+        if first is None:
+            first = (path, tok)
+        else:
+            check_compatible(first[0], first[1], path, tok)
         model = load_model(path, device, dtype)
-        drafters[name] = Drafter(ModelRunner(model, name), name)
-        size = int(model.config.vocab_size)
-        if vocab is not None and size != vocab:
-            raise SystemExit(f"drafter models disagree on the vocabulary: {vocab} vs {size} ids ({path})")
-        vocab = size
+        drafters[name] = Drafter(ModelRunner(model, name, vocab_size=len(tok)), name)
+        bound = max(bound, int(model.config.vocab_size), len(tok))
     log.info("drafter %s loaded %s", settings.worker_id, ", ".join(f"{n}={p}" for n, p in models.items()))
-    DrafterService(redis_settings, settings, drafters, vocab or 0).run(stop)
+    ident = identity(first[1]) if first else None
+    DrafterService(redis_settings, settings, drafters, bound, identity=ident).run(stop)

@@ -10,6 +10,7 @@ from cosine.broker import RedisSettings
 from cosine.engine.models import load_model, load_tokenizer
 from cosine.engine.runner import ModelRunner
 from cosine.engine.target import TargetVerifier
+from cosine.engine.vocab import identity
 from cosine.service.run_loop import stop_on_signals
 from cosine.service.verifier_service import VerifierService, VerifierSettings
 
@@ -25,4 +26,4 @@ def main(redis_settings: RedisSettings, settings: VerifierSettings, target: str,
     tokenizer = load_tokenizer(target)
     engine = TargetVerifier(ModelRunner(model, "target"), tokenizer.eos_token_id)
     log.info("verifier %s loaded %s", settings.worker_id, target)
-    VerifierService(redis_settings, settings, engine, tokenizer).run(stop)
+    VerifierService(redis_settings, settings, engine, tokenizer, identity=identity(tokenizer)).run(stop)

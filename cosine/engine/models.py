@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import pathlib
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from cosine.engine.families import attention_implementation
+from cosine.engine.vocab import check_compatible
 from cosine.errors import InvalidParameterError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_model(path: str | pathlib.Path, device: str | None = None, dtype: str | torch.dtype | None = None):
-    """Load a causal LM for inference; raises :class:`ModelLoadError` with the path on failure."""
+    """Load a causal LM for inference with the attention its family needs
+    (:func:`~cosine.engine.families.attention_implementation`); raises :class:`ModelLoadError` with the path
+    on failure."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation="sdpa")
+        config = AutoConfig.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt,
+                                                     attn_implementation=attention_implementation(config))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {exc}") from exc
     model.to(dev).eval()
@@ -57,32 +61,23 @@ def load_model(path: str | pathlib.Path, device: str | None = None, dtype: str |
     return model
 
 
-def load_tokenizer(path: str | pathlib.Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | pathlib.Path, required: bool = True) -> PreTrainedTokenizerBase | None:
+    """The tokenizer in a model folder; with ``required=False``, None when the folder has none."""
+    if not required and not any((pathlib.Path(path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return None
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a tokenizer from {path}: {exc}") from exc
 
 
-def vocabulary_of(path: str | pathlib.Path, model) -> tuple[int, str | None]:
-    """A model's vocabulary: its size and, when its folder has a tokenizer, a digest of the token table."""
-    tok_file = pathlib.Path(path) / "tokenizer.json"
-    digest = None
-    if tok_file.exists():
-        vocab = json.loads(tok_file.read_text()).get("model", {}).get("vocab", {})
-        digest = hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()[:12]
-    return int(model.config.vocab_size), digest
-
-
-def _describe(vocab: tuple[int, str | None]) -> str:
-    return f"{vocab[0]} ids" + (f", tokenizer {vocab[1]}" if vocab[1] else "")
-
-
-def check_same_vocabulary(target_path, target, drafter_path, drafter) -> None:
-    """Refuse a drafter whose vocabulary differs from the target's, naming both."""
-    t, d = vocabulary_of(target_path, target), vocabulary_of(drafter_path, drafter)
-    if t[0] != d[0] or (t[1] and d[1] and t[1] != d[1]):
-        raise ModelLoadError(
-            f"drafter {drafter_path} has vocabulary [{_describe(d)}] but target {target_path} has "
-            f"[{_describe(t)}]; a drafter must share the target's tokenizer"
-        )
+def check_drafter(target_name: str, target, target_tok, drafter_name: str, drafter, drafter_tok) -> None:
+    """Refuse a drafter that does not speak the target's token ids, naming both: compared by tokenizer
+    (:mod:`cosine.engine.vocab`) when both have one, else by vocabulary size."""
+    if target_tok is not None and drafter_tok is not None:
+        check_compatible(target_name, target_tok, drafter_name, drafter_tok)
+        return
+    t, d = int(target.config.vocab_size), int(drafter.config.vocab_size)
+    if t != d:
+        raise ModelLoadError(f"drafter {drafter_name} has {d} ids but target {target_name} has {t} ids and "
+                             "neither names a tokenizer to compare; a drafter must share the target's tokenizer")

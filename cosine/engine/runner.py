@@ -18,7 +18,9 @@ from typing import Literal
 import torch
 
 from cosine.engine import lean_llama
+from cosine.engine.families import layout_of, to_model_mask, windowed_mask
 from cosine.engine.kv_cache import BatchKV, cache_kwarg
+from cosine.engine.vocab import fit_logits
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +78,24 @@ class ModelRunner:
     # pass costs its rows times its largest tree: what cost models of this runner price (CostModel.padded).
     PADDED = True
 
-    def __init__(self, model: torch.nn.Module, name: str = "model", lean: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, name: str = "model", lean: bool | None = None,
+                 vocab_size: int | None = None) -> None:
+        """``vocab_size``: the ids the returned logits cover (a drafter's: the target's), cut or padded with
+        ``-inf`` from the model's own table (:func:`~cosine.engine.vocab.fit_logits`)."""
         self.model = model
         # The lean forward (:mod:`cosine.engine.lean_llama`) where it reproduces the model's own bit for bit;
         # ``lean=False`` keeps transformers' forward (``None``: lean where supported).
         self.lean = lean_llama.supports(model) if lean is None else lean and lean_llama.supports(model)
         self.name = name
+        # Which masks the model's layers take (sliding windows, per-kind dicts); refuses what it cannot run.
+        self.layout = layout_of(model, name)
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype
-        self.vocab_size = int(model.config.vocab_size)
+        self.vocab_size = int(vocab_size or model.config.vocab_size)
+        # Ids past the model's embedding table (padding ids of a larger target vocabulary, which trained
+        # models never emit) are fed as this id: only a drafter meets them, and a draft is only a proposal.
+        self.embed_rows = int(model.get_input_embeddings().num_embeddings)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.kv = BatchKV(self.device)
         self._cache_kwarg = cache_kwarg(model)
@@ -212,12 +222,15 @@ class ModelRunner:
                 pos.append([base + d for d in depths] + [base] * (q - n))
             if top >= self.max_positions:
                 raise ValueError(f"{self.name}: position {top} exceeds the context")
-            ids.append(seg.tokens + [0] * (q - n))
+            tokens = seg.tokens if max(seg.tokens) < self.embed_rows else [
+                t if t < self.embed_rows else 0 for t in seg.tokens]
+            ids.append(tokens + [0] * (q - n))
         starts = {lengths[row] for row in work}
+        positions = torch.tensor(pos, device=self.device)
         mask = None
-        if not (chains and len(starts) == 1 and (q == 1 or starts == {self.kv.physical})):
+        if self.layout.windowed or not (chains and len(starts) == 1 and (q == 1 or starts == {self.kv.physical})):
             anc = torch.tensor([self._ancestors(segments[row], q) for row in work], device=self.device)
-            mask = self.kv.attention_mask(work, anc)
+            mask = self._model_masks(self.kv.attention_mask(work, anc), [lengths[row] for row in work], positions)
         last = [max(n, 1) - 1 for n in sizes]  # each row's last node
         keep: int | torch.Tensor | None = None
         if self._keeps_logits and logits == "none":
@@ -227,8 +240,7 @@ class ModelRunner:
                     torch.tensor(last, device=self.device)[:, None])  # [rows, 1] positions
         self.kv.feed(work if subset else None, q)
         try:
-            got = self.call_model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
-                                  mask, keep)
+            got = self.call_model(torch.tensor(ids, device=self.device), positions, mask, keep)
         finally:
             self.kv.fed()
         self.forwards += 1
@@ -241,10 +253,28 @@ class ModelRunner:
             got = got[:, -1] if keep is not None else got[torch.arange(rows), torch.tensor(last)]
         if got.dtype != torch.float32:
             got = got.float()
+        got = fit_logits(got, self.vocab_size)
         if not subset:
             return got
         full = got.new_empty((len(segments), *got.shape[1:]))
         return full.index_copy_(0, torch.tensor(work, device=full.device), got)
+
+    def _model_masks(self, full: torch.Tensor, starts: list[int], positions: torch.Tensor):
+        """The mask (or per-kind dict of masks) the model takes, from the boolean ``full`` mask of a forward
+        whose rows start at ``starts`` with nodes at ``positions`` (``[rows, Q]``): a sliding-window layer sees
+        only keys within its window (committed slot ``s`` holds position ``s``, a new node its own position)."""
+        layout = self.layout
+        masks = {}
+        for kind, window in layout.windows.items():
+            mask = full
+            if window is not None:
+                q, span = positions.shape[1], full.shape[-1]
+                rel = torch.arange(span, device=self.device)[None, :] - torch.tensor(starts, device=self.device)[:, None]
+                key_pos = torch.where((rel >= 0) & (rel < q), positions.gather(1, rel.clamp(0, q - 1)),
+                                      torch.arange(span, device=self.device)[None, :])
+                mask = windowed_mask(full, positions, key_pos, window)
+            masks[kind] = to_model_mask(mask, layout, self.dtype)
+        return masks if layout.by_kind else next(iter(masks.values()))
 
     def call_model(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
                    keep: int | torch.Tensor | None) -> torch.Tensor:

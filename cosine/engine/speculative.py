@@ -24,7 +24,7 @@ import torch
 
 from cosine.engine.draft_model import PROPOSALS, Drafter, DraftRequest
 from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
-from cosine.engine.models import check_same_vocabulary, load_model, load_tokenizer
+from cosine.engine.models import check_drafter, load_model, load_tokenizer
 from cosine.engine.prompt_scoring import best_by_prompt_loss
 from cosine.engine.runner import ModelRunner
 from cosine.engine.sequence import Sequence
@@ -86,7 +86,9 @@ class SpeculativeEngine:
             eos_id = tokenizer.eos_token_id
         self.eos_id = eos_id
         self.verifier = TargetVerifier(ModelRunner(target, "target"), eos_id)
-        self.drafters = {name: Drafter(ModelRunner(m, name), name) for name, m in (drafters or {}).items()}
+        vocab = self.verifier.runner.vocab_size  # drafters' logits fitted to the target's ids
+        self.drafters = {name: Drafter(ModelRunner(m, name, vocab_size=vocab), name)
+                         for name, m in (drafters or {}).items()}
         self.fused = FusedDrafter(self.drafters)
         # Expertise routing (its prior learned across requests); the loop's k is its own (``config``), so the
         # steering's speculation control keeps its defaults.
@@ -106,11 +108,12 @@ class SpeculativeEngine:
         config: SpecConfig | None = None,
     ) -> SpeculativeEngine:
         target = load_model(target_path, device, dtype)
+        tokenizer = load_tokenizer(target_path)
         drafters = {}
         for name, path in (drafter_paths or {}).items():
             drafters[name] = load_model(path, device, dtype)
-            check_same_vocabulary(target_path, target, path, drafters[name])
-        tokenizer = load_tokenizer(target_path)
+            check_drafter(str(target_path), target, tokenizer, str(path), drafters[name],
+                          load_tokenizer(path, required=False))
         return cls(target, drafters, tokenizer.eos_token_id, config, tokenizer)
 
     @classmethod

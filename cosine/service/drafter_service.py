@@ -36,6 +36,7 @@ from cosine.broker import RedisSettings, Streams, connect
 from cosine.engine.draft_model import Drafter, DraftRequest, common_prefix
 from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
 from cosine.engine.prompt_scoring import best_by_prompt_loss
+from cosine.engine.vocab import TokenizerIdentity
 from cosine.keys import DRAFTERS_GROUP, Keys
 from cosine.policy.bets import Outcome, choose, outcomes
 from cosine.protocol import Draft, DraftClose, DraftJob, ProtocolError, decode_entry
@@ -87,10 +88,12 @@ class _Drafted:
 class DrafterService:
     def __init__(self, redis_settings: RedisSettings, settings: DrafterSettings, drafters: dict[str, Drafter],
                  vocab_size: int, fused: FusedDrafter | None = None,
-                 features: Callable[[list[list[int]]], list[str]] | None = None) -> None:
+                 features: Callable[[list[list[int]]], list[str]] | None = None,
+                 identity: TokenizerIdentity | None = None) -> None:
         """``drafters`` are the expert models; ``fused`` drafts with them in lockstep and ``features``
         names, per prompt, the expert whose loss on its tail is lowest (both derived from ``drafters``
-        unless given, e.g. by the cluster simulation)."""
+        unless given, e.g. by the cluster simulation); ``identity``: their tokenizer, announced in the
+        heartbeat so that verifiers can check it against their target's."""
         self.settings = settings
         self.keys = Keys(redis_settings.prefix)
         self.streams = Streams(connect(redis_settings), self.keys)
@@ -100,6 +103,7 @@ class DrafterService:
         self.features = features or (lambda prompts: best_by_prompt_loss(
             {n: d.runner.model for n, d in drafters.items()}, prompts))
         self.vocab = vocab_size
+        self.identity = identity
         self.stream = self.keys.draft(settings.worker_id)
         self.requests: dict[str, _Drafted] = {}
         self._last_draft: dict[str, FusedDraft] = {}  # the draft last sent per request (for lookahead)
@@ -127,6 +131,7 @@ class DrafterService:
         return {
             "role": "drafter",
             "experts": ",".join(sorted(self.fused.drafters)),
+            **({"tokenizer": self.identity.fingerprint, "tokens": self.identity.tokens} if self.identity else {}),
             "active": len(self.requests),
             "jobs": self.jobs,
             "batches": self.batches,

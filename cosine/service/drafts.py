@@ -24,6 +24,7 @@ import torch
 from cosine import defaults
 from cosine.broker import Entry, Streams, now_ms
 from cosine.engine.tree import DraftTree
+from cosine.engine.vocab import TokenizerIdentity
 from cosine.keys import VERIFIERS_GROUP
 from cosine.policy.placement import Placement
 from cosine.policy.steering import Load, Steering
@@ -36,9 +37,10 @@ log = logging.getLogger(__name__)
 
 class DraftExchange:
     def __init__(self, streams: Streams, steering: Steering, settings, metrics: VerifierMetrics, vocab: int,
-                 room: Callable) -> None:
+                 room: Callable, identity: TokenizerIdentity | None = None) -> None:
         """``settings``: the verifier's (worker id, tree width, token cap, proposal, fusion across workers,
-        draft budget); ``room(seq)``: how many draft positions a sequence can still use."""
+        draft budget); ``room(seq)``: how many draft positions a sequence can still use; ``identity``: the
+        target's tokenizer, which every drafter worker must announce to be used."""
         self.streams = streams
         self.keys = streams.keys
         self.steering = steering
@@ -48,6 +50,8 @@ class DraftExchange:
         self.vocab = vocab
         self.room = room
         self.stream = self.keys.verify(self.me)
+        self.identity = identity
+        self.refused: dict[str, str] = {}  # drafter worker -> why it is not used (told once in the log)
         self.placement = Placement({}, settings.cross_fusion)
         self._placement_at = float("-inf")
         self.rtts: collections.deque[float] = collections.deque(maxlen=64)
@@ -58,9 +62,26 @@ class DraftExchange:
         """Re-read the live drafter workers (at most once per heartbeat interval unless forced)."""
         now = time.monotonic()
         if force or now - self._placement_at > defaults.HEARTBEAT_INTERVAL_S:
-            self.placement = Placement.from_heartbeats(self.streams.live_workers("drafter"),
+            live = self.streams.live_workers("drafter")
+            self.placement = Placement.from_heartbeats({w: info for w, info in live.items() if self._fits(w, info)},
                                                        self.settings.cross_fusion)
             self._placement_at = now
+
+    def _fits(self, worker: str, info: dict) -> bool:
+        """Whether a drafter worker speaks this target's token ids (its announced tokenizer is the target's);
+        an incompatible one is refused with an error naming both, once, and counted."""
+        mine = self.identity
+        theirs = info.get("tokenizer") or None
+        if mine is None or (theirs == mine.fingerprint and int(info.get("tokens", 0)) <= self.vocab):
+            return True
+        if worker not in self.refused:
+            told = f"tokenizer {theirs}, {info.get('tokens', '?')} tokens" if theirs else "no tokenizer announced"
+            self.refused[worker] = told
+            self.metrics.counters["drafters_refused"] += 1
+            log.error("refusing drafter worker %s (models %s; %s): it does not share the tokenizer of target %s "
+                      "(%s); requests decode without it", worker, info.get("experts", "?"), told,
+                      self.settings.worker_id, mine.describe())
+        return False
 
     def hosted(self) -> set[str]:
         """Every drafter model the live drafter workers host (as of the last look at their heartbeats)."""

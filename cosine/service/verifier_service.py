@@ -25,6 +25,7 @@ from cosine.broker import Entry, RedisSettings, Streams, connect, wall_ms
 from cosine.engine.sequence import FinishReason
 from cosine.engine.stopping import apply_stop_strings
 from cosine.engine.tree import depth_of
+from cosine.engine.vocab import TokenizerIdentity
 from cosine.errors import InvalidParameterError
 from cosine.keys import VERIFIERS_GROUP, Keys
 from cosine.policy.cost_model import CostModel
@@ -81,9 +82,11 @@ class VerifierSettings:
 
 class VerifierService:
     def __init__(self, redis_settings: RedisSettings, settings: VerifierSettings, engine, tokenizer,
-                 connector: Callable[[RedisSettings], redis.Redis] = connect) -> None:
+                 connector: Callable[[RedisSettings], redis.Redis] = connect,
+                 identity: TokenizerIdentity | None = None) -> None:
         """``engine``: a :class:`~cosine.engine.target.TargetVerifier` (or one with its interface);
-        ``connector`` makes each Redis connection (the heartbeat has one of its own)."""
+        ``connector`` makes each Redis connection (the heartbeat has one of its own); ``identity``: the
+        target's tokenizer, which drafter workers must share (None: take any)."""
         self.settings = settings
         self.me = settings.worker_id
         self.keys = Keys(redis_settings.prefix)
@@ -96,7 +99,7 @@ class VerifierService:
         self.control = ControlView(self.streams.r, self.keys)
         self.metrics = VerifierMetrics(settings.trace_passes)
         self.output = OutputWriter(self.streams, tokenizer, vocab, self.me)
-        self.drafts = DraftExchange(self.streams, self.steering, settings, self.metrics, vocab, engine.room)
+        self.drafts = DraftExchange(self.streams, self.steering, settings, self.metrics, vocab, engine.room, identity)
         self.book = RequestBook(self.streams, engine, tokenizer, self.output, self.steering, self.metrics, self.me,
                                 hosted=self.drafts.hosted)
         self.upkeep = Upkeep(self.streams, self.book, self.metrics, self.me, settings.max_active,
