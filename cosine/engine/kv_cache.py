@@ -15,6 +15,9 @@ concatenating). Row ``r``'s committed tokens are its slots ``[0, length_r)``, in
   weight zero, and a NaN there would survive that.
 * Forwards run under ``torch.inference_mode`` (less bookkeeping per op than ``no_grad``), so the buffers
   are inference tensors: every method that writes them runs in that mode too.
+* A model spread over devices keeps each layer's buffers on that layer's device (where its keys arrive);
+  the index tensors of a forward or a commit are made once on the input device and moved to a layer's
+  device where it differs.
 
 A new row is written into a spare row and a dropped row's place is taken by the last row, so a request
 joining or leaving copies its own row, not the cache. Every use of transformers' cache classes is in
@@ -100,11 +103,12 @@ class SlotLayer(DynamicLayer):
             self.kbuf[rows, :, feed.start : end] = key_states
             self.vbuf[rows, :, feed.start : end] = value_states
         else:  # one scatter of [rows, Q] slots; inputs go to [rows, Q, heads, dim] to match the index
-            row_idx, slot_idx = feed.scatter
+            row_idx, slot_idx = (_on(index, self.kbuf.device) for index in feed.scatter)
             self.kbuf[row_idx, :, slot_idx] = key_states.transpose(1, 2)
             self.vbuf[row_idx, :, slot_idx] = value_states.transpose(1, 2)
         if isinstance(rows, slice):
             return self.kbuf[rows, :, : feed.span], self.vbuf[rows, :, : feed.span]
+        rows = _on(rows, self.kbuf.device)
         return self.kbuf[:, :, : feed.span].index_select(0, rows), self.vbuf[:, :, : feed.span].index_select(0, rows)
 
     def get_seq_length(self) -> int:
@@ -113,6 +117,7 @@ class SlotLayer(DynamicLayer):
     # -- row and slot surgery used by BatchKV ---------------------------------------------------------
     def move_slots(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy slot ``src[i]`` of row ``rows[i]`` onto its slot ``dst[i]``, for all ``i`` at once."""
+        rows, src, dst = (_on(index, self.kbuf.device) for index in (rows, src, dst))
         for buf in (self.kbuf, self.vbuf):
             buf[rows, :, dst] = buf[rows, :, src]
 
@@ -135,6 +140,11 @@ class SlotLayer(DynamicLayer):
         self.vbuf[self.n : self.n + m, :, :copied] = other.vbuf[:m, :, :copied]
         self.n += m
         self.length = length
+
+
+def _on(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``index`` on ``device`` (itself when it is there already)."""
+    return index if index.device == device else index.to(device)
 
 
 def _empty_like(layer: SlotLayer, rows: int) -> SlotLayer:
@@ -164,7 +174,7 @@ class BatchKV:
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device("cpu")  # where bookkeeping tensors (lengths, masks of commits) are made
-        self.cache_device = torch.device(device)
+        self.cache_device = torch.device(device)  # where index tensors are made (the model's input device)
         self.cache = new_cache()
         self._lengths: list[int] = []
 
