@@ -15,13 +15,17 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, apply_rotary_pos_emb
 
+from cosine.engine.models import spread
+
 
 def supports(model: torch.nn.Module) -> bool:
     """Whether :func:`forward` reproduces ``model``'s own forward: a plain Llama with SDPA attention (no
-    quantisation or parallelism plans that swap its layers' ops, no sliding window, eval mode)."""
+    quantisation or parallelism plans that swap its layers' ops, no sliding window, eval mode) on one device
+    (it calls the layers' submodules directly, around accelerate's hooks that move a spread model's tensors)."""
     cfg = getattr(model, "config", None)
     return (
         type(model) is LlamaForCausalLM
+        and not spread(model)
         and getattr(cfg, "_attn_implementation", None) == "sdpa"
         and getattr(cfg, "pretraining_tp", 1) == 1
         and getattr(model, "hf_quantizer", None) is None

@@ -20,6 +20,7 @@ import torch
 from cosine.engine import lean_llama
 from cosine.engine.families import layout_of, to_model_mask, windowed_mask
 from cosine.engine.kv_cache import BatchKV, cache_kwarg
+from cosine.engine.models import input_device, spread
 from cosine.engine.vocab import fit_logits
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,16 @@ class ModelRunner:
         self.name = name
         # Which masks the model's layers take (sliding windows, per-kind dicts); refuses what it cannot run.
         self.layout = layout_of(model, name)
-        param = next(model.parameters())
-        self.device = param.device
-        self.dtype = param.dtype
+        # Inputs (ids, positions, masks, the cache's index tensors) are made on the input embedding's device.
+        # A model spread over devices (``load_model(device_map=...)``) carries accelerate's hooks, which move
+        # each decoder layer's inputs (hidden states, the attention mask, position embeddings) to the layer's
+        # device and the logits back to the inputs' device; the cache is left alone and each SlotLayer keeps
+        # its buffers on its layer's device.
+        self.device = input_device(model)
+        self.dtype = model.get_input_embeddings().weight.dtype
+        # Per-row ``logits_to_keep`` positions would meet the last hidden states on another device than the
+        # one the hooks send them to: a spread model projects every position and the last ones are picked.
+        self._keep_rows = not spread(model)
         self.vocab_size = int(vocab_size or model.config.vocab_size)
         # Ids past the model's embedding table (padding ids of a larger target vocabulary, which trained
         # models never emit) are fed as this id: only a drafter meets them, and a draft is only a proposal.
@@ -236,7 +244,7 @@ class ModelRunner:
         if self._keeps_logits and logits == "none":
             keep = 1
         elif self._keeps_logits and logits == "last":
-            keep = (1 if all(n == q for n in sizes) else
+            keep = (1 if all(n == q for n in sizes) else None if not self._keep_rows else
                     torch.tensor(last, device=self.device)[:, None])  # [rows, 1] positions
         self.kv.feed(work if subset else None, q)
         try:
