@@ -10,6 +10,7 @@ import click
 
 from cosine import defaults
 from cosine.cli_bench import bench
+from cosine.cli_models import plan
 from cosine.cli_reliability import chaos, load
 from cosine.errors import CosineError
 
@@ -107,6 +108,7 @@ def zoo_evaluate(zoo_path: str | None, threads: int) -> None:
 cli.add_command(bench)
 cli.add_command(chaos)
 cli.add_command(load)
+cli.add_command(plan)
 
 
 @cli.command()
@@ -193,8 +195,9 @@ def worker() -> None:
 @redis_options
 @model_options
 @click.option("--name", default=None, help="Worker id (stable names let a restarted worker find its backlog).")
-@click.option("--model", "model", multiple=True, metavar="NAME=PATH",
-              help="A drafter model (repeatable) [default: every zoo drafter, named by domain].")
+@click.option("--model", "model", multiple=True, metavar="NAME=PATH[@DEVICE]",
+              help="A drafter model (repeatable), on DEVICE if given (code=/m/code@cuda:1), else on --device  "
+                   "[default: every zoo drafter, named by domain].")
 @click.option("--batch-max", type=int, default=None, help="Jobs per batched drafting pass.")
 @click.option("--window-ms", type=float, default=None, help="Wait this long for more jobs after the first.")
 @click.option("--block-ms", type=int, default=None, help="Blocking read when idle.")
@@ -213,16 +216,20 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
                    threads, name, model, batch_max, window_ms, block_ms, lookahead, ahead_rows, ahead_depth,
                    vote_timeout_ms) -> None:
     """Host drafter models: consume this worker's draft jobs, reply with draft trees."""
+    from cosine.cli_models import parse_model_entry
     from cosine.service.drafter_service import DrafterSettings
     from cosine.zoo import paths
     from workers import drafter as drafter_worker
 
-    table = {}
+    table, devices = {}, {}
     for item in model:
-        if "=" not in item:
-            raise click.BadParameter(f"expected NAME=PATH, got {item!r}", param_hint="--model")
-        key, path = item.split("=", 1)
+        try:
+            key, path, on = parse_model_entry(item)
+        except CosineError as exc:
+            raise click.BadParameter(str(exc), param_hint="--model") from exc
         table[key] = path
+        if on is not None:
+            devices[key] = on
     if not table:
         root = paths.zoo_dir(zoo_path)
         table = {d: str(paths.drafter_dir(d, root)) for d in paths.drafter_domains(root)}
@@ -233,7 +240,7 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
         if value is not None:
             setattr(settings, attr, value)
     drafter_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
-                        settings, table, device, dtype, threads)
+                        settings, table, device, dtype, threads, devices=devices)
 
 
 @worker.command("verifier")
@@ -241,6 +248,13 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 @model_options
 @click.option("--name", default=None, help="Worker id (stable names let a restarted worker find its backlog).")
 @click.option("--model", "model", default=None, help="Target model folder [default: the zoo's target].")
+@click.option("--device-map", default=None,
+              help="Spread the target over devices: auto, balanced, sequential, or a JSON object or file of "
+                   "module -> device (`cosine plan` shows the placement)  [default: all on --device].")
+@click.option("--max-memory", default=None, metavar="DEV=SIZE,...",
+              help="Memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=100GiB (alone: implies auto).")
+@click.option("--quantization", type=click.Choice(["none", "8bit", "4bit"]), default="none", show_default=True,
+              help="Load the target quantised through bitsandbytes (needs the library and a CUDA device).")
 @click.option("--max-active", type=int, default=None, help="Requests held at once (batch limit).")
 @click.option("--max-batch-tokens", type=int, default=None, help="Tokens per verification forward.")
 @click.option("--admit-per-tick", type=int, default=None,
@@ -270,8 +284,10 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
               help="Append a JSON line per verification pass to this file: its requests, depths and forward "
                    "time, and where the time since the previous pass went (prefill, Redis, waiting).")
 def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                    threads, name, model, routing, fusion, scheduling, adaptive, **overrides) -> None:
+                    threads, name, model, device_map, max_memory, quantization, routing, fusion, scheduling,
+                    adaptive, **overrides) -> None:
     """Own requests: verify drafts with the target model and stream the committed tokens."""
+    from cosine.engine.placement_plan import parse_device_map, parse_max_memory
     from cosine.policy.steering import Switches
     from cosine.service.verifier_service import VerifierSettings
     from cosine.zoo import paths
@@ -281,8 +297,13 @@ def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, pas
                                 switches=Switches(routing, fusion, scheduling, adaptive),
                                 **{attr: value for attr, value in overrides.items() if value is not None})
     target = model or str(paths.target_dir(paths.zoo_dir(zoo_path)))
+    try:
+        device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    except CosineError as exc:
+        raise click.BadParameter(str(exc)) from exc
     verifier_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
-                         settings, target, device, dtype, threads)
+                         settings, target, device, dtype, threads, device_map=device_map, max_memory=max_memory,
+                         quantization=quantization)
 
 
 # -- local deployment ---------------------------------------------------------------------------------

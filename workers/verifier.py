@@ -7,7 +7,7 @@ import logging
 import torch
 
 from cosine.broker import RedisSettings
-from cosine.engine.models import load_model, load_tokenizer
+from cosine.engine.models import load_model, load_tokenizer, memory_by_device
 from cosine.engine.runner import ModelRunner
 from cosine.engine.target import TargetVerifier
 from cosine.engine.vocab import identity
@@ -18,11 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def main(redis_settings: RedisSettings, settings: VerifierSettings, target: str, device: str | None,
-         dtype: str | None, threads: int | None) -> None:
+         dtype: str | None, threads: int | None, device_map=None, max_memory=None,
+         quantization: str | None = None) -> None:
+    """``device_map``/``max_memory``/``quantization``: how the target is placed and loaded
+    (:func:`~cosine.engine.models.load_model`; ``device`` is used where no device map is given)."""
     stop = stop_on_signals()
     if threads:
         torch.set_num_threads(threads)
-    model = load_model(target, device, dtype)
+    model = load_model(target, device, dtype, device_map=device_map, max_memory=max_memory,
+                       quantization=quantization)
+    log.info("verifier %s: target parameters %s", settings.worker_id,
+             ", ".join(f"{dev} {n / 2**20:.1f} MiB" for dev, n in memory_by_device(model).items()))
     tokenizer = load_tokenizer(target)
     engine = TargetVerifier(ModelRunner(model, "target"), tokenizer.eos_token_id)
     log.info("verifier %s loaded %s", settings.worker_id, target)

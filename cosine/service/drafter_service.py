@@ -35,6 +35,7 @@ from cosine import defaults
 from cosine.broker import RedisSettings, Streams, connect
 from cosine.engine.draft_model import Drafter, DraftRequest, common_prefix
 from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
+from cosine.engine.models import describe_memory
 from cosine.engine.prompt_scoring import best_by_prompt_loss
 from cosine.engine.vocab import TokenizerIdentity
 from cosine.keys import DRAFTERS_GROUP, Keys
@@ -104,6 +105,8 @@ class DrafterService:
             {n: d.runner.model for n, d in drafters.items()}, prompts))
         self.vocab = vocab_size
         self.identity = identity
+        # Each expert's parameter memory by device, announced in the heartbeat ("" when drafts are simulated).
+        self.memory = describe_memory({n: d.runner.model for n, d in drafters.items()})
         self.stream = self.keys.draft(settings.worker_id)
         self.requests: dict[str, _Drafted] = {}
         self._last_draft: dict[str, FusedDraft] = {}  # the draft last sent per request (for lookahead)
@@ -132,6 +135,7 @@ class DrafterService:
             "role": "drafter",
             "experts": ",".join(sorted(self.fused.drafters)),
             **({"tokenizer": self.identity.fingerprint, "tokens": self.identity.tokens} if self.identity else {}),
+            **({"memory": self.memory} if self.memory else {}),
             "active": len(self.requests),
             "jobs": self.jobs,
             "batches": self.batches,
