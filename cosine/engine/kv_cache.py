@@ -20,8 +20,11 @@ concatenating). Row ``r``'s committed tokens are its slots ``[0, length_r)``, in
   device where it differs.
 
 A new row is written into a spare row and a dropped row's place is taken by the last row, so a request
-joining or leaving copies its own row, not the cache. Every use of transformers' cache classes is in
-this module, so a change of their API is fixed here.
+joining or leaving copies its own row, not the cache. Buffers grow in bounded steps (:func:`~cosine.engine.
+kv_budget.plan`: slots to a multiple of 64 and by at least a quarter, never doubling) and never past
+:attr:`BatchKV.limit` token slots (rows x slots) when what is in use fits in it; they shrink when rows leave
+and less than half of them is needed (and are freed when the last row goes). Every use of transformers'
+cache classes is in this module, so a change of their API is fixed here.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from cosine.engine.kv_budget import SLOT_CHUNK, plan
+
 
 @dataclass
 class Feed:
@@ -40,25 +45,27 @@ class Feed:
     ``rows``: the rows fed, in input order: ``None`` = every row, a ``slice`` = a contiguous range (read as
     a view), a tensor = any rows (their keys and values are copied out). ``start``: the slot of the first
     new token, the same for every row fed; ``None`` when rows start at different slots, and ``scatter``
-    holds the (row, slot) index of every new slot instead. ``span``: key slots attention reads."""
+    holds the (row, slot) index of every new slot instead. ``span``: key slots attention reads. ``limit``:
+    the token slots (rows x slots) the buffers may grow to (None: any)."""
 
     rows: torch.Tensor | slice | None
     start: int | None
     span: int
     scatter: tuple[torch.Tensor, torch.Tensor] | None = None
+    limit: int | None = None
 
 
 class SlotLayer(DynamicLayer):
-    """One layer's KV buffers with spare rows and spare slots (each doubled when outgrown), so that appending
-    slots, adding a row or dropping one copies only what changes."""
+    """One layer's KV buffers with spare rows and spare slots (grown in bounded steps when outgrown), so that
+    appending slots, adding a row or dropping one copies only what changes."""
 
     feed: Feed | None = None  # set by BatchKV.feed for the duration of a forward
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        b, h, _, d = key_states.shape
-        self.kbuf = key_states.new_zeros((b, h, 64, d))
-        self.vbuf = value_states.new_zeros((b, value_states.shape[1], 64, value_states.shape[-1]))
+        b, h, _, d = key_states.shape  # no slots yet: the first update reserves what it writes
+        self.kbuf = key_states.new_zeros((b, h, 0, d))
+        self.vbuf = value_states.new_zeros((b, value_states.shape[1], 0, value_states.shape[-1]))
         self.n = b
         self.length = 0  # slots in use by the longest row
         self.is_initialized = True
@@ -80,12 +87,19 @@ class SlotLayer(DynamicLayer):
     def values(self, value) -> None:
         pass
 
-    def _reserve(self, rows: int, slots: int) -> None:
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold (spare rows and slots included)."""
+        return self.kbuf.numel() * self.kbuf.element_size() + self.vbuf.numel() * self.vbuf.element_size()
+
+    def _reserve(self, rows: int, slots: int, limit: int | None = None) -> None:
         cap_rows, cap_slots = self.kbuf.shape[0], self.kbuf.shape[2]
         if rows <= cap_rows and slots <= cap_slots:
             return
-        rows = cap_rows if rows <= cap_rows else max(rows, 2 * cap_rows)
-        slots = cap_slots if slots <= cap_slots else max(slots, 2 * cap_slots)
+        self._reshape(*plan(rows, slots, cap_rows, cap_slots, limit))
+
+    def _reshape(self, rows: int, slots: int) -> None:
+        """New buffers of ``rows x slots`` (at least the rows and slots in use) holding what is in use."""
         for name in ("kbuf", "vbuf"):
             old = getattr(self, name)
             new = old.new_zeros((rows, old.shape[1], slots, old.shape[3]))
@@ -96,7 +110,7 @@ class SlotLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         feed = self.feed or Feed(None, self.length, self.length + key_states.shape[-2])
-        self._reserve(self.n, feed.span)
+        self._reserve(self.n, feed.span, feed.limit)
         rows = slice(0, self.n) if feed.rows is None else feed.rows
         if feed.scatter is None and isinstance(rows, slice):
             end = feed.start + key_states.shape[-2]
@@ -131,10 +145,10 @@ class SlotLayer(DynamicLayer):
             self.vbuf[dst, :, : self.length] = self.vbuf[src, :, : self.length]
         self.n = rows
 
-    def append_rows(self, other: SlotLayer, length: int) -> None:
+    def append_rows(self, other: SlotLayer, length: int, limit: int | None = None) -> None:
         """Add ``other``'s rows after this layer's rows; ``length`` is the longest row after that."""
         m = other.n
-        self._reserve(self.n + m, length)
+        self._reserve(self.n + m, length, limit)
         copied = min(other.length, length)
         self.kbuf[self.n : self.n + m, :, :copied] = other.kbuf[:m, :, :copied]
         self.vbuf[self.n : self.n + m, :, :copied] = other.vbuf[:m, :, :copied]
@@ -151,8 +165,8 @@ def _empty_like(layer: SlotLayer, rows: int) -> SlotLayer:
     """A layer with ``rows`` rows and no slots in use, shaped like ``layer``."""
     empty = SlotLayer()
     empty.device = layer.device
-    empty.kbuf = layer.kbuf.new_zeros((rows, layer.kbuf.shape[1], 64, layer.kbuf.shape[3]))
-    empty.vbuf = layer.vbuf.new_zeros((rows, layer.vbuf.shape[1], 64, layer.vbuf.shape[3]))
+    empty.kbuf = layer.kbuf.new_zeros((rows, layer.kbuf.shape[1], 0, layer.kbuf.shape[3]))
+    empty.vbuf = layer.vbuf.new_zeros((rows, layer.vbuf.shape[1], 0, layer.vbuf.shape[3]))
     empty.n = rows
     empty.length = 0
     empty.is_initialized = True
@@ -170,13 +184,18 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 
 class BatchKV:
-    """The HF cache object plus each row's committed length."""
+    """The HF cache object plus each row's committed length.
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    ``limit``: the token slots (rows x slots) the buffers may take (None: no limit); what is in use always
+    fits, so a forward needing more than the limit still runs (the caller's admission keeps it within)."""
+
+    def __init__(self, device: torch.device | str = "cpu", limit: int | None = None) -> None:
         self.device = torch.device("cpu")  # where bookkeeping tensors (lengths, masks of commits) are made
         self.cache_device = torch.device(device)  # where index tensors are made (the model's input device)
         self.cache = new_cache()
         self._lengths: list[int] = []
+        self.limit = limit
+        self.peak_bytes = 0  # the most the buffers held at once (sampled after every forward and merge)
 
     # -- shape ----------------------------------------------------------------------------------------
     @property
@@ -203,6 +222,34 @@ class BatchKV:
     def _layers(self) -> list[SlotLayer]:
         return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
 
+    # -- memory ---------------------------------------------------------------------------------------
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes the key and value buffers of every layer hold now, spare rows and slots included."""
+        return sum(layer.nbytes for layer in self._layers())
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """``(rows, slots)`` the buffers have room for (``(0, 0)`` before the first forward)."""
+        layers = self._layers()
+        return (layers[0].kbuf.shape[0], layers[0].kbuf.shape[2]) if layers else (0, 0)
+
+    def _note(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
+
+    def _shrink(self) -> None:
+        """After rows left: free the buffers when no row is left; reallocate them when less than half of
+        their token slots would do (the rows, and the longest row plus a chunk of slots for what comes)."""
+        if not self._lengths:
+            self.cache = new_cache()
+            return
+        rows, slots = self.capacity
+        want = plan(self.rows, self.physical + SLOT_CHUNK, 0, 0, self.limit)
+        if rows * slots > 2 * want[0] * want[1]:
+            with torch.inference_mode():
+                for layer in self._layers():
+                    layer._reshape(*want)
+
     @property
     def filled(self) -> bool:
         """Whether any layer holds slots yet (before the first forward there is nothing to select from)."""
@@ -228,7 +275,7 @@ class BatchKV:
         if rows is not None:
             contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
             index = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=self.cache_device)
-        feed = Feed(index, first, max(work, default=0) + q)
+        feed = Feed(index, first, max(work, default=0) + q, limit=self.limit)
         if any(s != first for s in work) or isinstance(index, torch.Tensor):
             dev = self.cache_device
             row_idx = torch.tensor(range(len(work)) if rows is None else rows, device=dev)
@@ -240,6 +287,7 @@ class BatchKV:
     def fed(self) -> None:
         for layer in self.cache.layers:
             layer.feed = None
+        self._note()
 
     def extend(self, counts: list[int]) -> None:
         """Commit the first ``counts[r]`` new slots of each row (a chain's tokens, a prefill)."""
@@ -314,8 +362,15 @@ class BatchKV:
                 layer.kbuf, layer.vbuf, layer.n = empty.kbuf, empty.vbuf, empty.n
         else:
             for layer, extra in zip(mine, theirs):
-                layer.append_rows(extra, used)
+                layer.append_rows(extra, used, self.limit)
         self._set_lengths(lengths)
+        rows, slots = self.capacity
+        if self.limit is not None and rows * slots > self.limit:  # another cache's buffers, taken as they were
+            want = plan(self.rows, self.physical, 0, 0, self.limit)
+            if want[0] * want[1] < rows * slots:
+                for layer in self._layers():
+                    layer._reshape(*want)
+        self._note()
 
     @torch.inference_mode()
     def drop_rows(self, rows: list[int]) -> list[int]:
@@ -332,6 +387,7 @@ class BatchKV:
         for layer in self._layers():
             layer.move_rows(moves, len(order))
         self._set_lengths([self._lengths[i] for i in order])
+        self._shrink()
         return order
 
     # -- inspection -----------------------------------------------------------------------------------
