@@ -178,6 +178,18 @@ def model_options(f):
     return f
 
 
+def _bytes_option(_ctx, param, value):
+    """A size such as ``512MiB``, ``2GB`` or a number of bytes, as an int (None stays None)."""
+    if value is None:
+        return None
+    from cosine.units import parse_bytes
+
+    try:
+        return parse_bytes(value, param.name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 def _default_name(role: str) -> str:
     import os
     import socket
@@ -267,6 +279,9 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 @click.option("--draft-budget-factor", type=float, default=None, help="Budget = factor x p90 draft round trip.")
 @click.option("--reclaim-min-idle-s", type=float, default=None, help="Reclaim a dead verifier's requests after this.")
 @click.option("--max-deliveries", type=int, default=None, help="Dead-letter a request delivered this often.")
+@click.option("--kv-memory", "kv_memory", default=None, callback=_bytes_option,
+              help="Memory the target's KV cache may take (512MiB, 2GB, bytes): a request that could never fit is "
+                   "refused, one that does not fit yet waits for room.  [default: no budget]")
 @click.option("--cost-model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Verification cost model written by `cosine profile` [default: built-in CPU numbers].")
 @click.option("--routing/--no-routing", default=True, show_default=True,

@@ -8,6 +8,7 @@ import time
 from cosine.broker import RedisSettings, Streams, connect
 from cosine.keys import Keys
 from cosine.markdown import table
+from cosine.units import human_bytes
 
 
 def _group_depths(r, stream: str) -> list[dict]:
@@ -91,11 +92,21 @@ def format_control(control: dict | None) -> str:
             f"{c.get('pressure', '?')}\n  reason: {c.get('reason', '')}")
 
 
+def format_memory(w: dict) -> list[str]:
+    """A worker's memory columns: KV cache now and at its peak, the KV budget (token slots; "none"), the
+    process's peak RSS and torch's CUDA peak, in binary units ('' where the worker does not say)."""
+    budget = w.get("kv_capacity_tokens")
+    budget = "" if budget is None else "none" if budget == "" else f"{budget} slots"
+    return [human_bytes(w.get("kv_bytes")), human_bytes(w.get("kv_peak_bytes")), budget,
+            human_bytes(w.get("rss_peak_bytes")), human_bytes(w.get("cuda_peak_bytes"))]
+
+
 def format_status(snap: dict) -> str:
     workers = table(
-        ["worker", "role", "alive", "heartbeat age (s)", "active", "busy", "experts"],
+        ["worker", "role", "alive", "heartbeat age (s)", "active", "busy", "experts", "kv", "kv peak",
+         "kv budget", "rss peak", "cuda peak"],
         [[w["id"], w.get("role", "?"), "yes" if w["alive"] else "NO", w["heartbeat_age_s"], w.get("active", ""),
-          w.get("busy", ""), w.get("experts", "")] for w in snap["workers"]],
+          w.get("busy", ""), w.get("experts", ""), *format_memory(w)] for w in snap["workers"]],
     )
     streams = table(
         ["stream", "group", "consumers", "lag", "pending", "depth"],

@@ -7,12 +7,14 @@ import logging
 import torch
 
 from cosine.broker import RedisSettings
+from cosine.engine.kv_budget import bytes_per_token
 from cosine.engine.models import load_model, load_tokenizer, memory_by_device
 from cosine.engine.runner import ModelRunner
 from cosine.engine.target import TargetVerifier
 from cosine.engine.vocab import identity
 from cosine.service.run_loop import stop_on_signals
 from cosine.service.verifier_service import VerifierService, VerifierSettings
+from cosine.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,13 @@ def main(redis_settings: RedisSettings, settings: VerifierSettings, target: str,
     log.info("verifier %s: target parameters %s", settings.worker_id,
              ", ".join(f"{dev} {n / 2**20:.1f} MiB" for dev, n in memory_by_device(model).items()))
     tokenizer = load_tokenizer(target)
-    engine = TargetVerifier(ModelRunner(model, "target"), tokenizer.eos_token_id)
+    runner = ModelRunner(model, "target")
+    capacity = None
+    if settings.kv_memory is not None:
+        per_slot = bytes_per_token(model.config, runner.dtype)
+        capacity = settings.kv_memory // per_slot
+        log.info("verifier %s: KV budget %s = %d token slots of %s", settings.worker_id,
+                 human_bytes(settings.kv_memory), capacity, human_bytes(per_slot))
+    engine = TargetVerifier(runner, tokenizer.eos_token_id, capacity_tokens=capacity)
     log.info("verifier %s loaded %s", settings.worker_id, target)
     VerifierService(redis_settings, settings, engine, tokenizer, identity=identity(tokenizer)).run(stop)

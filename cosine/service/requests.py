@@ -4,12 +4,17 @@ and letting them go.
 
 A request's admission entry stays pending for its owner until the request ends: a restart re-admits it, a
 dead owner's entries are reclaimed by another verifier, which resumes from the output stream.
+
+With a KV budget (the engine's ``capacity_tokens``) a request whose prompt and ``max_new_tokens`` could never
+fit is refused; one that does not fit beside the requests held waits (:attr:`RequestBook.waiting`, in order,
+its entry still pending for this verifier) until requests end and make room.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cosine.broker import Entry, Streams, wall_ms
 from cosine.engine.sequence import FinishReason, Sequence
@@ -20,8 +25,20 @@ from cosine.protocol import DraftClose, GenerationRequest, ProtocolError, decode
 from cosine.service.output import OutputWriter
 from cosine.service.request_state import Drafting, OutputCursor, RequestState, request_seed
 from cosine.service.verifier_metrics import VerifierMetrics
+from cosine.units import human_bytes
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Waiting:
+    """A request read and valid, not admitted yet: its KV reservation does not fit beside those held."""
+
+    entry: Entry
+    rid: str
+    need: int  # token slots it reserves
+    deadline_ms: int | None
+    cancelled: bool = False  # a cancel notice came while it waited: admitting it ends it at once
 
 
 class RequestBook:
@@ -40,6 +57,7 @@ class RequestBook:
         self.me = me
         self.vocab = engine.runner.vocab_size
         self.active: dict[str, RequestState] = {}
+        self.waiting: list[Waiting] = []  # oldest first; admitted in that order as room frees
 
     # -- admission ------------------------------------------------------------------------------------
     def admit(self, entries: list[Entry],
@@ -69,6 +87,7 @@ class RequestBook:
         fresh = [st for (eid, msg), (rows, cancelled) in zip(decoded, earlier)
                  if (st := self._resume(pipe, msg, eid, rows, cancelled)) is not None]
         pipe.execute()
+        fresh = self._within_budget(fresh, dict(entries))
         if fresh and before_prefill is not None:
             before_prefill(fresh)
         if fresh:
@@ -77,6 +96,56 @@ class RequestBook:
                 self.active[st.rid] = st
             self.metrics.counters["admitted"] += len(fresh)
         return fresh
+
+    # -- the KV budget --------------------------------------------------------------------------------
+    def _within_budget(self, sts: list[RequestState], fields: dict) -> list[RequestState]:
+        """The requests whose KV reservations fit beside those held, in order; from the first that does not,
+        the rest wait (ahead of those waiting already: they were taken from the front of the queue)."""
+        fit: list[RequestState] = []
+        wait: list[Waiting] = []
+        for st in sts:
+            if not wait and self.engine.fits(st.seq, [f.seq for f in fit]).now:
+                fit.append(st)
+            else:
+                wait.append(Waiting((st.entry_id, fields[st.entry_id]), st.rid, self.engine.reservation(st.seq),
+                                    st.msg.deadline_ms))
+        if wait:
+            self.waiting[:0] = wait
+            self.metrics.counters["kv_waits"] += len(wait)
+        return fit
+
+    def due(self, wall: int) -> bool:
+        """Whether a waiting request should be tried again: the first one fits now, or one was cancelled or
+        is past its deadline (it ends without room)."""
+        return bool(self.waiting) and (
+            self.engine.fits_need(self.waiting[0].need).now
+            or any(w.cancelled or (w.deadline_ms is not None and wall > w.deadline_ms) for w in self.waiting))
+
+    def take_waiting(self, n: int, wall: int) -> list[Entry]:
+        """The entries to try again: the first ``n`` waiting and every one cancelled or past its deadline."""
+        take = [i for i, w in enumerate(self.waiting)
+                if i < n or w.cancelled or (w.deadline_ms is not None and wall > w.deadline_ms)]
+        chosen = set(take)
+        entries = [self.waiting[i].entry for i in take]
+        self.waiting = [w for i, w in enumerate(self.waiting) if i not in chosen]
+        return entries
+
+    def waiting_ids(self) -> frozenset[bytes]:
+        return frozenset(w.entry[0] for w in self.waiting)
+
+    def _check_budget(self, seq: Sequence) -> None:
+        """Refuse a request whose KV reservation is more than the whole budget: it could never be served."""
+        fit = self.engine.fits(seq)
+        if fit.ever:
+            return
+        prompt = len(seq.prompt_ids)
+        cap = fit.capacity
+        per_slot = getattr(self.engine, "slot_bytes", None)  # None: told in token slots only
+        size = (lambda slots: f" ({human_bytes(slots * per_slot)})") if per_slot else (lambda _: "")
+        field = "prompt" if min(prompt + 1, self.engine.max_len) > cap else "max_new_tokens"
+        raise InvalidParameterError(
+            field, f"the prompt's {prompt} tokens plus max_new_tokens {seq.params.max_new_tokens} need {fit.need} KV "
+                   f"token slots{size(fit.need)}; this verifier's KV budget holds {cap}{size(cap)}")
 
     def _prefill(self, sts: list[RequestState]) -> list[RequestState]:
         """Prefill ``sts`` in one batch; if that fails, each alone, and a request whose own prefill fails ends
@@ -123,6 +192,7 @@ class RequestBook:
         try:
             seq = Sequence(self._prompt_ids(msg), msg.params, seq_id=msg.request_id, seed=request_seed(msg))
             self.engine.validate(seq)
+            self._check_budget(seq)
             self._check_drafters(msg)
         except InvalidParameterError as exc:
             self.refuse(pipe, msg.request_id, eid, str(exc), "invalid_request", earlier.next_seq, len(earlier.tokens))

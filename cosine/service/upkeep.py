@@ -59,7 +59,7 @@ class Upkeep:
         """Admission entries delivered to this verifier that it neither serves nor holds: a read whose reply
         was lost (a timeout, a dropped connection) leaves its entries pending for a live consumer, which no
         reclaim sweep takes, so they are read again here."""
-        known = held | {st.entry_id for st in self.book.active.values()}
+        known = held | self.book.waiting_ids() | {st.entry_id for st in self.book.active.values()}
         lost = [(eid, f) for eid, f in self.streams.own_pending(self.keys.requests, VERIFIERS_GROUP, self.me)
                 if eid not in known]
         if lost:
@@ -84,6 +84,8 @@ class Upkeep:
                 continue
             if msg.request_id in self.book.active:
                 cancelled.append(self.book.active[msg.request_id])
+            for waiting in self.book.waiting:  # ended when next tried (soon: a cancelled one is due at once)
+                waiting.cancelled |= waiting.rid == msg.request_id
         if cancelled:
             self.book.end(cancelled, FinishReason.CANCELLED)
 
@@ -118,7 +120,7 @@ class Upkeep:
             return []
         live = set(self.streams.live_workers("verifier"))
         orphans = [p for p in pending if p["consumer"].decode() not in live]
-        room = self.max_active - len(self.book.active)
+        room = self.max_active - len(self.book.active) - len(self.book.waiting)
         poison = [p["message_id"] for p in orphans if p["times_delivered"] >= self.max_deliveries]
         claim = [p["message_id"] for p in orphans if p["times_delivered"] < self.max_deliveries][: max(0, room)]
         for eid in poison:

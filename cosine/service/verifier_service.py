@@ -13,12 +13,14 @@ OutputWriter` (their output streams), :class:`~cosine.service.drafts.DraftExchan
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
+import torch
 
 from cosine import defaults
 from cosine.broker import Entry, RedisSettings, Streams, connect, wall_ms
@@ -72,12 +74,25 @@ class VerifierSettings:
     # Fusion across drafter workers: a request's experts may live on several workers (the job's worker leads).
     cross_fusion: bool = defaults.CROSS_PROCESS_FUSION
     trace_passes: str | None = None  # append a JSON line per verification pass to this file (PassTrace)
+    # Bytes the target's KV cache may take (the worker turns it into the engine's token slots); None: no budget.
+    kv_memory: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_active", "admit_per_tick"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidParameterError(name, f"must be an integer >= 1, got {value!r}")
+        kv = self.kv_memory
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1):
+            raise InvalidParameterError("kv_memory", f"must be a number of bytes >= 1, got {kv!r}")
+
+
+def memory_peaks() -> dict:
+    """The process's peak resident memory and, on CUDA, the most memory torch's allocator held."""
+    peaks = {"rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return peaks
 
 
 class VerifierService:
@@ -127,6 +142,9 @@ class VerifierService:
             "control_version": control.version if control is not None else 0,
             "slots_run": self.engine.runner.slots_run,  # token slots the target's forwards computed
             "slots_fed": self.engine.runner.slots_fed,  # of them, slots holding a fed token (not padding)
+            "waiting": len(self.book.waiting),  # read, not admitted: their KV reservation does not fit yet
+            **self.engine.memory(),
+            **memory_peaks(),
         }
 
     def load(self) -> Load:
@@ -173,12 +191,16 @@ class VerifierService:
     # -- the turn -------------------------------------------------------------------------------------
     def step(self, admit: bool = True) -> None:
         """Upkeep, read, admit, schedule, verify and send."""
-        reclaimed = self.upkeep.run(time.monotonic(), admit, frozenset(eid for eid, _ in self.arrivals))
+        reclaimed = self.upkeep.run(time.monotonic(), admit,
+                                    frozenset(eid for eid, _ in self.arrivals) | self.book.waiting_ids())
         if reclaimed:
             self.admit(reclaimed)
         self.drafts.watch(self.active)
         self.read(admit)
-        if self.arrivals and admit:
+        wall = wall_ms()
+        if admit and self.book.due(wall):  # room freed (or one waiting ends anyway): oldest first
+            self.admit(self.book.take_waiting(self.settings.admit_per_tick, wall))
+        if self.arrivals and admit and not self.book.waiting:  # none overtakes a request waiting for room
             n = self.settings.admit_per_tick
             now_in, self.arrivals = self.arrivals[:n], self.arrivals[n:]
             self.admit(now_in)
@@ -193,7 +215,8 @@ class VerifierService:
 
     def read(self, admit: bool) -> None:
         """One read over the request stream (when there is room) and this worker's draft stream."""
-        capacity = self.settings.max_active - len(self.active) - len(self.arrivals) if admit else 0
+        held = len(self.active) + len(self.arrivals) + len(self.book.waiting)
+        capacity = self.settings.max_active - held if admit else 0
         streams = ([self.keys.requests] if capacity > 0 else []) + [self.drafts.stream]
         block = self.block_ms(time.monotonic())
         # A non-blocking read is messaging; a blocking one is idle time, or waiting for drafts while holding
@@ -215,7 +238,7 @@ class VerifierService:
     def block_ms(self, now: float) -> int | None:
         """Block only while nothing can be verified (or the pass is held for drafts on their way), and not
         past the earliest draft budget; a draft arriving ends the block."""
-        if self.arrivals:  # requests read and waiting to be admitted
+        if self.arrivals and not self.book.waiting:  # requests read and waiting to be admitted
             return None
         if not self.active:
             return self.settings.idle_block_ms
