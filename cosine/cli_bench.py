@@ -231,3 +231,21 @@ def bench_gpu(device, dtype, layers, quick, out) -> None:
     payload = run_gpu_check(device, dtype, out, quick=quick, layers=layers)
     click.echo(gpu_markdown(payload))
     click.echo(f"\nwrote {pathlib.Path(out) / 'gpu-check.json'} and {pathlib.Path(out) / 'gpu-check.md'}")
+
+
+@bench.command("families")
+@click.option("--family", "families", multiple=True, help="Only these families [default: all].")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
+@click.option("--update-readme", is_flag=True, help="Write the table into docs/benchmarks.md.")
+def bench_families(families, out, update_readme) -> None:
+    """The family matrix: random-weight tiny models of Llama, Qwen2, Mistral, Gemma-2/3, Phi-3, GPT-NeoX and
+    OPT (built from configs, nothing downloaded), each with a drafter of its family, through the engine:
+    greedy output against HF generate (inside and past the sliding window) and seeded sampling with
+    speculation on against off."""
+    from cosine.bench.families import FAMILIES, matrix_markdown, run_matrix
+
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise click.BadParameter(f"unknown {unknown}; have {', '.join(FAMILIES)}", param_hint="--family")
+    payload = run_matrix(tuple(families) or FAMILIES, progress=lambda f: click.echo(f"checking {f}", err=True))
+    _report("families", payload, matrix_markdown(payload), out, update_readme)

@@ -60,7 +60,7 @@ class GenerationResult:
 
 
 def build_request(
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | Sequence[dict],
     *,
     params: SamplingParams | None = None,
     timeout: float | None = defaults.CLIENT_TIMEOUT_S,
@@ -72,6 +72,9 @@ def build_request(
     **sampling,
 ) -> GenerationRequest:
     """Validate parameters (typed errors naming the field) and build the wire message.
+
+    ``prompt``: text (encoded as the target's tokenizer does by default), token ids, or chat messages
+    (``[{"role": "user", "content": ...}]``, rendered by the target's chat template on the verifier).
 
     Sampling comes as ``params`` or as its fields (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``,
     ``stop``, ``stop_token_ids``, ``seed``, ``ignore_eos``). ``speculation``: "adaptive" (default: length
@@ -88,18 +91,21 @@ def build_request(
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InvalidParameterError("timeout", f"must be > 0 seconds or None, got {timeout!r}")
     if not isinstance(prompt, (str, list, tuple)):
-        raise InvalidParameterError("prompt", f"must be text or a list of token ids, got {type(prompt).__name__}")
+        raise InvalidParameterError("prompt", f"must be text, token ids or chat messages, got {type(prompt).__name__}")
     if drafters is None:
         drafters = ()
     elif not isinstance(drafters, (list, tuple)):
         raise InvalidParameterError("drafters", f"must be a list of drafter names, got {type(drafters).__name__}")
-    text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
-    if not (text or ids):
+    text, ids, messages = (prompt, None, None) if isinstance(prompt, str) else (None, list(prompt), None)
+    if ids and all(isinstance(m, dict) for m in ids):
+        ids, messages = None, [dict(m) for m in prompt]
+    if not (text or ids or messages):
         raise InvalidParameterError("prompt", "must not be empty")
     fixed = isinstance(speculation, int) and not isinstance(speculation, bool)
     created = wall_ms()
     msg = GenerationRequest(
-        request_id=request_id or uuid.uuid4().hex, prompt=text, prompt_ids=ids, params=params, priority=priority,
+        request_id=request_id or uuid.uuid4().hex, prompt=text, prompt_ids=ids, messages=messages, params=params,
+        priority=priority,
         deadline_ms=created + int(timeout * 1000) if timeout is not None else None, drafter=drafter,
         drafters=list(drafters), speculation=("fixed" if speculation else "off") if fixed else str(speculation),
         spec_k=int(speculation) if fixed and speculation else None, created_ms=created,
@@ -264,7 +270,7 @@ class Client:
             _has_verifier(roles)
         _has_room(outstanding, self.max_outstanding, priority)
 
-    def submit(self, prompt: str | Sequence[int], **params) -> str:
+    def submit(self, prompt: str | Sequence[int] | Sequence[dict], **params) -> str:
         """Queue a request; returns its id. Parameters as for :meth:`generate`."""
         msg = build_request(prompt, **params)
         self._check_admission(msg.priority)
@@ -356,7 +362,7 @@ class AsyncClient:
             _has_verifier([await self.r.hget(self.keys.worker(wid.decode()), "role") for wid in ids])
         _has_room(await self.r.xlen(self.keys.requests), self.max_outstanding, priority)
 
-    async def submit(self, prompt: str | Sequence[int], **params) -> str:
+    async def submit(self, prompt: str | Sequence[int] | Sequence[dict], **params) -> str:
         msg = build_request(prompt, **params)
         await self._check_admission(msg.priority)
         await self.r.xadd(**xadd_args(self.keys, self.keys.requests, on_broker_clock(msg)))

@@ -42,6 +42,7 @@ class GenerationRequest(Message):
     request_id: str
     prompt: str | None = None
     prompt_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None  # chat: the verifier applies the tokenizer's chat template
     params: SamplingParams = field(default_factory=SamplingParams)
     priority: int = 0
     deadline_ms: int | None = None  # absolute, ms since the epoch
@@ -55,14 +56,16 @@ class GenerationRequest(Message):
     def validate(cls, d: dict, vocab: int | None) -> GenerationRequest:
         prompt = f.optional(d.get("prompt"), f.string, "prompt", f.MAX_PROMPT_CHARS)
         prompt_ids = f.optional(d.get("prompt_ids"), f.token_ids, "prompt_ids", vocab, f.MAX_PROMPT_TOKENS)
-        if (prompt is None) == (prompt_ids is None):
-            raise ProtocolError("exactly one of prompt and prompt_ids is required")
+        messages = f.optional(d.get("messages"), f.messages)
+        if [prompt, prompt_ids, messages].count(None) != 2:
+            raise ProtocolError("prompt: exactly one of prompt, prompt_ids and messages is required")
         if (prompt is not None and not prompt) or (prompt_ids is not None and not prompt_ids):
             raise ProtocolError("prompt: must not be empty")
         msg = cls(
             request_id=f.ident(d.get("request_id"), "request_id"),
             prompt=prompt,
             prompt_ids=prompt_ids,
+            messages=messages,
             params=f.sampling(d.get("params", {}), vocab),
             priority=f.integer(d.get("priority", 0), "priority", -1000, 1000),
             deadline_ms=f.optional(d.get("deadline_ms"), f.integer, "deadline_ms", 0, 2**53),

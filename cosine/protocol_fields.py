@@ -29,6 +29,8 @@ MAX_Q_TOP = 256  # probabilities per drafted token in sampled drafts
 MAX_EXPERTS = 16  # drafter models named in one request or draft job
 MAX_SPEC_K = 64  # draft positions per round
 SPECULATION_MODES = ("adaptive", "off", "fixed")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_MESSAGES = 256  # chat messages in one request
 
 
 class ProtocolError(CosineError):
@@ -88,6 +90,25 @@ def token_ids(v: Any, name: str, vocab: int | None, max_len: int, allow_empty: b
         if isinstance(t, bool) or not isinstance(t, int) or not (0 <= t <= hi):
             raise ProtocolError(f"{name}: token id {t!r} outside the vocabulary [0, {hi}]")
     return v
+
+
+def messages(v: Any) -> list[dict[str, str]]:
+    """Chat messages: at most MAX_MESSAGES ``{"role", "content"}`` objects, MAX_PROMPT_CHARS of content."""
+    if not isinstance(v, list) or not v or len(v) > MAX_MESSAGES:
+        raise ProtocolError(f"messages: expected a list of 1 to {MAX_MESSAGES} messages")
+    out, chars = [], 0
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise ProtocolError(f"messages: message {i} must have exactly 'role' and 'content'")
+        role = string(m["role"], "role", 16, allow_empty=False)
+        if role not in CHAT_ROLES:
+            raise ProtocolError(f"messages: message {i} has role {role!r}, not one of {', '.join(CHAT_ROLES)}")
+        content = string(m["content"], "content", MAX_PROMPT_CHARS)
+        chars += len(content)
+        out.append({"role": role, "content": content})
+    if chars > MAX_PROMPT_CHARS:
+        raise ProtocolError(f"messages: {chars} characters of content, more than {MAX_PROMPT_CHARS}")
+    return out
 
 
 def names(v: Any, name: str) -> list[str]:

@@ -9,6 +9,7 @@ import torch
 from cosine.broker import RedisSettings
 from cosine.engine.kv_budget import bytes_per_token
 from cosine.engine.models import load_model, load_tokenizer, memory_by_device
+from cosine.engine.prompting import eos_ids
 from cosine.engine.runner import ModelRunner
 from cosine.engine.target import TargetVerifier
 from cosine.engine.vocab import identity
@@ -39,6 +40,6 @@ def main(redis_settings: RedisSettings, settings: VerifierSettings, target: str,
         capacity = settings.kv_memory // per_slot
         log.info("verifier %s: KV budget %s = %d token slots of %s", settings.worker_id,
                  human_bytes(settings.kv_memory), capacity, human_bytes(per_slot))
-    engine = TargetVerifier(runner, tokenizer.eos_token_id, capacity_tokens=capacity)
+    engine = TargetVerifier(runner, eos_ids(model, tokenizer), capacity_tokens=capacity)
     log.info("verifier %s loaded %s", settings.worker_id, target)
     VerifierService(redis_settings, settings, engine, tokenizer, identity=identity(tokenizer)).run(stop)

@@ -277,9 +277,9 @@ class ModelRunner:
             mask = full
             if window is not None:
                 q, span = positions.shape[1], full.shape[-1]
-                rel = torch.arange(span, device=self.device)[None, :] - torch.tensor(starts, device=self.device)[:, None]
-                key_pos = torch.where((rel >= 0) & (rel < q), positions.gather(1, rel.clamp(0, q - 1)),
-                                      torch.arange(span, device=self.device)[None, :])
+                slots = torch.arange(span, device=self.device)[None, :]
+                rel = slots - torch.tensor(starts, device=self.device)[:, None]
+                key_pos = torch.where((rel >= 0) & (rel < q), positions.gather(1, rel.clamp(0, q - 1)), slots)
                 mask = windowed_mask(full, positions, key_pos, window)
             masks[kind] = to_model_mask(mask, layout, self.dtype)
         return masks if layout.by_kind else next(iter(masks.values()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -127,13 +128,15 @@ class Sequence:
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.output_ids)
 
-    def append(self, new_tokens: list[int], eos_id: int | None, max_len: int) -> int:
-        """Append tokens until a stop condition; returns how many were appended."""
+    def append(self, new_tokens: list[int], eos: int | Collection[int] | None, max_len: int) -> int:
+        """Append tokens until a stop condition (``eos``: the id or ids that end generation); returns how
+        many were appended."""
+        ends = () if eos is None or self.params.ignore_eos else (eos,) if isinstance(eos, int) else eos
         added = 0
         for tok in new_tokens:
             self.output_ids.append(tok)
             added += 1
-            if (eos_id is not None and tok == eos_id and not self.params.ignore_eos) or (
+            if tok in ends or (
                 tok in self.params.stop_token_ids
             ):
                 self.finish_reason = FinishReason.STOP

@@ -26,6 +26,7 @@ from cosine.engine.draft_model import PROPOSALS, Drafter, DraftRequest
 from cosine.engine.fused_drafter import FusedDraft, FusedDrafter, FusedRequest
 from cosine.engine.models import check_drafter, load_model, load_tokenizer
 from cosine.engine.prompt_scoring import best_by_prompt_loss
+from cosine.engine.prompting import encode_text, eos_ids
 from cosine.engine.runner import ModelRunner
 from cosine.engine.sequence import Sequence
 from cosine.engine.stopping import apply_stop_strings, visible_text
@@ -76,7 +77,7 @@ class SpeculativeEngine:
         self,
         target: torch.nn.Module,
         drafters: dict[str, torch.nn.Module] | None = None,
-        eos_id: int | None = None,
+        eos_id: int | tuple[int, ...] | None = None,
         config: SpecConfig | None = None,
         tokenizer=None,
     ) -> None:
@@ -114,7 +115,7 @@ class SpeculativeEngine:
             drafters[name] = load_model(path, device, dtype)
             check_drafter(str(target_path), target, tokenizer, str(path), drafters[name],
                           load_tokenizer(path, required=False))
-        return cls(target, drafters, tokenizer.eos_token_id, config, tokenizer)
+        return cls(target, drafters, eos_ids(target, tokenizer), config, tokenizer)
 
     @classmethod
     def from_zoo(
@@ -288,7 +289,7 @@ class SpeculativeEngine:
                 raise InvalidParameterError("prompt", "text prompts need a tokenizer; pass token ids")
             if not prompt:
                 raise InvalidParameterError("prompt", "must not be empty")
-            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            return encode_text(self.tokenizer, prompt)
         return list(prompt)
 
     def text(self, seq: Sequence) -> str:

@@ -46,7 +46,8 @@ class StepResult:
 
 
 class TargetVerifier:
-    def __init__(self, runner: ModelRunner, eos_id: int | None, capacity_tokens: int | None = None) -> None:
+    def __init__(self, runner: ModelRunner, eos_id: int | tuple[int, ...] | None,
+                 capacity_tokens: int | None = None) -> None:
         """``capacity_tokens``: the KV token slots (rows x slots) the target's cache may take; None: no
         budget."""
         self.runner = runner

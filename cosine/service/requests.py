@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cosine.broker import Entry, Streams, wall_ms
+from cosine.engine.prompting import encode_chat, encode_text
 from cosine.engine.sequence import FinishReason, Sequence
 from cosine.errors import InvalidParameterError
 from cosine.keys import VERIFIERS_GROUP
@@ -224,7 +225,9 @@ class RequestBook:
     def _prompt_ids(self, msg: GenerationRequest) -> list[int]:
         if msg.prompt_ids is not None:
             return list(msg.prompt_ids)
-        return list(self.tokenizer(msg.prompt, add_special_tokens=False)["input_ids"])
+        if msg.messages is not None:
+            return encode_chat(self.tokenizer, msg.messages)
+        return encode_text(self.tokenizer, msg.prompt)
 
     # -- ending ---------------------------------------------------------------------------------------
     def refuse(self, pipe, request_id: str, eid: bytes, error: str, error_type: str, seq: int = 0,
