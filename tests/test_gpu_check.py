@@ -26,6 +26,7 @@ def test_quick_gpu_check_on_cpu(tmp_path, zoo_root):
         for d in r["decode"]:
             assert d["engine_tokens_per_s"] > 0 and d["hf_tokens_per_s"] > 0
         assert r["exact"] is True and r["first_divergence"] is None, r["model"]
+        assert r["speculative_exact"] is True, r["model"]  # drafted by an expert of its family
         v = r["verify_pass"]
         assert set(v["ms"]) == {"1", "5", "9"} and v["q9_over_q1"] > 0
         assert v["syncs_per_pass"] is None and v["outside_kernels_share"] is None and r["peak_gib"] is None

@@ -1,11 +1,12 @@
 """The family matrix: tiny random-weight models of each model family, built from configs (nothing downloaded),
 run through the engine with a drafter of the same family and compared with what the target alone produces.
 
-Each family gets a target and a smaller drafter sharing one tokenizer; families with sliding windows get a
-24-token window so that prompts of 60+ tokens run past it; Qwen2's pair pads its embedding tables to
-different sizes, as Qwen2.5-0.5B and -32B do. Columns: greedy output identical to HF ``generate`` (prompts
-inside the window, then prompts past it) and seeded sampling identical with speculation off and on. A
-greedy difference where the target's top two logits lie within ``NEAR_TIE_GAP`` is a named near-tie.
+Each family gets a target and a drafter (the target with noise on its weights) sharing one tokenizer;
+families with sliding windows get a 24-token window so that prompts of 60+ tokens run past it; Qwen2's pair
+pads its embedding tables to different sizes, as Qwen2.5-0.5B and -32B do. Columns: greedy output identical
+to HF ``generate`` (prompts inside the window, then prompts past it) and seeded sampling identical with
+speculation off and on. A greedy difference where the target's top two logits lie within ``NEAR_TIE_GAP`` is
+a named near-tie.
 """
 
 from __future__ import annotations
@@ -60,17 +61,29 @@ def _configs(vocab: int, hidden: int, layers: int, pad: int) -> dict[str, tuple[
 FAMILIES = tuple(_configs(1, 8, 2, 0))
 
 
+DRAFTER_NOISE = 0.05  # a drafter is the target with this much noise (x each tensor's spread) on its weights
+
+
 def build(family: str, vocab: int, seed: int, drafter: bool = False) -> torch.nn.Module:
-    """A random-weight model of ``family`` over ``vocab`` ids: a 4-layer target or a 2-layer drafter (whose
-    table Qwen2 pads differently, as its real model sizes do)."""
-    hidden, layers, pad = (32, 2, 128) if drafter else (64, 4, 64)
+    """A random-weight 4-layer model of ``family`` over ``vocab`` ids; with ``drafter``, the same model with
+    noise on its weights (so that drafts are often but not always accepted: both paths of verification run)
+    and, for Qwen2, its table padded to another size, as Qwen2.5's model sizes pad theirs."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; have {FAMILIES}")
-    config_cls, model_cls, kwargs = _configs(vocab, hidden, layers, pad)[family]
+    config_cls, model_cls, kwargs = _configs(vocab, 64, 4, 64)[family]
     torch.manual_seed(seed)
     config = config_cls(**kwargs)
     config.initializer_range = 0.1  # sharper distributions than the default: fewer near-ties in greedy picks
-    return model_cls(config).eval()
+    model = model_cls(config).eval()
+    if drafter:
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.numel() > 1:
+                    p.add_(torch.randn(p.shape, generator=g) * p.std() * DRAFTER_NOISE)
+        if family == "qwen2":
+            model.resize_token_embeddings(config.vocab_size + 64, mean_resizing=False)
+    return model
 
 
 def save_pair(family: str, folder: str | pathlib.Path, tokenizer_dir: str | pathlib.Path, vocab: int,
@@ -79,7 +92,7 @@ def save_pair(family: str, folder: str | pathlib.Path, tokenizer_dir: str | path
     out = []
     for role, drafter in (("target", False), ("drafter", True)):
         path = pathlib.Path(folder) / family / role
-        build(family, vocab, seed + drafter, drafter).save_pretrained(str(path))
+        build(family, vocab, seed, drafter).save_pretrained(str(path))
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(pathlib.Path(tokenizer_dir) / name, path / name)
         out.append(path)
@@ -140,7 +153,7 @@ def check_family(family: str, vocab: int = 512, new_tokens: int = 24, seed: int 
 
     res = FamilyResult(family)
     t0 = time.perf_counter()
-    target, drafter = build(family, vocab, seed), build(family, vocab, seed + 1, drafter=True)
+    target, drafter = build(family, vocab, seed), build(family, vocab, seed, drafter=True)
     res.attention = attention_implementation(target.config)
     for m in (target, drafter):
         m.config._attn_implementation = res.attention
@@ -192,5 +205,6 @@ def matrix_markdown(payload: dict) -> str:
                      f"{frac(r['greedy'], r['prompts'])}{ties} | {frac(r['greedy_long'], r['prompts_long'])} | "
                      f"{frac(r['sampled'], r['samples'])} | {r['acceptance']:.0%} |")
     lines.append(f"\ntransformers {payload['transformers']}, torch {payload['torch']}; random-weight models built "
-                 "from configs (target 4 layers, drafter 2), float32 on CPU, k=4 with 2 candidates per position.")
+                 "from configs (4 layers; the drafter is the target with noise on its weights), float32 on CPU, "
+                 "k=4 with 2 candidates per position.")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from cosine.bench.report import environment
 from cosine.engine.models import load_model, resolve_device, resolve_dtype
 from cosine.engine.runner import ModelRunner
 from cosine.engine.sequence import Sequence
-from cosine.engine.speculative import SpeculativeEngine
+from cosine.engine.speculative import SpecConfig, SpeculativeEngine
 from cosine.engine.target import TargetVerifier
 from cosine.engine.tree import DraftTree
 from cosine.markdown import table
@@ -53,10 +53,18 @@ QUICK_SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                    vocab_size=512)
 
 
-def random_model(name: str, layers: int, device: str, dtype: str, quick: bool = False) -> torch.nn.Module:
-    """A random-weight model of one of ``SHAPES`` with ``layers`` layers (tiny in ``quick``), made on the device."""
+# An expert (drafter) for a random-weight target: the target's family and vocabulary, a small body.
+EXPERT_SHAPE = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2)
+
+
+def random_model(name: str, layers: int, device: str, dtype: str, quick: bool = False,
+                 expert: bool = False) -> torch.nn.Module:
+    """A random-weight model of one of ``SHAPES`` with ``layers`` layers (tiny in ``quick``; with ``expert``, a
+    small body over the same vocabulary), made on the device."""
     cls, shape = SHAPES[name]
-    shape = {**shape, **QUICK_SHAPE} if quick else dict(shape)
+    shape = {**shape, **QUICK_SHAPE} if quick else {**shape, **EXPERT_SHAPE} if expert else dict(shape)
+    if expert and "head_dim" in shape:
+        shape["head_dim"] = shape["hidden_size"] // shape["num_attention_heads"]
     if quick and "head_dim" in shape:
         shape["head_dim"] = shape["hidden_size"] // shape["num_attention_heads"]
     dev = resolve_device(device)
@@ -68,11 +76,18 @@ def random_model(name: str, layers: int, device: str, dtype: str, quick: bool = 
     return model
 
 
-def _models(device: str, dtype: str, quick: bool, layers: int) -> list[tuple[str, Callable[[], torch.nn.Module]]]:
-    target = paths.target_dir()
-    out: list[tuple[str, Callable[[], torch.nn.Module]]] = [("zoo target", lambda: load_model(target, device, dtype))]
+Build = Callable[[], torch.nn.Module]
+
+
+def _models(device: str, dtype: str, quick: bool, layers: int) -> list[tuple[str, Build, Build]]:
+    """(name, target, expert) for every model checked: the zoo's target with its code drafter, and each of
+    ``SHAPES`` with a 2-layer expert of its family."""
+    target, expert = paths.target_dir(), paths.drafter_dir("code")
+    out: list[tuple[str, Build, Build]] = [("zoo target", lambda: load_model(target, device, dtype),
+                                            lambda: load_model(expert, device, dtype))]
     for name in SHAPES:
-        out.append((f"{name} ({layers} layers)", lambda name=name: random_model(name, layers, device, dtype, quick)))
+        out.append((f"{name} ({layers} layers)", lambda name=name: random_model(name, layers, device, dtype, quick),
+                    lambda name=name: random_model(name, 2, device, dtype, quick, expert=True)))
     return out
 
 
@@ -194,8 +209,10 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def check_model(model: torch.nn.Module, settings: dict, cuda: bool, seed: int = 0) -> dict:
-    """Every measurement of one model (see the module's docstring)."""
+def check_model(model: torch.nn.Module, settings: dict, cuda: bool, seed: int = 0,
+                expert: torch.nn.Module | None = None) -> dict:
+    """Every measurement of one model (see the module's docstring); with an ``expert``, speculative decoding
+    drafted by it is compared with HF ``generate`` too."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rng = random.Random(seed)
     plen = settings["prompt_tokens"]
@@ -205,7 +222,15 @@ def check_model(model: torch.nn.Module, settings: dict, cuda: bool, seed: int = 
     rows, (engine_out, hf_out) = decode_rates(model, prompts, settings["new_tokens"], settings["repeats"], sync)
     verify = verify_passes(model, settings["context"], settings["verify_calls"], cuda, sync, rng)
     div = first_divergence(engine_out, hf_out)
-    return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+    spec_div = None
+    if expert is not None:
+        spec = SpeculativeEngine(model, {"expert": expert}, eos_id=None, config=SpecConfig(k=4))
+        spec_out = spec.generate(prompts[:1], SamplingParams(max_new_tokens=settings["new_tokens"], ignore_eos=True),
+                                 drafter="expert")[0].output_ids
+        spec_div = first_divergence(spec_out, hf_out)
+    return {"speculative_exact": spec_div is None if expert is not None else None,
+            "speculative_first_divergence": spec_div,
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "layers": int(model.config.num_hidden_layers), "hidden": int(model.config.hidden_size),
             "vocab": int(model.config.vocab_size), "decode": rows, "verify_pass": verify,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
@@ -221,21 +246,21 @@ def run_gpu_check(device: str, dtype: str, out_dir, quick: bool = False, layers:
                 "context": 64 if quick else 256, "repeats": 1 if quick else 3, "verify_calls": 3 if quick else 20}
     results = []
     bar = tqdm(_models(device, dtype, quick, layers), desc="bench gpu", unit="model", disable=not progress)
-    for name, build in bar:
+    for name, build, build_expert in bar:
         bar.set_postfix_str(name)
         row: dict = {"model": name}
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        model = None
+        model = expert = None
         try:
-            model = build()
-            row.update(check_model(model, settings, cuda))
+            model, expert = build(), build_expert()
+            row.update(check_model(model, settings, cuda, expert=expert))
         except Exception as exc:  # noqa: BLE001 - one model's failure is reported, the others still run
             log.exception("gpu check of %s failed", name)
             row["error"] = f"{type(exc).__name__}: {exc}"
         finally:
-            model = None
+            model = expert = None
         results.append(row)
         gc.collect()
     env = environment()
@@ -257,23 +282,27 @@ def _cell(x, fmt: str = "{:.2f}") -> str:
 
 def gpu_markdown(payload: dict) -> str:
     header = ["model", "batch", "engine tok/s", "HF tok/s", "engine / HF", "Q9 / Q1", "syncs / pass",
-              "outside kernels", "peak GiB", "exact"]
+              "outside kernels", "peak GiB", "exact", "speculative exact"]
     rows = []
     for r in payload["results"]:
         if "error" in r:
-            rows.append([r["model"], "—", "—", "—", "—", "—", "—", "—", "—", f"error: {r['error'][:80]}"])
+            rows.append([r["model"], "—", "—", "—", "—", "—", "—", "—", "—", f"error: {r['error'][:80]}", "—"])
             continue
         v = r["verify_pass"]
         exact = "yes" if r["exact"] else f"no (token {r['first_divergence']})"
+        spec = ("yes" if r["speculative_exact"] else f"no (token {r['speculative_first_divergence']})"
+                if r["speculative_exact"] is not None else "—")
         for d in r["decode"]:
             rows.append([r["model"], d["batch"], f"{d['engine_tokens_per_s']:.1f}", f"{d['hf_tokens_per_s']:.1f}",
                          f"{d['engine_vs_hf']:.2f}", _cell(v["q9_over_q1"]), _cell(v["syncs_per_pass"], "{:.1f}"),
-                         _cell(v["outside_kernels_share"], "{:.0%}"), _cell(r["peak_gib"]), exact])
+                         _cell(v["outside_kernels_share"], "{:.0%}"), _cell(r["peak_gib"]), exact, spec])
     cfg, env = payload["config"], payload["environment"]
     note = (f"Greedy target-only decoding, {cfg['new_tokens']} new tokens after random prompts of about "
             f"{cfg['prompt_tokens']} tokens (medians of {cfg['repeats']} alternated runs; Hugging Face `generate` "
             f"left-padded at batch > 1). Q9 / Q1: a verify pass of 9 chain slots over one of 1, batch 1, context "
             f"{cfg['context']}; syncs and the share outside kernels at Q = {cfg['profiled_q']}; exact: the engine's "
-            f"batch-1 output equals `generate`'s. {env['device_name']}, {cfg['device']}/{cfg['dtype']}, torch "
+            f"batch-1 output equals `generate`'s; speculative exact: so does speculative decoding drafted by a "
+            f"2-layer expert of the family (the zoo's code drafter for its target). {env['device_name']}, "
+            f"{cfg['device']}/{cfg['dtype']}, torch "
             f"{env['torch']}, transformers {env['transformers']}, git {env['git_sha']}, {env['time']}.")
     return table(header, rows) + "\n\n" + note

@@ -59,6 +59,10 @@ class TargetVerifier:
         self.trees_cut = 0  # draft trees cut to stay within the budget
 
     @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    @property
     def max_len(self) -> int:
         return self.runner.max_positions
 
@@ -108,6 +112,11 @@ class TargetVerifier:
         return {"kv_bytes": kv.allocated_bytes if kv is not None else 0,
                 "kv_peak_bytes": kv.peak_bytes if kv is not None else 0,
                 "kv_capacity_tokens": self.capacity_tokens if self.capacity_tokens is not None else ""}
+
+    def stats(self) -> dict:
+        """What the heartbeat publishes about the target's work and memory: token slots its forwards computed,
+        of them those holding a fed token (the rest is padding), and :meth:`memory`."""
+        return {"slots_run": self.runner.slots_run, "slots_fed": self.runner.slots_fed, **self.memory()}
 
     def _tree_room(self) -> int | None:
         """Draft nodes a row may bring to the next pass within the budget (None: any). A pass writes every row

@@ -56,7 +56,7 @@ class RequestBook:
         self.steering = steering
         self.metrics = metrics
         self.me = me
-        self.vocab = engine.runner.vocab_size
+        self.vocab = engine.vocab_size
         self.active: dict[str, RequestState] = {}
         self.waiting: list[Waiting] = []  # oldest first; admitted in that order as room frees
 

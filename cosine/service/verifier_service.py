@@ -108,7 +108,7 @@ class VerifierService:
         self.streams = Streams(connector(redis_settings), self.keys)
         self.engine = engine
         self.tokenizer = tokenizer
-        vocab = engine.runner.vocab_size
+        vocab = engine.vocab_size
         cost = CostModel.load(settings.cost_model) if settings.cost_model else None
         self.steering = Steering(settings.switches, settings.k, cost)
         self.control = ControlView(self.streams.r, self.keys)
@@ -140,10 +140,8 @@ class VerifierService:
             **self.metrics.snapshot(),
             **self.drafts.info(),
             "control_version": control.version if control is not None else 0,
-            "slots_run": self.engine.runner.slots_run,  # token slots the target's forwards computed
-            "slots_fed": self.engine.runner.slots_fed,  # of them, slots holding a fed token (not padding)
+            **self.engine.stats(),
             "waiting": len(self.book.waiting),  # read, not admitted: their KV reservation does not fit yet
-            **self.engine.memory(),
             **memory_peaks(),
         }
 
@@ -301,7 +299,7 @@ class VerifierService:
 
     def verify(self, ready: list[RequestState]) -> None:
         """One target forward over ``ready``; then their output, next jobs and acknowledgements in one MULTI."""
-        vocab = self.engine.runner.vocab_size
+        vocab = self.engine.vocab_size
         drafts = {st.rid: tree_of(st.drafting.draft, vocab) if st.drafting.draft else None for st in ready}
         bets = sum(bool(st.drafting.draft and st.drafting.draft.assumed) for st in ready)
         for st in ready:
@@ -326,7 +324,8 @@ class VerifierService:
         self.metrics.rounds += 1
         with self.metrics.timed("messaging_s"):
             finished = self._commit(ready, results, forward_s)
-        self.metrics.trace_pass({"slots_run": self.engine.runner.slots_run, "slots_fed": self.engine.runner.slots_fed},
+        stats = self.engine.stats()
+        self.metrics.trace_pass({"slots_run": stats["slots_run"], "slots_fed": stats["slots_fed"]},
                                 active=len(self.active), verified=len(ready),
                                 depths=[t.depth if t else 0 for t in drafts.values()], bets=bets,
                                 forward_ms=round(forward_s * 1000, 3),
