@@ -1,6 +1,7 @@
 """The verifier's admission under a KV budget, in milliseconds: fakeredis and the simulated target (as in
-test_service_unit.py). A request that could never fit is refused with a typed error; one that does not fit yet
-waits, still pending for this verifier, and is admitted in order as requests end."""
+test_service_unit.py, whose helpers it shares). A request that could never fit is refused with a typed
+error; one that does not fit yet waits, still pending for this verifier, and is admitted in order as
+requests end."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import fakeredis
 import pytest
 
 from cosine.broker import RedisSettings, now_ms
-from cosine.client import build_request, raise_for_chunk
+from cosine.client import raise_for_chunk
 from cosine.errors import InvalidParameterError, InvalidRequestError
 from cosine.keys import VERIFIERS_GROUP
-from cosine.protocol import Cancel, Chunk, GenerationRequest, decode_entry
+from cosine.protocol import Cancel, Chunk
 from cosine.service.verifier_service import VerifierService, VerifierSettings
 from cosine.sim.engines import SimModel, SimTarget, SimTokenizer
 from cosine.status import format_memory
 
-PROMPT = [16, 17, 18, 19]
+from .test_service_unit import PROMPT, chunks, submit
 
 
 @pytest.fixture
@@ -34,16 +35,6 @@ def make_verifier(connector, capacity: int, **overrides) -> VerifierService:
                           connector=connector)
     svc.recover_own()
     return svc
-
-
-def submit(svc: VerifierService, **params) -> GenerationRequest:
-    msg = build_request(PROMPT, **params)
-    svc.streams.add(svc.keys.requests, msg)
-    return msg
-
-
-def chunks(svc: VerifierService, rid: str) -> list[Chunk]:
-    return [decode_entry(f, (Chunk,)) for _, f in svc.streams.entries(svc.keys.out(rid))]
 
 
 def tokens(svc: VerifierService, rid: str) -> list[int]:
