@@ -11,7 +11,9 @@ import click
 from cosine import defaults
 from cosine.cli_bench import bench
 from cosine.cli_models import plan
+from cosine.cli_options import default_name, redis_options, redis_settings
 from cosine.cli_reliability import chaos, load
+from cosine.cli_worker import worker
 from cosine.errors import CosineError
 
 log = logging.getLogger("cosine")
@@ -109,6 +111,7 @@ cli.add_command(bench)
 cli.add_command(chaos)
 cli.add_command(load)
 cli.add_command(plan)
+cli.add_command(worker)
 
 
 @cli.command()
@@ -136,189 +139,6 @@ def profile(zoo_path, model, drafter_models, device, dtype, threads, time_budget
     cost.save(out)
     click.echo(f"verify ms = {cost.verify_coefficients()}; draft ms = {cost.draft_coefficients()}")
     click.echo(f"wrote {out}")
-
-
-# -- shared options -----------------------------------------------------------------------------------
-def redis_options(f):
-    """Where the broker is: URL (redis://, rediss://, unix://; user:password@ for ACL users) or Sentinel."""
-    from cosine import defaults
-
-    for opt in reversed([
-        click.option("--redis-url", envvar="COSINE_REDIS_URL", default=defaults.REDIS_URL, show_default=True,
-                     help="Redis URL; rediss:// for TLS, redis://user:password@host:port/db for ACL users."),
-        click.option("--prefix", envvar="COSINE_PREFIX", default=defaults.KEY_PREFIX, show_default=True,
-                     help="Key prefix: deployments sharing one Redis use different prefixes."),
-        click.option("--sentinels", envvar="COSINE_SENTINELS", default=None,
-                     help="Sentinel addresses host:port,host:port (then the master comes from Sentinel)."),
-        click.option("--sentinel-master", envvar="COSINE_SENTINEL_MASTER", default="mymaster", show_default=True),
-        click.option("--username", envvar="COSINE_REDIS_USERNAME", default=None, help="ACL user."),
-        click.option("--password", envvar="COSINE_REDIS_PASSWORD", default=None, help="ACL password."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def _redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password):
-    from cosine.broker import RedisSettings
-
-    return RedisSettings(url=redis_url, prefix=prefix, sentinels=sentinels, sentinel_master=sentinel_master,
-                         username=username, password=password)
-
-
-def model_options(f):
-    for opt in reversed([
-        click.option("--zoo", "zoo_path", type=click.Path(file_okay=False), default=None,
-                     help="Demo zoo folder [default: zoo/ or $COSINE_ZOO]."),
-        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if any)."),
-        click.option("--dtype", default="auto", show_default=True, help="float32, bfloat16, float16 (auto: fp32 on "
-                     "CPU, bf16 on CUDA)."),
-        click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice]."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def _bytes_option(_ctx, param, value):
-    """A size such as ``512MiB``, ``2GB`` or a number of bytes, as an int (None stays None)."""
-    if value is None:
-        return None
-    from cosine.units import parse_bytes
-
-    try:
-        return parse_bytes(value, param.name)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
-def _default_name(role: str) -> str:
-    import os
-    import socket
-
-    return f"{role}-{socket.gethostname().split('.')[0]}-{os.getpid()}"
-
-
-# -- workers ------------------------------------------------------------------------------------------
-@cli.group()
-def worker() -> None:
-    """Run one worker process (one per node or GPU). Stops cleanly on SIGTERM / Ctrl-C."""
-
-
-@worker.command("drafter")
-@redis_options
-@model_options
-@click.option("--name", default=None, help="Worker id (stable names let a restarted worker find its backlog).")
-@click.option("--model", "model", multiple=True, metavar="NAME=PATH[@DEVICE]",
-              help="A drafter model (repeatable), on DEVICE if given (code=/m/code@cuda:1), else on --device  "
-                   "[default: every zoo drafter, named by domain].")
-@click.option("--batch-max", type=int, default=None, help="Jobs per batched drafting pass.")
-@click.option("--window-ms", type=float, default=None, help="Wait this long for more jobs after the first.")
-@click.option("--block-ms", type=int, default=None, help="Blocking read when idle.")
-@click.option("--lookahead/--no-lookahead", default=None,
-              help="While idle, draft each request's next round ahead for the outcomes expected of its pass and "
-                   "send them to the verifier as bets.  [default: on]")
-@click.option("--ahead-rows", type=click.IntRange(min=1), default=None,
-              help=f"Drafter rows drafted ahead after each reply (the whole draft accepted for every request, then "
-                   f"the likeliest other outcomes).  [default: {defaults.DRAFTER_AHEAD_ROWS}]")
-@click.option("--ahead-depth", type=click.IntRange(min=1), default=None,
-              help=f"Positions drafted ahead for an outcome other than the whole draft accepted.  "
-                   f"[default: {defaults.DRAFTER_AHEAD_DEPTH}]")
-@click.option("--vote-timeout-ms", type=float, default=None,
-              help="Fusion across workers: wait this long per draft position for other workers' candidates.")
-def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                   threads, name, model, batch_max, window_ms, block_ms, lookahead, ahead_rows, ahead_depth,
-                   vote_timeout_ms) -> None:
-    """Host drafter models: consume this worker's draft jobs, reply with draft trees."""
-    from cosine.cli_models import parse_model_entry
-    from cosine.service.drafter_service import DrafterSettings
-    from cosine.zoo import paths
-    from workers import drafter as drafter_worker
-
-    table, devices = {}, {}
-    for item in model:
-        try:
-            key, path, on = parse_model_entry(item)
-        except CosineError as exc:
-            raise click.BadParameter(str(exc), param_hint="--model") from exc
-        table[key] = path
-        if on is not None:
-            devices[key] = on
-    if not table:
-        root = paths.zoo_dir(zoo_path)
-        table = {d: str(paths.drafter_dir(d, root)) for d in paths.drafter_domains(root)}
-    settings = DrafterSettings(worker_id=name or _default_name("drafter"))
-    for attr, value in (("batch_max", batch_max), ("window_ms", window_ms), ("block_ms", block_ms),
-                        ("lookahead", lookahead), ("ahead_rows", ahead_rows), ("ahead_depth", ahead_depth),
-                        ("vote_timeout_ms", vote_timeout_ms)):
-        if value is not None:
-            setattr(settings, attr, value)
-    drafter_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
-                        settings, table, device, dtype, threads, devices=devices)
-
-
-@worker.command("verifier")
-@redis_options
-@model_options
-@click.option("--name", default=None, help="Worker id (stable names let a restarted worker find its backlog).")
-@click.option("--model", "model", default=None, help="Target model folder [default: the zoo's target].")
-@click.option("--device-map", default=None,
-              help="Spread the target over devices: auto, balanced, sequential, or a JSON object or file of "
-                   "module -> device (`cosine plan` shows the placement)  [default: all on --device].")
-@click.option("--max-memory", default=None, metavar="DEV=SIZE,...",
-              help="Memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=100GiB (alone: implies auto).")
-@click.option("--quantization", type=click.Choice(["none", "8bit", "4bit"]), default="none", show_default=True,
-              help="Load the target quantised through bitsandbytes (needs the library and a CUDA device).")
-@click.option("--max-active", type=int, default=None, help="Requests held at once (batch limit).")
-@click.option("--max-batch-tokens", type=int, default=None, help="Tokens per verification forward.")
-@click.option("--admit-per-tick", type=int, default=None,
-              help="New requests prefilled between two verification passes (the rest of a burst waits its turn).")
-@click.option("--k", type=int, default=None, help="Draft positions per round (0 = no speculation).")
-@click.option("--tree-width", type=int, default=None, help="Candidates per draft position (1 = chains).")
-@click.option("--proposal", type=click.Choice(["onehot", "sampled"]), default=None,
-              help="Drafts for sampling requests: deterministic (reproducible) or sampled with probabilities.")
-@click.option("--draft-budget-min-ms", type=float, default=None, help="Never wait less than this for a draft.")
-@click.option("--draft-budget-factor", type=float, default=None, help="Budget = factor x p90 draft round trip.")
-@click.option("--reclaim-min-idle-s", type=float, default=None, help="Reclaim a dead verifier's requests after this.")
-@click.option("--max-deliveries", type=int, default=None, help="Dead-letter a request delivered this often.")
-@click.option("--kv-memory", "kv_memory", default=None, callback=_bytes_option,
-              help="Memory the target's KV cache may take (512MiB, 2GB, bytes): a request that could never fit is "
-                   "refused, one that does not fit yet waits for room.  [default: no budget]")
-@click.option("--cost-model", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Verification cost model written by `cosine profile` [default: built-in CPU numbers].")
-@click.option("--routing/--no-routing", default=True, show_default=True,
-              help="Expertise routing (off: each request keeps the one drafter its prompt fits best).")
-@click.option("--fusion/--no-fusion", default=True, show_default=True,
-              help="Several drafters per request in lockstep, fused into one token tree (off: one drafter).")
-@click.option("--scheduling/--no-scheduling", default=True, show_default=True,
-              help="Cost-model batch scheduling (off: verify every ready request by priority).")
-@click.option("--adaptive/--no-adaptive", default=True, show_default=True,
-              help="Adaptive speculation length per request (off: always --k).")
-@click.option("--cross-process-fusion/--no-cross-process-fusion", "cross_fusion", default=None,
-              help="Fuse experts hosted by different drafter workers: the job's worker leads the lockstep and "
-                   "asks the others per draft position (one Redis round trip each).  [default: off]")
-@click.option("--trace-passes", type=click.Path(dir_okay=False), default=None,
-              help="Append a JSON line per verification pass to this file: its requests, depths and forward "
-                   "time, and where the time since the previous pass went (prefill, Redis, waiting).")
-def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                    threads, name, model, device_map, max_memory, quantization, routing, fusion, scheduling,
-                    adaptive, **overrides) -> None:
-    """Own requests: verify drafts with the target model and stream the committed tokens."""
-    from cosine.engine.placement_plan import parse_device_map, parse_max_memory
-    from cosine.policy.steering import Switches
-    from cosine.service.verifier_service import VerifierSettings
-    from cosine.zoo import paths
-    from workers import verifier as verifier_worker
-
-    settings = VerifierSettings(worker_id=name or _default_name("verifier"),
-                                switches=Switches(routing, fusion, scheduling, adaptive),
-                                **{attr: value for attr, value in overrides.items() if value is not None})
-    target = model or str(paths.target_dir(paths.zoo_dir(zoo_path)))
-    try:
-        device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
-    except CosineError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    verifier_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
-                         settings, target, device, dtype, threads, device_map=device_map, max_memory=max_memory,
-                         quantization=quantization)
 
 
 # -- local deployment ---------------------------------------------------------------------------------
@@ -373,7 +193,6 @@ def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path,
 # -- controller ---------------------------------------------------------------------------------------
 def controller_options(f):
     """The controller's own options, defaults from :mod:`cosine.defaults`."""
-    from cosine import defaults
 
     for opt in reversed([
         click.option("--name", default=None, help="Controller id in heartbeats and the control log [default: "
@@ -410,9 +229,9 @@ def controller(redis_url, prefix, sentinels, sentinel_master, username, password
     from cosine.service.controller_service import ControllerSettings
     from workers import controller as controller_worker
 
-    settings = ControllerSettings(worker_id=name or _default_name("controller"), interval_ms=interval_ms,
+    settings = ControllerSettings(worker_id=name or default_name("controller"), interval_ms=interval_ms,
                                   lease_ms=lease_ms)
-    controller_worker.main(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
+    controller_worker.main(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
                            settings)
 
 
@@ -425,7 +244,7 @@ def status(redis_url, prefix, sentinels, sentinel_master, username, password, as
     """Workers with heartbeat ages, every stream's depth (lag + pending) and the controller's decision."""
     from cosine.status import collect_status, format_status, format_timeline
 
-    snap = collect_status(_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
+    snap = collect_status(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
                           timeline)
     click.echo(json.dumps(snap, indent=1) if as_json else format_status(snap) + format_timeline(snap))
 
@@ -454,7 +273,7 @@ def generate(prompt, redis_url, prefix, sentinels, sentinel_master, username, pa
     params["stop"] = list(params["stop"])
     spec = params["speculation"]
     params["speculation"] = int(spec) if spec.isdigit() else spec
-    with Client(settings=_redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)) as c:
+    with Client(settings=redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)) as c:
         if as_stream:
             stats = None
             for chunk in c.stream(prompt, **params):
