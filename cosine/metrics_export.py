@@ -6,11 +6,10 @@ controller's decision) and :func:`families_from_status` turns it into metric fam
 snapshot. Counters are the workers' own cumulative counters, labelled by worker (a worker restarted under the
 same id starts again from 0, which ``rate()`` reads as a reset); gauges are what the snapshot says now.
 
-The speculation counters carry vLLM's names (``cosine_spec_decode_*``). Their heartbeat fields, in order of
-preference, are ``spec_drafts``/``spec_draft_tokens`` (drafts verified, their depth) or else ``draft_jobs``/
-``draft_positions`` (draft jobs sent and the positions asked of them, which verifiers publish today), and
-``spec_accepted_tokens`` and ``spec_accepted_pos_{i}`` (accepted tokens, in all and at draft position ``i``
-from 0), exposed only by verifiers that publish them. Every metric is listed in docs/metrics.md.
+The speculation counters carry vLLM's names (``cosine_spec_decode_*``), from the verifiers' ``spec_drafts``,
+``spec_draft_tokens``, ``spec_accepted_tokens`` and ``spec_accepted_pos_{i}`` (counted per verified draft);
+verifiers of earlier versions published only ``draft_jobs``/``draft_positions`` (jobs sent), used in their
+place. Every metric is listed in docs/metrics.md.
 
 Use::
 

@@ -50,6 +50,18 @@ class VerifierMetrics:
             return None
         return 1000 * (now[0] - last[0]), 1000 * (now[1] - last[1])
 
+    def verified(self, depth: int, accepted: int) -> None:
+        """Count one verified draft as vLLM's speculative-decoding metrics do: drafts, draft tokens, accepted
+        tokens, and acceptances per draft position (``spec_accepted_pos_{i}``)."""
+        if depth <= 0:
+            return
+        c = self.counters
+        c["spec_drafts"] += 1
+        c["spec_draft_tokens"] += depth
+        c["spec_accepted_tokens"] += accepted
+        for i in range(accepted):
+            c[f"spec_accepted_pos_{i}"] += 1
+
     def trace_pass(self, slots: dict[str, int], **fields) -> None:
         """One line of the pass trace (when on): ``fields`` and the timers' growth since the last line."""
         if self.trace is not None:

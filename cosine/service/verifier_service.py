@@ -341,6 +341,7 @@ class VerifierService:
         for r in results:
             st = self.active[r.seq.seq_id]
             d = st.drafting.draft
+            self.metrics.verified(r.depth, r.accepted)
             self.steering.observe(st.drafting.steer, r.depth, r.accepted, r.new_tokens, d.votes if d else {},
                                   d.vote_conf if d else {},
                                   len(d.tokens) if d and r.depth == depth_of(d.parents) else 0)  # not cut short
