@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 import click
 
@@ -240,13 +241,64 @@ def controller(redis_url, prefix, sentinels, sentinel_master, username, password
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--timeline", type=int, default=0, show_default=True,
               help="Also show the controller's last N decisions, oldest first, with what it saw.")
-def status(redis_url, prefix, sentinels, sentinel_master, username, password, as_json, timeline) -> None:
+@click.option("--watch", "watch_s", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+              help="Refresh every SECONDS in the terminal until Ctrl-C (for nodes without a browser).")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="With --watch: stop after this many refreshes  [default: until Ctrl-C].")
+def status(redis_url, prefix, sentinels, sentinel_master, username, password, as_json, timeline, watch_s,
+           count) -> None:
     """Workers with heartbeat ages, every stream's depth (lag + pending) and the controller's decision."""
+    import redis
+
     from cosine.status import collect_status, format_status, format_timeline
 
-    snap = collect_status(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
-                          timeline)
-    click.echo(json.dumps(snap, indent=1) if as_json else format_status(snap) + format_timeline(snap))
+    settings = redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)
+
+    def show() -> str:
+        snap = collect_status(settings, timeline)
+        return json.dumps(snap, indent=1) if as_json else format_status(snap) + format_timeline(snap)
+
+    if watch_s is None:
+        click.echo(show())
+        return
+    from cosine.service.run_loop import stop_on_signals
+
+    stop, shown = stop_on_signals(), 0
+    while not stop.is_set():
+        try:
+            text = show()
+        except redis.RedisError as exc:  # a broker restart: say so and keep watching
+            text = f"Redis unreachable: {exc}"
+        if sys.stdout.isatty():
+            click.clear()
+        click.echo(f"cosine status, every {watch_s:g} s, {time.strftime('%H:%M:%S')} (Ctrl-C stops)\n{text}")
+        shown += 1
+        if count is not None and shown >= count:
+            break
+        stop.wait(watch_s)
+
+
+@cli.command()
+@redis_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(1, 65535), default=9400, show_default=True)
+def metrics(redis_url, prefix, sentinels, sentinel_master, username, password, host, port) -> None:
+    """Serve the deployment's Prometheus metrics on http://HOST:PORT/metrics until Ctrl-C / SIGTERM: speculation
+    counters with vLLM's names, queue depths per stream and group, worker gauges (docs/metrics.md). Each
+    scrape reads Redis; nothing is kept in this process."""
+    from prometheus_client import start_http_server
+
+    from cosine.metrics_export import build_registry
+    from cosine.service.run_loop import stop_on_signals
+
+    stop = stop_on_signals()
+    server, thread = start_http_server(port, host,
+                                       build_registry(redis_settings(redis_url, prefix, sentinels,
+                                                                     sentinel_master, username, password)))
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    stop.wait()
+    server.shutdown()
+    thread.join(timeout=5)
 
 
 @cli.command()
