@@ -281,6 +281,23 @@ def status(redis_url, prefix, sentinels, sentinel_master, username, password, as
 @cli.command()
 @redis_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--model-name", default="cosine", show_default=True, help="The model id /v1/models reports.")
+def serve(redis_url, prefix, sentinels, sentinel_master, username, password, host, port, model_name) -> None:
+    """An OpenAI-compatible API over the deployment: /v1/completions, /v1/chat/completions (streaming over
+    server-sent events), /v1/models, /health. Unsupported parameters are refused in OpenAI's error shape;
+    responses carry the request's speculation stats under "cosine"; a client that disconnects cancels."""
+    import uvicorn
+
+    from cosine.openai_server import create_app
+
+    app = create_app(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password), model_name)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@cli.command()
+@redis_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", type=click.IntRange(1, 65535), default=9400, show_default=True)
 def metrics(redis_url, prefix, sentinels, sentinel_master, username, password, host, port) -> None:
     """Serve the deployment's Prometheus metrics on http://HOST:PORT/metrics until Ctrl-C / SIGTERM: speculation

@@ -404,7 +404,13 @@ class AsyncClient:
 
     async def stream(self, prompt: str | Sequence[int], *, timeout: float | None = defaults.CLIENT_TIMEOUT_S,
                      **params) -> AsyncIterator[StreamChunk]:
-        reading = _Reading(self.keys, await self.submit(prompt, timeout=timeout, **params), timeout)
+        async for chunk in self.follow(await self.submit(prompt, timeout=timeout, **params), timeout):
+            yield chunk
+
+    async def follow(self, request_id: str, timeout: float | None = defaults.CLIENT_TIMEOUT_S
+                     ) -> AsyncIterator[StreamChunk]:
+        """A submitted request's chunks as they commit; its error, if it ends in one, raised at the end."""
+        reading = _Reading(self.keys, request_id, timeout)
         async for chunk in self._chunks(reading):
             if chunk.finished:
                 raise_for_chunk(reading.asm.final)  # type: ignore[arg-type]
