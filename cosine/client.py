@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -29,7 +32,7 @@ from cosine.errors import (
     ServerError,
     StreamGapError,
 )
-from cosine.keys import Keys
+from cosine.keys import Keys, check_name
 from cosine.protocol import Cancel, Chunk, GenerationRequest, ProtocolError, check, decode_entry
 from cosine.sampling_params import SamplingParams
 
@@ -59,11 +62,18 @@ class GenerationResult:
         return float(self.stats.get("mean_acceptance_length", 1.0))
 
 
+def default_client_name() -> str:
+    """``host-pid``, kept to the id alphabet: who submitted a request, as the dashboard shows it."""
+    host = re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname())[:100] or "client"
+    return f"{host}-{os.getpid()}"
+
+
 def build_request(
     prompt: str | Sequence[int] | Sequence[dict],
     *,
     params: SamplingParams | None = None,
     timeout: float | None = defaults.CLIENT_TIMEOUT_S,
+    client: str | None = None,
     priority: int = 0,
     drafter: str | None = None,
     drafters: Sequence[str] | None = (),
@@ -108,7 +118,7 @@ def build_request(
         priority=priority,
         deadline_ms=created + int(timeout * 1000) if timeout is not None else None, drafter=drafter,
         drafters=list(drafters), speculation=("fixed" if speculation else "off") if fixed else str(speculation),
-        spec_k=int(speculation) if fixed and speculation else None, created_ms=created,
+        spec_k=int(speculation) if fixed and speculation else None, created_ms=created, client=client,
     )
     try:
         check(msg)
@@ -236,10 +246,12 @@ class Client:
 
     def __init__(self, url: str = defaults.REDIS_URL, prefix: str = defaults.KEY_PREFIX, *,
                  settings: RedisSettings | None = None, require_workers: bool = True,
-                 max_outstanding: int = defaults.MAX_OUTSTANDING_REQUESTS) -> None:
+                 max_outstanding: int = defaults.MAX_OUTSTANDING_REQUESTS, name: str | None = None) -> None:
         """``max_outstanding``: requests the deployment may hold (queued or in flight) before a submit raises
-        :class:`~cosine.errors.OverloadedError`."""
+        :class:`~cosine.errors.OverloadedError`; ``name``: sent with each request (default host-pid), shown by
+        the dashboard."""
         self.settings = settings or RedisSettings(url=url, prefix=prefix)
+        self.name = check_name("name", name or default_client_name())
         self.keys = Keys(self.settings.prefix)
         self.r = connect(self.settings)
         self.streams = Streams(self.r, self.keys)
@@ -272,7 +284,7 @@ class Client:
 
     def submit(self, prompt: str | Sequence[int] | Sequence[dict], **params) -> str:
         """Queue a request; returns its id. Parameters as for :meth:`generate`."""
-        msg = build_request(prompt, **params)
+        msg = build_request(prompt, **{"client": self.name, **params})
         self._check_admission(msg.priority)
         self.streams.add(self.keys.requests, on_broker_clock(msg))
         return msg.request_id
@@ -338,8 +350,9 @@ class AsyncClient:
 
     def __init__(self, url: str = defaults.REDIS_URL, prefix: str = defaults.KEY_PREFIX, *,
                  settings: RedisSettings | None = None, require_workers: bool = True,
-                 max_outstanding: int = defaults.MAX_OUTSTANDING_REQUESTS) -> None:
+                 max_outstanding: int = defaults.MAX_OUTSTANDING_REQUESTS, name: str | None = None) -> None:
         self.settings = settings or RedisSettings(url=url, prefix=prefix)
+        self.name = check_name("name", name or default_client_name())
         self.keys = Keys(self.settings.prefix)
         self.r = connect_async(self.settings)
         self.require_workers = require_workers
@@ -363,7 +376,7 @@ class AsyncClient:
         _has_room(await self.r.xlen(self.keys.requests), self.max_outstanding, priority)
 
     async def submit(self, prompt: str | Sequence[int] | Sequence[dict], **params) -> str:
-        msg = build_request(prompt, **params)
+        msg = build_request(prompt, **{"client": self.name, **params})
         await self._check_admission(msg.priority)
         await self.r.xadd(**xadd_args(self.keys, self.keys.requests, on_broker_clock(msg)))
         return msg.request_id

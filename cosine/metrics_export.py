@@ -19,6 +19,7 @@ Use::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -28,10 +29,12 @@ from dataclasses import dataclass
 
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from cosine import histogram
 from cosine.broker import RedisSettings
+from cosine.histogram import merged
 from cosine.keys import Keys
 from cosine.status import collect_status
 
@@ -170,7 +173,24 @@ STREAM_GAUGES = (
     Field("pending", "cosine_stream_pending", "Entries delivered and not yet acknowledged (XPENDING count)."),
     Field("depth", "cosine_stream_depth", "Waiting plus pending entries (the stream's length where lag is unknown)."),
     Field("consumers", "cosine_stream_consumers", "Consumers the group has."),
+    Field("oldest_waiting_age_s", "cosine_stream_oldest_waiting_age_seconds",
+          "Age of the oldest entry not yet delivered to the group (absent when none waits)."),
+    Field("oldest_pending_age_s", "cosine_stream_oldest_pending_age_seconds",
+          "Age of the oldest entry delivered and not acknowledged (absent when none is pending)."),
 )
+
+STREAM_COUNTERS = (
+    Field("acked", "cosine_stream_acked",
+          "Entries the group read and acknowledged (XINFO GROUPS entries-read minus pending)."),
+    Field("entries_added", "cosine_stream_entries_added",
+          "Entries ever added to the stream (XINFO STREAM entries-added), per group for rate() beside acked."),
+)
+
+LATENCY = {"ttft": "cosine_time_to_first_token_seconds", "tpot": "cosine_time_per_output_token_seconds",
+           "e2e": "cosine_e2e_request_latency_seconds"}
+
+SPEC_BY = {"drafts": "Drafts verified", "draft_tokens": "Draft tokens verified",
+           "accepted_tokens": "Draft tokens accepted"}
 
 SPEC_DRAFTS = ("cosine_spec_decode_num_drafts",
                "Speculative drafts: rounds of a request that had a draft (vLLM's num_drafts). From spec_drafts, "
@@ -211,8 +231,8 @@ class _Families:
     def get(self, kind: str, name: str, help_text: str, labels: list[str]) -> Metric:
         fam = self._by_name.get(name)
         if fam is None:
-            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            fam = self._by_name[name] = cls(name, help_text, labels=labels)
+            cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+            fam = self._by_name[name] = cls[kind](name, help_text, labels=labels)
         return fam
 
     def add(self, kind: str, name: str, help_text: str, labels: dict[str, str], value: float | None) -> None:
@@ -241,6 +261,28 @@ def _speculation(fams: _Families, info: dict, labels: dict[str, str]) -> None:
         fams.add("counter", *SPEC_ACCEPTED_POS, {**labels, "position": str(pos)}, _number(info[key]))
 
 
+def _latency(fams: _Families, info: dict, labels: dict[str, str]) -> None:
+    """The verifier's latency histograms (heartbeat ``latency``), one series per worker."""
+    if "latency" not in info:
+        return
+    for key, hist in merged([info["latency"]]).items():
+        fams.get("histogram", LATENCY[key], histogram.HELP[key], list(labels)).add_metric(
+            list(labels.values()), hist.cumulative(), hist.total)
+
+
+def _spec_by(fams: _Families, info: dict, labels: dict[str, str]) -> None:
+    """Speculation counters by drafter worker and by domain (heartbeat ``spec_by``)."""
+    try:
+        spec_by = json.loads(info.get("spec_by") or "{}")
+    except ValueError:
+        return
+    for kind in ("drafter", "domain"):
+        for name, tally in sorted((spec_by.get(kind) or {}).items()):
+            for (what, help_text), value in zip(SPEC_BY.items(), tally):
+                fams.add("counter", f"cosine_spec_{kind}_{what}", f"{help_text}, by {kind}.",
+                         {**labels, kind: str(name)}, _number(value))
+
+
 def _labelled(fams: _Families, info: dict, pattern: re.Pattern, name: str, help_text: str, label: str,
               labels: dict[str, str]) -> None:
     for key in sorted(info):
@@ -262,6 +304,8 @@ def _worker(fams: _Families, w: dict) -> None:
     if role == "verifier":
         fams.add_fields("gauge", VERIFIER_GAUGES, w, mine)
         _speculation(fams, w, mine)
+        _spec_by(fams, w, mine)
+        _latency(fams, w, mine)
         fams.add_fields("counter", VERIFIER_COUNTERS, w, mine)
         _labelled(fams, w, _FINISH, "cosine_verifier_finished_requests",
                   "Requests ended, by finish reason (stop, length, timeout, cancelled, error, ...).", "reason", mine)
@@ -284,6 +328,7 @@ def families_from_status(snapshot: dict) -> list[Metric]:
         stream = str(s["stream"])
         labels = {"stream": stream, "kind": keys.kind(stream), "group": str(s["group"])}
         fams.add_fields("gauge", STREAM_GAUGES, s, labels)
+        fams.add_fields("counter", STREAM_COUNTERS, s, labels)
     fams.add("gauge", "cosine_dead_letters", "Entries in the dead-letter stream (malformed or poison messages).", {},
              _number(snapshot.get("dead_letters", 0)))
     for w in sorted(snapshot.get("workers", []), key=lambda w: (str(w.get("role", "")), str(w["id"]))):

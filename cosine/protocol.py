@@ -51,6 +51,7 @@ class GenerationRequest(Message):
     speculation: str = "adaptive"  # "adaptive" (the controller's choice), "off" (plain decoding) or "fixed"
     spec_k: int | None = None  # draft positions per round when speculation is "fixed"
     created_ms: int = 0
+    client: str | None = None  # the submitting client's name (shown by the dashboard beside its requests)
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> GenerationRequest:
@@ -74,6 +75,7 @@ class GenerationRequest(Message):
             speculation=f.string(d.get("speculation", "adaptive"), "speculation", 16),
             spec_k=f.optional(d.get("spec_k"), f.integer, "spec_k", 1, f.MAX_SPEC_K),
             created_ms=f.integer(d.get("created_ms", 0), "created_ms", 0, 2**53),
+            client=f.optional(d.get("client"), f.ident, "client"),
         )
         if msg.speculation not in f.SPECULATION_MODES:
             raise ProtocolError(f"speculation: {msg.speculation!r} is not one of {', '.join(f.SPECULATION_MODES)}")

@@ -5,28 +5,63 @@ from __future__ import annotations
 
 import time
 
+import redis
+
 from cosine.broker import RedisSettings, Streams, connect
 from cosine.keys import Keys
 from cosine.markdown import table
 from cosine.units import human_bytes
 
 
-def _group_depths(r, stream: str) -> list[dict]:
+def _id_ms(entry_id) -> int:
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(raw.split("-", 1)[0])
+
+
+def _oldest_waiting_ms(r, stream: str, last_delivered) -> int | None:
+    """The id time of the first entry after the group's last delivered one (None when nothing waits)."""
+    start = last_delivered.decode() if isinstance(last_delivered, bytes) else str(last_delivered)
+    rows = r.xrange(stream, f"({start}", "+", count=1)
+    return _id_ms(rows[0][0]) if rows else None
+
+
+def _group_depths(r, stream: str, now_ms: int) -> list[dict]:
+    """Per consumer group of ``stream``: consumers, waiting (lag), pending, depth, the age of the oldest entry
+    waiting and of the oldest pending (by their ids: time since they were added), entries acknowledged
+    (entries read - pending, where Redis counts reads) and the stream's entries added ever."""
     try:
         groups = r.xinfo_groups(stream)
-    except Exception:  # no such stream yet
+    except redis.ResponseError:  # no such stream yet
         return []
+    added = None
+    if groups:
+        try:
+            added = int(r.xinfo_stream(stream).get("entries-added", 0))
+        except redis.ResponseError:
+            pass
     out = []
     for g in groups:
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
         lag = g.get("lag")
         pending = int(g.get("pending", 0))
+        read = g.get("entries-read")
+        oldest_pending = None
+        if pending:
+            summary = r.xpending(stream, name)
+            if summary.get("min"):
+                oldest_pending = _id_ms(summary["min"])
+        oldest_waiting = _oldest_waiting_ms(r, stream, g.get("last-delivered-id", "0-0")) if lag != 0 else None
         out.append({
             "stream": stream,
-            "group": g["name"].decode() if isinstance(g["name"], bytes) else g["name"],
+            "group": name,
             "consumers": int(g.get("consumers", 0)),
             "pending": pending,
             "lag": None if lag is None else int(lag),
             "depth": pending + (int(lag) if lag is not None else int(r.xlen(stream))),
+            "oldest_waiting_age_s": None if oldest_waiting is None else max(0.0, (now_ms - oldest_waiting) / 1000),
+            "oldest_pending_age_s": None if oldest_pending is None else max(0.0, (now_ms - oldest_pending) / 1000),
+            "acked": None if read is None else max(0, int(read) - pending),
+            "entries_added": added,
         })
     return out
 
@@ -55,12 +90,12 @@ def collect_status(settings: RedisSettings, timeline: int = 0) -> dict:
         info = {k.decode(): v.decode() for k, v in r.hgetall(keys.worker(wid.decode())).items()}
         workers.append({"id": wid.decode(), "heartbeat_age_s": round((now - score) / 1000, 2), **info})
     live = streams.live_workers()
-    depths = _group_depths(r, keys.requests)
+    depths = _group_depths(r, keys.requests, now)
     for w in workers:
         if w.get("role") not in ("drafter", "verifier"):  # the controller has no stream of its own
             continue
         stream = keys.draft(w["id"]) if w.get("role") == "drafter" else keys.verify(w["id"])
-        depths += _group_depths(r, stream)
+        depths += _group_depths(r, stream, now)
     control = None
     raw = r.hgetall(keys.control)
     if raw:

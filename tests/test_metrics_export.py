@@ -16,12 +16,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cosine.broker import RedisSettings
 from cosine.client import Client
+from cosine.histogram import LatencyRecorder
 from cosine.keys import VERIFIERS_GROUP, Keys
 from cosine.local_redis import LocalRedis
 from cosine.metrics_export import (
     CONTROL_GAUGES,
     CONTROLLER_COUNTERS,
     DRAFTER_COUNTERS,
+    STREAM_COUNTERS,
     STREAM_GAUGES,
     VERIFIER_COUNTERS,
     VERIFIER_GAUGES,
@@ -42,10 +44,11 @@ def parse(body: bytes | str) -> dict:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
-def value(fams: dict, name: str, **labels) -> float:
-    """The one sample of family ``name`` whose labels include ``labels`` (``_total`` for counters)."""
+def value(fams: dict, name: str, sample: str | None = None, **labels) -> float:
+    """The one sample of family ``name`` (named ``sample``, when given) whose labels include ``labels``."""
     found = [s.value for s in fams[name].samples
-             if not s.name.endswith("_created") and all(s.labels.get(k) == v for k, v in labels.items())]
+             if not s.name.endswith("_created") and (sample is None or s.name == sample)
+             and all(s.labels.get(k) == v for k, v in labels.items())]
     assert len(found) == 1, (name, labels, fams[name].samples)
     return found[0]
 
@@ -211,10 +214,13 @@ def test_every_metric_is_documented():
                "drafter": (WORKER_GAUGES, DRAFTER_COUNTERS), "controller": (WORKER_GAUGES, CONTROLLER_COUNTERS)}
     for w in snap["workers"][:3]:
         w.update({f.key: "1" for table in by_role[w["role"]] for f in table})
-    snap["workers"][0].update({"spec_accepted_tokens": "1", "spec_accepted_pos_0": "1"})
+    snap["workers"][0].update({"spec_accepted_tokens": "1", "spec_accepted_pos_0": "1",
+                               "latency": LatencyRecorder().wire(),
+                               "spec_by": json.dumps({"drafter": {"d": [1, 2, 1]}, "domain": {"code": [1, 2, 1]}})})
     snap["control"].update({f.key: "1" for f in CONTROL_GAUGES})
-    snap["streams"][0].update({f.key: 1 for f in STREAM_GAUGES})
-    samples = {s.name for f in exposition(snap).values() for s in f.samples}
+    snap["streams"][0].update({f.key: 1 for f in (*STREAM_GAUGES, *STREAM_COUNTERS)})
+    samples = {f.name if f.type == "histogram" else s.name for f in exposition(snap).values() for s in f.samples}
+    assert {"cosine_time_to_first_token_seconds", "cosine_spec_domain_accepted_tokens_total"} <= samples
     documented = set(re.findall(r"`(cosine_[a-z0-9_]+)(?:\{\w+\})?`", DOCS.read_text()))
     assert samples - documented == set()
 
@@ -277,6 +283,26 @@ def test_live_accepted_tokens(cluster, served):
     assert accepted == sum(r.stats["accepted"] for r in served)  # the heartbeat sums what the requests saw
     per_pos = fams["cosine_spec_decode_num_accepted_tokens_per_pos"].samples
     assert sum(s.value for s in per_pos if s.name.endswith("_total")) == accepted
+    by_drafter = fams["cosine_spec_drafter_accepted_tokens"].samples
+    assert {s.labels["drafter"] for s in by_drafter} == {"drafter-0"}
+    assert sum(s.value for s in by_drafter) == accepted
+    assert sum(s.value for s in fams["cosine_spec_domain_accepted_tokens"].samples) == accepted
+
+
+@pytest.mark.slow
+def test_live_latency_histograms(cluster, served):
+    """One TTFT and one latency observation per request served; each latency at least its TTFT."""
+    fams = parse(render(cluster.redis_settings()))
+    for name in ("cosine_time_to_first_token_seconds", "cosine_e2e_request_latency_seconds",
+                 "cosine_time_per_output_token_seconds"):
+        assert fams[name].type == "histogram"
+        count = value(fams, name, sample=name + "_count", worker="verifier-0")
+        assert count >= len(served), name
+        buckets = [s for s in fams[name].samples if s.name.endswith("_bucket")]
+        assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == count
+    ttft = value(fams, "cosine_time_to_first_token_seconds", sample="cosine_time_to_first_token_seconds_sum")
+    e2e = value(fams, "cosine_e2e_request_latency_seconds", sample="cosine_e2e_request_latency_seconds_sum")
+    assert 0 < ttft < e2e
 
 
 @pytest.mark.slow
@@ -318,6 +344,9 @@ def test_live_queue_gauges_match_redis(cluster, client, served, zoo_prompts):
     assert value(fams, "cosine_stream_depth", **labels) == group["lag"] + pending
     assert value(fams, "cosine_stream_consumers", **labels) == group["consumers"]
     assert group["lag"] + pending >= 2  # the two sent since the stop: nothing acknowledged them
+    oldest = int(r.xpending(keys.requests, VERIFIERS_GROUP)["min"].split(b"-")[0])
+    age = value(fams, "cosine_stream_oldest_pending_age_seconds", **labels)
+    assert 0 < age <= (r.time()[0] * 1000 + r.time()[1] // 1000 - oldest) / 1000
     assert value(fams, "cosine_dead_letters") == r.xlen(keys.dlq)
     depths = {s.labels["kind"] for s in fams["cosine_stream_depth"].samples}
     assert depths == {"requests", "draft", "verify"}

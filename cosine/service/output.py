@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from cosine.broker import Entry, Streams, wall_ms
 from cosine.engine.sequence import FinishReason
+from cosine.histogram import LatencyRecorder
 from cosine.protocol import Chunk, ProtocolError, decode_entry
 from cosine.service.request_state import RequestState
 
@@ -27,11 +28,13 @@ class Recovered:
 
 
 class OutputWriter:
-    def __init__(self, streams: Streams, tokenizer, vocab: int, me: str) -> None:
+    def __init__(self, streams: Streams, tokenizer, vocab: int, me: str,
+                 latency: LatencyRecorder | None = None) -> None:
         self.streams = streams
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.me = me
+        self.latency = latency or LatencyRecorder()
 
     def write(self, pipe, st: RequestState, error: str | None = None, error_type: str | None = None) -> None:
         """Queue the chunk holding everything committed since the last one (nothing when nothing is new); a
@@ -45,8 +48,21 @@ class OutputWriter:
         if finished:
             chunk.stats = self.stats(st)
         self.streams.add_output(pipe, chunk)
+        self._observe(st, finished and error is None)
         cur.chunk_seq += 1
         cur.sent = len(out)
+
+    def _observe(self, st: RequestState, completed: bool) -> None:
+        """Latencies from the request's admission entry (the broker's clock at XADD): time to its first token
+        (not for a request resumed past it), and at a clean end its latency and time per output token."""
+        now, cur, n = wall_ms(), st.output, len(st.seq.output_ids)
+        if cur.sent == 0 and n > 0 and cur.first_token_ms is None:
+            cur.first_token_ms = now
+            self.latency.observe("ttft", (now - st.enqueued_ms) / 1000)
+        if completed:
+            self.latency.observe("e2e", (now - st.enqueued_ms) / 1000)
+            if cur.first_token_ms is not None and n > 1:
+                self.latency.observe("tpot", (now - cur.first_token_ms) / 1000 / (n - 1))
 
     def reject(self, pipe, request_id: str, error: str, error_type: str, seq: int = 0, offset: int = 0) -> None:
         """Queue a final error chunk for a request this verifier does not serve (invalid, or poison)."""

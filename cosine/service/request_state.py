@@ -19,6 +19,7 @@ class OutputCursor:
 
     chunk_seq: int = 0  # the next chunk's sequence number
     sent: int = 0  # output tokens already written
+    first_token_ms: int | None = None  # wall clock when this verifier wrote the first token (not when resumed)
     text: TextStream = field(default_factory=TextStream)
 
 
@@ -69,6 +70,11 @@ class RequestState:
     @property
     def rid(self) -> str:
         return self.msg.request_id
+
+    @property
+    def enqueued_ms(self) -> int:
+        """When the request was queued: its admission entry's id, stamped by the broker's clock."""
+        return int(self.entry_id.split(b"-", 1)[0])
 
 
 def request_seed(msg: GenerationRequest) -> int:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import time
 
+from cosine.histogram import LatencyRecorder
 from cosine.service.pass_trace import PassTrace
 
 TIMERS = ("busy_s", "admit_s", "messaging_s", "blocked_s", "draft_wait_s", "scheduling_s")
@@ -28,6 +30,9 @@ class VerifierMetrics:
         self.busy_s = self.admit_s = self.messaging_s = 0.0
         self.blocked_s = self.draft_wait_s = self.scheduling_s = 0.0
         self.trace = PassTrace(trace_path) if trace_path else None
+        self.latency = LatencyRecorder()
+        # Verified drafts by drafter worker and by domain (the prompt feature): [drafts, draft tokens, accepted].
+        self.spec_by: dict[str, dict[str, list[int]]] = {"drafter": {}, "domain": {}}
         self._at_last_pass: tuple[float, float] | None = None
 
     @contextlib.contextmanager
@@ -50,9 +55,10 @@ class VerifierMetrics:
             return None
         return 1000 * (now[0] - last[0]), 1000 * (now[1] - last[1])
 
-    def verified(self, depth: int, accepted: int) -> None:
+    def verified(self, depth: int, accepted: int, drafter: str = "", domain: str = "") -> None:
         """Count one verified draft as vLLM's speculative-decoding metrics do: drafts, draft tokens, accepted
-        tokens, and acceptances per draft position (``spec_accepted_pos_{i}``)."""
+        tokens, and acceptances per draft position (``spec_accepted_pos_{i}``); the same three also by drafter
+        worker and by domain."""
         if depth <= 0:
             return
         c = self.counters
@@ -61,6 +67,11 @@ class VerifierMetrics:
         c["spec_accepted_tokens"] += accepted
         for i in range(accepted):
             c[f"spec_accepted_pos_{i}"] += 1
+        for kind, name in (("drafter", drafter), ("domain", domain)):
+            tally = self.spec_by[kind].setdefault(name or "?", [0, 0, 0])
+            tally[0] += 1
+            tally[1] += depth
+            tally[2] += accepted
 
     def trace_pass(self, slots: dict[str, int], **fields) -> None:
         """One line of the pass trace (when on): ``fields`` and the timers' growth since the last line."""
@@ -80,6 +91,8 @@ class VerifierMetrics:
             "pid": os.getpid(),
             **{name: round(getattr(self, name), 4) for name in TIMERS},
             **dict(self.counters),
+            "latency": self.latency.wire(),
+            "spec_by": json.dumps(self.spec_by, separators=(",", ":")),
         }
 
     def close(self) -> None:

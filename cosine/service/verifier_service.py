@@ -12,6 +12,7 @@ OutputWriter` (their output streams), :class:`~cosine.service.drafts.DraftExchan
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import threading
@@ -45,6 +46,7 @@ from cosine.service.verifier_metrics import VerifierMetrics
 
 log = logging.getLogger(__name__)
 
+INFLIGHT_SHOWN = 20  # in-flight requests a verifier lists in its heartbeat (its oldest)
 DRAFT_READ_COUNT = 256  # drafts taken from this verifier's stream per read
 
 
@@ -113,7 +115,7 @@ class VerifierService:
         self.steering = Steering(settings.switches, settings.k, cost)
         self.control = ControlView(self.streams.r, self.keys)
         self.metrics = VerifierMetrics(settings.trace_passes)
-        self.output = OutputWriter(self.streams, tokenizer, vocab, self.me)
+        self.output = OutputWriter(self.streams, tokenizer, vocab, self.me, self.metrics.latency)
         self.drafts = DraftExchange(self.streams, self.steering, settings, self.metrics, vocab, engine.room, identity)
         self.book = RequestBook(self.streams, engine, tokenizer, self.output, self.steering, self.metrics, self.me,
                                 hosted=self.drafts.hosted)
@@ -142,8 +144,17 @@ class VerifierService:
             "control_version": control.version if control is not None else 0,
             **self.engine.stats(),
             "waiting": len(self.book.waiting),  # read, not admitted: their KV reservation does not fit yet
+            "inflight": json.dumps(self.inflight(), separators=(",", ":")),
             **memory_peaks(),
         }
+
+    def inflight(self, limit: int = INFLIGHT_SHOWN) -> list[dict]:
+        """The oldest requests held (for the dashboard): id, client, tokens out of the most asked, age, drafter."""
+        now = wall_ms()
+        oldest = sorted(self.active.values(), key=lambda st: st.enqueued_ms)[:limit]
+        return [{"id": st.rid, "client": st.msg.client, "tokens": len(st.seq.output_ids),
+                 "max": st.msg.params.max_new_tokens, "age_s": round((now - st.enqueued_ms) / 1000, 2),
+                 "drafter": st.drafting.worker or ""} for st in oldest]
 
     def load(self) -> Load:
         """What this round's decisions depend on: the requests held, their longest context, the controller."""
@@ -341,7 +352,7 @@ class VerifierService:
         for r in results:
             st = self.active[r.seq.seq_id]
             d = st.drafting.draft
-            self.metrics.verified(r.depth, r.accepted)
+            self.metrics.verified(r.depth, r.accepted, d.drafter if d else "", st.drafting.steer.feature)
             self.steering.observe(st.drafting.steer, r.depth, r.accepted, r.new_tokens, d.votes if d else {},
                                   d.vote_conf if d else {},
                                   len(d.tokens) if d and r.depth == depth_of(d.parents) else 0)  # not cut short
