@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 
 import click
 
 from cosine import defaults
 from cosine.cli_bench import bench
 from cosine.cli_models import plan
+from cosine.cli_observe import dashboard, metrics, serve, status
 from cosine.cli_options import default_name, redis_options, redis_settings
 from cosine.cli_reliability import chaos, load
 from cosine.cli_worker import worker
@@ -112,6 +112,8 @@ cli.add_command(bench)
 cli.add_command(chaos)
 cli.add_command(load)
 cli.add_command(plan)
+for command in (status, serve, metrics, dashboard):  # cosine/cli_observe.py
+    cli.add_command(command)
 cli.add_command(worker)
 
 
@@ -144,13 +146,15 @@ def profile(zoo_path, model, drafter_models, device, dtype, threads, time_budget
 
 # -- local deployment ---------------------------------------------------------------------------------
 def _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir=None,
-                      verifier_args=(), drafter_args=(), controller=False, controller_args=()):
+                      verifier_args=(), drafter_args=(), controller=False, controller_args=(), dashboard_port=None):
     from cosine.deployment import Deployment, WorkerSpec
 
     specs = [WorkerSpec("verifier", f"verifier-{i}", list(verifier_args), threads) for i in range(verifiers)]
     specs += [WorkerSpec("drafter", f"drafter-{i}", list(drafter_args), threads) for i in range(drafters)]
     if controller:
         specs.append(WorkerSpec("controller", "controller", list(controller_args)))
+    if dashboard_port is not None:
+        specs.append(WorkerSpec("dashboard", "dashboard", ["--port", str(dashboard_port)]))
     return Deployment(specs, redis_url=redis_url, prefix=prefix, log_dir=log_dir, device=device, dtype=dtype,
                       zoo=zoo_path)
 
@@ -170,17 +174,24 @@ def _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, d
               help="Also start the controller (adaptive speculation length, cooperating drafters, batch limits).")
 @click.option("--control-interval-ms", type=click.IntRange(50, 5000), default=None,
               help="The controller's sampling interval [default: `cosine controller`'s].")
+@click.option("--dashboard-port", type=click.IntRange(0, 65535), default=defaults.DASHBOARD_PORT, show_default=True,
+              help="Also start the dashboard on this port (taken: any free one; 0: none).")
 def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir, controller,
-       control_interval_ms) -> None:
-    """Start a whole local deployment (Redis, verifiers, drafters, a controller) until Ctrl-C / SIGTERM."""
+       control_interval_ms, dashboard_port) -> None:
+    """Start a whole local deployment (Redis, verifiers, drafters, a controller, the dashboard) until Ctrl-C /
+    SIGTERM."""
+    from cosine.local_redis import port_or_free
     from cosine.service.run_loop import stop_on_signals
 
     stop = stop_on_signals()
     controller_args = ["--interval-ms", str(control_interval_ms)] if control_interval_ms else []
+    port = port_or_free(dashboard_port) if dashboard_port else None
     dep = _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir,
-                            controller=controller, controller_args=controller_args)
+                            controller=controller, controller_args=controller_args, dashboard_port=port)
     with dep:
         click.echo(f"CoSine is up: {dep.url} (prefix {prefix}); workers: {', '.join(dep.procs)}; logs in {log_dir}")
+        if port:
+            click.echo(f"dashboard: http://127.0.0.1:{port}/")
         click.echo(f"try: cosine generate --redis-url {dep.url} --stream 'def main('")
         while not stop.is_set():
             dead = [n for n, p in dep.procs.items() if p.poll() is not None]
@@ -234,88 +245,6 @@ def controller(redis_url, prefix, sentinels, sentinel_master, username, password
                                   lease_ms=lease_ms)
     controller_worker.main(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
                            settings)
-
-
-@cli.command()
-@redis_options
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--timeline", type=int, default=0, show_default=True,
-              help="Also show the controller's last N decisions, oldest first, with what it saw.")
-@click.option("--watch", "watch_s", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
-              help="Refresh every SECONDS in the terminal until Ctrl-C (for nodes without a browser).")
-@click.option("--count", type=click.IntRange(min=1), default=None,
-              help="With --watch: stop after this many refreshes  [default: until Ctrl-C].")
-def status(redis_url, prefix, sentinels, sentinel_master, username, password, as_json, timeline, watch_s,
-           count) -> None:
-    """Workers with heartbeat ages, every stream's depth (lag + pending) and the controller's decision."""
-    import redis
-
-    from cosine.status import collect_status, format_status, format_timeline
-
-    settings = redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)
-
-    def show() -> str:
-        snap = collect_status(settings, timeline)
-        return json.dumps(snap, indent=1) if as_json else format_status(snap) + format_timeline(snap)
-
-    if watch_s is None:
-        click.echo(show())
-        return
-    from cosine.service.run_loop import stop_on_signals
-
-    stop, shown = stop_on_signals(), 0
-    while not stop.is_set():
-        try:
-            text = show()
-        except redis.RedisError as exc:  # a broker restart: say so and keep watching
-            text = f"Redis unreachable: {exc}"
-        if sys.stdout.isatty():
-            click.clear()
-        click.echo(f"cosine status, every {watch_s:g} s, {time.strftime('%H:%M:%S')} (Ctrl-C stops)\n{text}")
-        shown += 1
-        if count is not None and shown >= count:
-            break
-        stop.wait(watch_s)
-
-
-@cli.command()
-@redis_options
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--model-name", default="cosine", show_default=True, help="The model id /v1/models reports.")
-def serve(redis_url, prefix, sentinels, sentinel_master, username, password, host, port, model_name) -> None:
-    """An OpenAI-compatible API over the deployment: /v1/completions, /v1/chat/completions (streaming over
-    server-sent events), /v1/models, /health. Unsupported parameters are refused in OpenAI's error shape;
-    responses carry the request's speculation stats under "cosine"; a client that disconnects cancels."""
-    import uvicorn
-
-    from cosine.openai_server import create_app
-
-    app = create_app(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password), model_name)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-@cli.command()
-@redis_options
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
-@click.option("--port", type=click.IntRange(1, 65535), default=9400, show_default=True)
-def metrics(redis_url, prefix, sentinels, sentinel_master, username, password, host, port) -> None:
-    """Serve the deployment's Prometheus metrics on http://HOST:PORT/metrics until Ctrl-C / SIGTERM: speculation
-    counters with vLLM's names, queue depths per stream and group, worker gauges (docs/metrics.md). Each
-    scrape reads Redis; nothing is kept in this process."""
-    from prometheus_client import start_http_server
-
-    from cosine.metrics_export import build_registry
-    from cosine.service.run_loop import stop_on_signals
-
-    stop = stop_on_signals()
-    server, thread = start_http_server(port, host,
-                                       build_registry(redis_settings(redis_url, prefix, sentinels,
-                                                                     sentinel_master, username, password)))
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
-    stop.wait()
-    server.shutdown()
-    thread.join(timeout=5)
 
 
 @cli.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 # -- broker -----------------------------------------------------------------------------------------------
 REDIS_URL = "redis://127.0.0.1:6379/0"
+DASHBOARD_PORT = 8265  # `cosine dashboard`, and the one `cosine up` and the demo start
 KEY_PREFIX = "cosine"  # all keys live under "<prefix>:"; several deployments can share one Redis
 # Client socket timeout. Must exceed the longest BLOCK we issue, or redis-py raises TimeoutError mid-read.
 SOCKET_TIMEOUT_S = 10.0

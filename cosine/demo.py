@@ -9,6 +9,7 @@ import click
 import torch
 from tqdm.auto import tqdm
 
+from cosine import defaults
 from cosine.zoo import paths
 
 
@@ -22,16 +23,21 @@ def run_demo(zoo_path: str | None, per_domain: int, max_new_tokens: int, drafter
     from cosine.client import Client
     from cosine.deployment import Deployment, WorkerSpec
     from cosine.keys import Keys
+    from cosine.local_redis import port_or_free
     from cosine.service.control_view import ControlView
 
     work = _workload(zoo_path, per_domain)
     specs = [WorkerSpec("verifier", "verifier-0")] + [WorkerSpec("drafter", f"drafter-{i}") for i in range(drafters)]
     specs.append(WorkerSpec("controller", "controller"))
-    click.echo(f"starting a private Redis, 1 verifier, {drafters} drafter process(es) and the controller; "
-               f"logs in {log_dir}")
+    port = port_or_free(defaults.DASHBOARD_PORT)
+    specs.append(WorkerSpec("dashboard", "dashboard", ["--port", str(port)]))
+    click.echo(f"starting a private Redis, 1 verifier, {drafters} drafter process(es), the controller and the "
+               f"dashboard; logs in {log_dir}")
     t_start = time.perf_counter()
     with Deployment(specs, log_dir=log_dir, zoo=zoo_path) as dep:
-        click.echo(f"up in {time.perf_counter() - t_start:.1f} s at {dep.url}; submitting {len(work)} requests")
+        click.echo(f"up in {time.perf_counter() - t_start:.1f} s at {dep.url}; dashboard (while the demo runs): "
+                   f"http://127.0.0.1:{port}/")
+        click.echo(f"submitting {len(work)} requests")
         with Client(dep.url) as client:
             t0 = time.perf_counter()
             ids = [client.submit(text, max_new_tokens=max_new_tokens) for _, text in work]

@@ -9,9 +9,11 @@ the private Redis.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,7 +37,7 @@ class DeploymentError(CosineError):
 
 @dataclass
 class WorkerSpec:
-    role: str  # "verifier", "drafter" or "controller"
+    role: str  # "verifier", "drafter", "controller" or "dashboard" (args: its --port)
     name: str
     args: list[str] = field(default_factory=list)  # extra `cosine worker <role>` (`cosine controller`) flags
     threads: int = 1
@@ -71,13 +73,21 @@ class Deployment:
                 pin_threads(self.local.proc.pid, self.redis_cpus)  # type: ignore[union-attr]
         for spec in self.specs:
             self.start_worker(spec)
-        self.wait_ready([s.name for s in self.specs], ready_timeout)
+        self.wait_ready([s.name for s in self.specs if s.role != "dashboard"], ready_timeout)
+        for spec in self.specs:
+            if spec.role == "dashboard":
+                self.wait_listening(spec.name, self.dashboard_port(spec), ready_timeout)
         return self
 
+    @staticmethod
+    def dashboard_port(spec: WorkerSpec) -> int:
+        return int(spec.args[spec.args.index("--port") + 1])
+
     def command(self, spec: WorkerSpec) -> list[str]:
-        if spec.role == "controller":  # no models: `cosine controller` takes only the broker options
-            return [sys.executable, "-m", "cosine.cli", "controller", "--redis-url", self.url, "--prefix",
-                    self.prefix, "--name", spec.name] + spec.args
+        if spec.role in ("controller", "dashboard"):  # no models: only the broker options and their own
+            name = ["--name", spec.name] if spec.role == "controller" else []
+            return [sys.executable, "-m", "cosine.cli", spec.role, "--redis-url", self.url, "--prefix",
+                    self.prefix, *name] + spec.args
         cmd = [sys.executable, "-m", "cosine.cli", "worker", spec.role, "--redis-url", self.url,
                "--prefix", self.prefix, "--name", spec.name, "--threads", str(spec.threads)]
         if self.device:
@@ -115,6 +125,16 @@ class Deployment:
             dead = [n for n in missing if self.procs.get(n) is not None and self.procs[n].poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise DeploymentError(f"workers did not come up: {dead or missing} (see their logs)")
+            time.sleep(0.1)
+
+    def wait_listening(self, name: str, port: int, timeout: float) -> None:
+        """Wait until the process ``name`` accepts connections on 127.0.0.1:``port``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+            if self.procs[name].poll() is not None or time.monotonic() > deadline:
+                raise DeploymentError(f"{name} did not start listening on port {port} (see its log)")
             time.sleep(0.1)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -14,6 +14,7 @@ Several deployments can share one Redis by using different prefixes. Names::
     {p}:workers                  zset    worker id -> last heartbeat (ms since epoch)
     {p}:worker:{id}              hash    a worker's description and latest stats (expires if it stops)
     {p}:lock:{name}              string  singleton guard for maintenance (SET NX PX)
+    {p}:drain                    hash    worker id -> why it was asked to drain (it finishes, then exits)
     {p}:control                  hash    the controller's versioned decisions
     {p}:control:log              stream  the controller's decisions with their inputs
 """
@@ -87,6 +88,10 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def drain(self) -> str:
+        return f"{self.prefix}:drain"
 
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"

@@ -31,6 +31,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_or_free(port: int) -> int:
+    """``port`` if nothing listens on it on loopback, else a free one."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return free_port()
+    return port
+
+
 def find_redis_server() -> str:
     path = shutil.which("redis-server")
     if path:

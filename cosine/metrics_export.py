@@ -87,6 +87,7 @@ VERIFIER_COUNTERS = (
           "Tokens fed to verification passes: per request and pass, its last token and its draft's nodes."),
     Field("slots_run", "cosine_verifier_slots_run", "Token slots the target's forwards computed, padding included."),
     Field("slots_fed", "cosine_verifier_slots_fed", "Token slots of the target's forwards that held a fed token."),
+    Field("output_tokens", "cosine_verifier_output_tokens", "Output tokens the verifier wrote to output streams."),
     Field("admitted", "cosine_verifier_admitted_requests", "Requests admitted (prefilled) by the verifier."),
     Field("completed", "cosine_verifier_completed_requests", "Requests the verifier ended, for any reason."),
     Field("rejected", "cosine_verifier_rejected_requests",

@@ -80,9 +80,10 @@ def control_timeline(r, keys: Keys, n: int) -> list[dict]:
     return out[::-1]
 
 
-def collect_status(settings: RedisSettings, timeline: int = 0) -> dict:
+def collect_status(settings: RedisSettings, timeline: int = 0, r=None) -> dict:
+    """The snapshot (``r``: a connection to reuse; default a new one)."""
     keys = Keys(settings.prefix)
-    r = connect(settings)
+    r = r if r is not None else connect(settings)
     streams = Streams(r, keys)
     now = streams.server_ms()  # heartbeats are stamped with the broker's clock
     workers = []
@@ -107,6 +108,7 @@ def collect_status(settings: RedisSettings, timeline: int = 0) -> dict:
     return {
         "redis": settings.url if not settings.sentinels else f"sentinel {settings.sentinels}",
         "prefix": settings.prefix,
+        "now_ms": now,
         "workers": [{**w, "alive": w["id"] in live} for w in workers],
         "streams": depths,
         "dead_letters": int(r.xlen(keys.dlq)) if r.exists(keys.dlq) else 0,

@@ -11,10 +11,16 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "installing redis-server (Debian package)"
+# Debian packages: redis-server always; for the tests also chromium (the dashboard's browser test drives it
+# through Playwright; no browser is ever downloaded).
+apt_packages=""  # each with a leading space
+command -v redis-server >/dev/null 2>&1 || apt_packages=" redis-server"
+[ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1 && apt_packages="$apt_packages chromium"
+if [ -n "$apt_packages" ]; then
+  echo "installing${apt_packages} (Debian packages)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  # shellcheck disable=SC2086
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $apt_packages >/dev/null
 fi
 
 PY=${PYTHON:-python3}

@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat(threading.Thread):
-    """Publishes ``info()`` under the worker's key every ``interval`` seconds until stopped."""
+    """Publishes ``info()`` under the worker's key every ``interval`` seconds until stopped; at each beat it
+    also looks for a drain request (``{p}:drain``, set by the dashboard's admin action) and calls ``on_drain``
+    once when there is one (the run loop sets it to stop the worker gracefully: it finishes what it holds)."""
 
     def __init__(
         self,
@@ -31,10 +33,19 @@ class Heartbeat(threading.Thread):
         self.interval = interval
         self._stop_event = threading.Event()
         self.failures = 0
+        self.on_drain: Callable[[], object] | None = None
+        self.drain_reason: str | None = None
 
     def beat(self) -> None:
         try:
             self.streams.heartbeat(self.worker_id, self.info())
+            if self.on_drain is not None and self.drain_reason is None:
+                reason = self.streams.r.hget(self.streams.keys.drain, self.worker_id)
+                if reason is not None:
+                    self.drain_reason = reason.decode(errors="replace")
+                    log.warning("drain requested (%s): finishing what this worker holds, then exiting",
+                                self.drain_reason)
+                    self.on_drain()
             if self.failures:
                 log.info("heartbeat restored after %d failures", self.failures)
             self.failures = 0
@@ -51,8 +62,10 @@ class Heartbeat(threading.Thread):
     def stop(self, forget: bool = True) -> None:
         """Stop beating; ``forget`` removes the worker's registration so others react at once."""
         self._stop_event.set()
-        if forget:
-            try:
+        try:
+            if forget:
                 self.streams.forget_worker(self.worker_id)
-            except redis.RedisError:
-                pass
+            if self.drain_reason is not None:  # done: a worker started again under this id is not drained
+                self.streams.r.hdel(self.streams.keys.drain, self.worker_id)
+        except redis.RedisError:
+            pass

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from cosine.broker import Entry, Streams, wall_ms
 from cosine.engine.sequence import FinishReason
-from cosine.histogram import LatencyRecorder
 from cosine.protocol import Chunk, ProtocolError, decode_entry
 from cosine.service.request_state import RequestState
+from cosine.service.verifier_metrics import VerifierMetrics
 
 
 @dataclass
@@ -29,12 +29,12 @@ class Recovered:
 
 class OutputWriter:
     def __init__(self, streams: Streams, tokenizer, vocab: int, me: str,
-                 latency: LatencyRecorder | None = None) -> None:
+                 metrics: VerifierMetrics | None = None) -> None:
         self.streams = streams
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.me = me
-        self.latency = latency or LatencyRecorder()
+        self.metrics = metrics or VerifierMetrics()
 
     def write(self, pipe, st: RequestState, error: str | None = None, error_type: str | None = None) -> None:
         """Queue the chunk holding everything committed since the last one (nothing when nothing is new); a
@@ -48,6 +48,7 @@ class OutputWriter:
         if finished:
             chunk.stats = self.stats(st)
         self.streams.add_output(pipe, chunk)
+        self.metrics.counters["output_tokens"] += len(out) - cur.sent
         self._observe(st, finished and error is None)
         cur.chunk_seq += 1
         cur.sent = len(out)
@@ -58,11 +59,11 @@ class OutputWriter:
         now, cur, n = wall_ms(), st.output, len(st.seq.output_ids)
         if cur.sent == 0 and n > 0 and cur.first_token_ms is None:
             cur.first_token_ms = now
-            self.latency.observe("ttft", (now - st.enqueued_ms) / 1000)
+            self.metrics.latency.observe("ttft", (now - st.enqueued_ms) / 1000)
         if completed:
-            self.latency.observe("e2e", (now - st.enqueued_ms) / 1000)
+            self.metrics.latency.observe("e2e", (now - st.enqueued_ms) / 1000)
             if cur.first_token_ms is not None and n > 1:
-                self.latency.observe("tpot", (now - cur.first_token_ms) / 1000 / (n - 1))
+                self.metrics.latency.observe("tpot", (now - cur.first_token_ms) / 1000 / (n - 1))
 
     def reject(self, pipe, request_id: str, error: str, error_type: str, seq: int = 0, offset: int = 0) -> None:
         """Queue a final error chunk for a request this verifier does not serve (invalid, or poison)."""

@@ -53,8 +53,9 @@ def run_forever(name: str, stop: threading.Event, step: Callable[[], object], *,
     ``on_start`` runs before the first step and again after a ``NOGROUP``; ``pace_s`` spaces steps that
     succeed (a controller's interval); ``drain`` runs once the loop ends on ``stop`` (finish what is held);
     ``on_stop`` always runs last. ``heartbeat`` (a :class:`~cosine.service.heartbeat.Heartbeat`) beats once
-    before the loop, then from its thread until the end."""
+    before the loop, then from its thread until the end; a drain request it sees sets ``stop``."""
     if heartbeat is not None:
+        heartbeat.on_drain = stop.set
         heartbeat.beat()
         heartbeat.start()
     backoff = Backoff()

@@ -115,7 +115,7 @@ class VerifierService:
         self.steering = Steering(settings.switches, settings.k, cost)
         self.control = ControlView(self.streams.r, self.keys)
         self.metrics = VerifierMetrics(settings.trace_passes)
-        self.output = OutputWriter(self.streams, tokenizer, vocab, self.me, self.metrics.latency)
+        self.output = OutputWriter(self.streams, tokenizer, vocab, self.me, self.metrics)
         self.drafts = DraftExchange(self.streams, self.steering, settings, self.metrics, vocab, engine.room, identity)
         self.book = RequestBook(self.streams, engine, tokenizer, self.output, self.steering, self.metrics, self.me,
                                 hosted=self.drafts.hosted)

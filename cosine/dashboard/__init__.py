@@ -1,0 +1,1 @@
+"""The queue dashboard (``cosine dashboard``): see :mod:`cosine.dashboard.app`."""
