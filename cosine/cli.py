@@ -193,10 +193,17 @@ def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path,
         if port:
             click.echo(f"dashboard: http://127.0.0.1:{port}/")
         click.echo(f"try: cosine generate --redis-url {dep.url} --stream 'def main('")
+        drained: set[str] = set()
         while not stop.is_set():
-            dead = [n for n, p in dep.procs.items() if p.poll() is not None]
-            if dead:
-                click.secho(f"worker(s) exited: {', '.join(dead)}", fg="red", err=True)
+            exited = {n: p.returncode for n, p in dep.procs.items() if p.poll() is not None}
+            for name in sorted(set(exited) - drained):
+                if exited[name] == 0:  # drained from the dashboard (or stopped cleanly): the rest goes on
+                    click.echo(f"{name} exited cleanly (drained); the rest of the deployment goes on")
+                    drained.add(name)
+            failed = {n: rc for n, rc in exited.items() if rc != 0}
+            if failed:
+                click.secho(f"worker(s) failed: {', '.join(f'{n} (exit {rc})' for n, rc in failed.items())}",
+                            fg="red", err=True)
                 break
             stop.wait(0.5)
         click.echo("stopping ...")

@@ -132,6 +132,7 @@ def dashboard(redis_url, prefix, sentinels, sentinel_master, username, password,
     import uvicorn
 
     from cosine.dashboard.app import create_app
+    from cosine.service.run_loop import stop_on_signals
 
     settings = redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)
     token = read_secret(admin_token_file, "COSINE_DASHBOARD_TOKEN")
@@ -141,4 +142,7 @@ def dashboard(redis_url, prefix, sentinels, sentinel_master, username, password,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))  # bound here so the URL printed has the port (port 0: any free one)
     click.echo(f"dashboard on http://{host}:{sock.getsockname()[1]}/ (actions {'on' if token else 'off'})", err=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])  # stops on SIGTERM / Ctrl-C
+    # uvicorn shuts down gracefully on SIGTERM / Ctrl-C, then re-raises the signal to the handler it found:
+    # this one only notes it, so a clean stop exits 0.
+    stop_on_signals()
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
