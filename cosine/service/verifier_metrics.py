@@ -68,7 +68,7 @@ class VerifierMetrics:
         for i in range(accepted):
             c[f"spec_accepted_pos_{i}"] += 1
         for kind, name in (("drafter", drafter), ("domain", domain)):
-            tally = self.spec_by[kind].setdefault(name or "?", [0, 0, 0])
+            tally = self.spec_by[kind].setdefault(name or "(unknown)", [0, 0, 0])
             tally[0] += 1
             tally[1] += depth
             tally[2] += accepted

@@ -81,7 +81,8 @@ function makeChart(spec) {
   const opts = {
     width: Math.max(300, el.clientWidth), height: 200, legend: { live: false },
     scales: { x: { time: true } },
-    axes: [{}, { size: 48 }, ...(hasRight ? [{ side: 1, scale: "r", grid: { show: false }, size: 40 }] : [])],
+    axes: [{ space: 70, values: (u, ticks) => ticks.map(clock) }, { size: 48 },
+           ...(hasRight ? [{ side: 1, scale: "r", grid: { show: false }, size: 40 }] : [])],
     series: [{}, ...spec.series.map(([label, , color, scale]) => ({
       label, stroke: color, width: 1.5, scale: scale || "y", spanGaps: true }))],
   };
