@@ -17,6 +17,8 @@ from cosine.cli_options import redis_options, redis_settings
 
 log = logging.getLogger("cosine")
 
+SHUTDOWN_GRACE_S = 2  # seconds a server waits for open streams to end once told to stop
+
 
 @click.command()
 @redis_options
@@ -74,7 +76,9 @@ def serve(redis_url, prefix, sentinels, sentinel_master, username, password, hos
     from cosine.openai_server import create_app
 
     app = create_app(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password), model_name)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Streams still open at shutdown (an SSE client) get SHUTDOWN_GRACE_S to finish, then are cancelled
+    # (cancelling their requests), so SIGTERM never waits on a client.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
 @click.command()
@@ -137,7 +141,9 @@ def dashboard(redis_url, prefix, sentinels, sentinel_master, username, password,
     settings = redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)
     token = read_secret(admin_token_file, "COSINE_DASHBOARD_TOKEN")
     admin = dataclasses.replace(settings, url=admin_redis_url) if admin_redis_url else None
-    app = create_app(settings, interval=interval, admin_token=token, admin_settings=admin)
+    server = uvicorn.Server(uvicorn.Config(None, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    server.config.app = create_app(settings, interval=interval, admin_token=token, admin_settings=admin,
+                                   stopping=lambda: server.should_exit)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))  # bound here so the URL printed has the port (port 0: any free one)
@@ -145,4 +151,4 @@ def dashboard(redis_url, prefix, sentinels, sentinel_master, username, password,
     # uvicorn shuts down gracefully on SIGTERM / Ctrl-C, then re-raises the signal to the handler it found:
     # this one only notes it, so a clean stop exits 0.
     stop_on_signals()
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    server.run(sockets=[sock])

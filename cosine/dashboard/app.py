@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from importlib import resources
 
 import anyio
@@ -151,9 +152,11 @@ def _who(request: Request) -> str:
 
 
 def create_app(settings: RedisSettings, *, interval: float = 1.0, admin_token: str | None = None,
-               admin_settings: RedisSettings | None = None) -> Starlette:
+               admin_settings: RedisSettings | None = None, stopping: Callable[[], bool] = lambda: False
+               ) -> Starlette:
     """The dashboard over the deployment under ``settings`` (a read-only user suffices); actions only with
-    ``admin_token``, through ``admin_settings`` (default: ``settings``)."""
+    ``admin_token``, through ``admin_settings`` (default: ``settings``). ``stopping`` says the server is
+    shutting down: open event streams then end, so a page left open never holds up a stop."""
     sampler = Sampler(settings, interval)
     actions = Actions(admin_settings or settings, admin_token)
 
@@ -168,11 +171,15 @@ def create_app(settings: RedisSettings, *, interval: float = 1.0, admin_token: s
         async def stream():
             seen = 0
             yield "retry: 2000\n\n"
-            while not await request.is_disconnected():
-                with anyio.move_on_after(15) as scope:
+            quiet = 0.0
+            while not stopping() and not await request.is_disconnected():
+                with anyio.move_on_after(1.0) as scope:
                     current = await sampler.next_state(seen)
                 if scope.cancelled_caught:
-                    yield ": keep-alive\n\n"
+                    quiet += 1.0
+                    if quiet >= 15:  # a comment now and then keeps proxies from closing a quiet stream
+                        quiet = 0.0
+                        yield ": keep-alive\n\n"
                     continue
                 seen = current["seq"]
                 yield f"data: {json.dumps({**current, 'actions': bool(admin_token)})}\n\n"
