@@ -117,6 +117,7 @@ def use_broker_config(dep, folder: str | pathlib.Path) -> None:
     if dep.local is None:
         raise BrokerConfigError("--broker-config starts its own Redis: leave out --redis-url")
     config = BrokerConfig(folder)
+    dep.local.close()  # not started yet: this only removes its data folder
     dep.local = ConfiguredRedis(config, dep.prefix)
     for spec in dep.specs:
         dep.role_urls[spec.role] = dep.local.url_for(spec.role)

@@ -25,7 +25,7 @@ import redis
 from click.testing import CliRunner
 
 from cosine.broker import redact_url
-from cosine.broker_config import BrokerConfig, read_passwords, role_url, user_for
+from cosine.broker_config import BrokerConfig, BrokerConfigError, read_passwords, role_url, use_broker_config, user_for
 from cosine.errors import RequestCancelledError
 from cosine.local_redis import free_port
 
@@ -305,7 +305,7 @@ def test_the_units_pass_no_relative_paths_and_each_role_has_its_user():
                       if line.startswith("ExecStart="))
     args = shlex.split(exec_start.removeprefix("ExecStart="))
     assert args[1].startswith("/") and args[1].endswith("broker_config/redis.conf")
-    assert all(a.startswith("/") for a in args[args.index("--dir") + 1:][:1])
+    assert args[args.index("--dir") + 1].startswith("/")
     for unit, role in [("cosine-verifier@.service", "verifier"), ("cosine-drafter@.service", "drafter"),
                        ("cosine-controller.service", "controller")]:
         text = (units / unit).read_text()
@@ -319,6 +319,21 @@ def test_passwords_never_show_in_urls_printed():
     assert "s3cret" not in redact_url("unix:///run/redis.sock?password=s3cret&db=1")
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert role_url("h", 1, "producer", "p@ss/word") == "redis://cosine-producer:p%40ss%2Fword@h:1/0"
+
+
+def test_broker_config_wires_each_worker_to_its_user_without_a_password_on_its_command_line():
+    from cosine.deployment import Deployment, WorkerSpec
+
+    dep = Deployment([WorkerSpec("verifier", "v"), WorkerSpec("drafter", "d"), WorkerSpec("controller", "c")])
+    use_broker_config(dep, ACL.parent)
+    for spec in dep.specs:
+        cmd = dep.command(spec)
+        assert cmd[cmd.index("--redis-url") + 1] == f"redis://{user_for(spec.role)}@127.0.0.1:{dep.local.port}/0"
+        assert not any(password(spec.role) in arg for arg in cmd)
+        assert spec.env["COSINE_REDIS_PASSWORD"] == password(spec.role)
+    dep.local.close()
+    with pytest.raises(BrokerConfigError):  # it starts its own Redis
+        use_broker_config(Deployment([], redis_url="redis://127.0.0.1:1/0"), ACL.parent)
 
 
 def test_another_prefix_gets_the_patterns_moved(tmp_path):
