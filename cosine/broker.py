@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -68,6 +69,21 @@ def _options(settings: RedisSettings) -> tuple[dict, list[tuple[str, int]]]:
             host, _, port = part.strip().rpartition(":")
             hosts.append((host, int(port)))
     return common, hosts
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (``user:password@`` or ``?password=``) shown as ``***``: URLs end up in logs and
+    in ``cosine status``, passwords must not."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if netloc == parts.netloc and all(k != "password" for k, _ in pairs):
+        return url
+    query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def connect(settings: RedisSettings) -> redis.Redis:

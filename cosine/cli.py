@@ -176,8 +176,11 @@ def _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, d
               help="The controller's sampling interval [default: `cosine controller`'s].")
 @click.option("--dashboard-port", type=click.IntRange(0, 65535), default=defaults.DASHBOARD_PORT, show_default=True,
               help="Also start the dashboard on this port (taken: any free one; 0: none).")
+@click.option("--broker-config", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Start Redis with this folder's redis.conf and users.acl (e.g. broker_config/); each role "
+              "connects as its own ACL user.")
 def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir, controller,
-       control_interval_ms, dashboard_port) -> None:
+       control_interval_ms, dashboard_port, broker_config) -> None:
     """Start a whole local deployment (Redis, verifiers, drafters, a controller, the dashboard) until Ctrl-C /
     SIGTERM."""
     from cosine.local_redis import port_or_free
@@ -188,6 +191,10 @@ def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path,
     port = port_or_free(dashboard_port) if dashboard_port else None
     dep = _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir,
                             controller=controller, controller_args=controller_args, dashboard_port=port)
+    if broker_config:
+        from cosine.broker_config import use_broker_config
+
+        use_broker_config(dep, broker_config)
     with dep:
         click.echo(f"CoSine is up: {dep.url} (prefix {prefix}); workers: {', '.join(dep.procs)}; logs in {log_dir}")
         if port:

@@ -18,7 +18,8 @@ def redis_options(f):
                      help="Sentinel addresses host:port,host:port (then the master comes from Sentinel)."),
         click.option("--sentinel-master", envvar="COSINE_SENTINEL_MASTER", default="mymaster", show_default=True),
         click.option("--username", envvar="COSINE_REDIS_USERNAME", default=None, help="ACL user."),
-        click.option("--password", envvar="COSINE_REDIS_PASSWORD", default=None, help="ACL password."),
+        click.option("--password", envvar="COSINE_REDIS_PASSWORD", default=None,
+                     help="ACL password (better from $COSINE_REDIS_PASSWORD: a flag shows in the process list)."),
     ]):
         f = opt(f)
     return f

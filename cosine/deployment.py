@@ -54,6 +54,7 @@ class Deployment:
         self.prefix = prefix
         self.local = None if redis_url else LocalRedis(appendonly=appendonly)
         self._url = redis_url
+        self.role_urls: dict[str, str] = {}  # a role's own broker URL (its ACL user), else ``url``: url_for
         self.log_dir = log_dir
         self.device, self.dtype, self.zoo = device, dtype, zoo
         self.procs: dict[str, subprocess.Popen] = {}
@@ -62,6 +63,12 @@ class Deployment:
     @property
     def url(self) -> str:
         return self._url or self.local.url  # type: ignore[union-attr]
+
+    def url_for(self, role: str) -> str:
+        """The URL a role connects with (``role_urls``, else ``url``); this process reads as "monitor"
+        (``wait_ready``). A worker's URL is on its command line, so it should carry a user but no password
+        (give that in ``WorkerSpec.env`` as ``COSINE_REDIS_PASSWORD``)."""
+        return self.role_urls.get(role, self.url)
 
     def redis_settings(self) -> RedisSettings:
         return RedisSettings(url=self.url, prefix=self.prefix)
@@ -84,11 +91,12 @@ class Deployment:
         return int(spec.args[spec.args.index("--port") + 1])
 
     def command(self, spec: WorkerSpec) -> list[str]:
+        url = self.url_for(spec.role)
         if spec.role in ("controller", "dashboard"):  # no models: only the broker options and their own
             name = ["--name", spec.name] if spec.role == "controller" else []
-            return [sys.executable, "-m", "cosine.cli", spec.role, "--redis-url", self.url, "--prefix",
+            return [sys.executable, "-m", "cosine.cli", spec.role, "--redis-url", url, "--prefix",
                     self.prefix, *name] + spec.args
-        cmd = [sys.executable, "-m", "cosine.cli", "worker", spec.role, "--redis-url", self.url,
+        cmd = [sys.executable, "-m", "cosine.cli", "worker", spec.role, "--redis-url", url,
                "--prefix", self.prefix, "--name", spec.name, "--threads", str(spec.threads)]
         if self.device:
             cmd += ["--device", self.device]
@@ -112,7 +120,7 @@ class Deployment:
 
     def wait_ready(self, names: list[str], timeout: float = 120.0) -> None:
         """Wait until every named worker has a heartbeat (its models are loaded and its loop runs)."""
-        streams = Streams(connect(self.redis_settings()), Keys(self.prefix))
+        streams = Streams(connect(RedisSettings(self.url_for("monitor"), self.prefix)), Keys(self.prefix))
         deadline = time.monotonic() + timeout
         while True:
             try:

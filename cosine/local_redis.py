@@ -74,16 +74,23 @@ class LocalRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> LocalRedis:
-        args = [
+    def server_args(self) -> list[str]:
+        """The ``redis-server`` command line (a subclass may start it from a config file instead)."""
+        return [
             find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
             "--dir", str(self.dir), "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
             "--logfile", str(self.dir / "redis.log"),
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+
+    def admin_client(self, **kwargs) -> redis.Redis:
+        """A connection allowed to PING and SHUTDOWN the server (a subclass with ACL users logs in)."""
+        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
+
+    def start(self, timeout: float = 10.0) -> LocalRedis:
+        self.proc = subprocess.Popen(self.server_args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        client = self.admin_client(socket_timeout=1)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -104,7 +111,7 @@ class LocalRedis:
             return
         try:
             # No retries: the server closing the connection is the expected answer, not a fault to retry.
-            redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, retry=None).shutdown(
+            self.admin_client(socket_timeout=2, retry=None).shutdown(
                 nosave=not self.appendonly)
         except redis.RedisError:
             pass  # shutdown closes the connection
