@@ -312,14 +312,19 @@ class Streams:
         made live workers look dead, or dead ones alive)."""
         return server_ms(self.r.time())
 
-    def heartbeat(self, worker_id: str, info: dict[str, str | int | float]) -> None:
+    def heartbeat(self, worker_id: str, info: dict[str, str | int | float], inflight: str | None = None) -> None:
+        """Register the worker now with ``info``; ``inflight`` (a verifier's requests, JSON) goes under a key
+        of its own that producers may not read."""
         stamp = self.server_ms()
+        expiry = int(defaults.WORKER_DEAD_AFTER_S * 1000 * 4)
         pipe = self.pipeline()
         pipe.zadd(self.keys.workers, {worker_id: stamp})
         key = self.keys.worker(worker_id)
         if info:
             pipe.hset(key, mapping={k: str(v) for k, v in info.items()})
-        pipe.pexpire(key, int(defaults.WORKER_DEAD_AFTER_S * 1000 * 4))
+        pipe.pexpire(key, expiry)
+        if inflight is not None:
+            pipe.set(self.keys.inflight(worker_id), inflight, px=expiry)
         pipe.execute()
 
     def live_workers(self, role: str | None = None, dead_after_s: float = defaults.WORKER_DEAD_AFTER_S) -> dict:

@@ -196,10 +196,13 @@ def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path,
 
         use_broker_config(dep, broker_config)
     with dep:
-        click.echo(f"CoSine is up: {dep.url} (prefix {prefix}); workers: {', '.join(dep.procs)}; logs in {log_dir}")
+        from cosine.broker import redact_url
+
+        shown = redact_url(dep.url)
+        click.echo(f"CoSine is up: {shown} (prefix {prefix}); workers: {', '.join(dep.procs)}; logs in {log_dir}")
         if port:
             click.echo(f"dashboard: http://127.0.0.1:{port}/")
-        click.echo(f"try: cosine generate --redis-url {dep.url} --stream 'def main('")
+        click.echo(f"try: cosine generate --redis-url {shown} --stream 'def main('")
         drained: set[str] = set()
         while not stop.is_set():
             exited = {n: p.returncode for n, p in dep.procs.items() if p.poll() is not None}

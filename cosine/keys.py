@@ -13,6 +13,8 @@ Several deployments can share one Redis by using different prefixes. Names::
     {p}:dlq                      stream  dead letters: malformed or poison messages with the reason
     {p}:workers                  zset    worker id -> last heartbeat (ms since epoch)
     {p}:worker:{id}              hash    a worker's description and latest stats (expires if it stops)
+    {p}:inflight:{verifier}      string  the verifier's oldest requests (JSON), for the dashboard; kept out of
+                                         the worker hash, which producers may read (expires if it stops)
     {p}:lock:{name}              string  singleton guard for maintenance (SET NX PX)
     {p}:drain                    hash    worker id -> why it was asked to drain (it finishes, then exits)
     {p}:control                  hash    the controller's versioned decisions
@@ -88,6 +90,9 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
+
+    def inflight(self, verifier: str) -> str:
+        return f"{self.prefix}:inflight:{verifier}"
 
     @property
     def drain(self) -> str:

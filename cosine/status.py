@@ -89,6 +89,10 @@ def collect_status(settings: RedisSettings, timeline: int = 0, r=None) -> dict:
     workers = []
     for wid, score in r.zrange(keys.workers, 0, -1, withscores=True):
         info = {k.decode(): v.decode() for k, v in r.hgetall(keys.worker(wid.decode())).items()}
+        if info.get("role") == "verifier":
+            held = r.get(keys.inflight(wid.decode()))
+            if held is not None:
+                info["inflight"] = held.decode()
         workers.append({"id": wid.decode(), "heartbeat_age_s": round((now - score) / 1000, 2), **info})
     live = streams.live_workers()
     depths = _group_depths(r, keys.requests, now)

@@ -118,6 +118,7 @@ ALLOWED = {
          "cosine:worker:dead"),
         ("HGET", "cosine:control", "version"), ("HGETALL", "cosine:control"),
         ("ZRANGEBYSCORE", "cosine:workers", "0", "+inf"), ("HGETALL", "cosine:worker:w"),
+        ("SET", "cosine:inflight:v", "[]", "PX", "1000"),
     ],
     "drafter": COMMON + HEARTBEAT + [
         ("XGROUP", "CREATE", "cosine:draft:d", "drafters", "0", "MKSTREAM"),
@@ -156,7 +157,7 @@ ALLOWED = {
         ("XREAD", "STREAMS", f"cosine:out:{RID}", "0"), ("XLEN", "cosine:dlq"), ("HGETALL", "cosine:control"),
         ("ZRANGE", "cosine:workers", "0", "-1"), ("ZRANGEBYSCORE", "cosine:workers", "0", "+inf"),
         ("TYPE", "cosine:requests"), ("EXISTS", "cosine:dlq"), ("SCAN", "0", "MATCH", "cosine:*"),
-        ("HGETALL", "cosine:drain"),
+        ("HGETALL", "cosine:drain"), ("GET", "cosine:inflight:v"),
     ],
     "celery": [
         ("LPUSH", "cosine-celery:q", "x"), ("BRPOP", "cosine-celery:q", "1"), ("SET", "cosine-celery:r", "x"),
@@ -174,6 +175,7 @@ REFUSED = {
         ("HSET", "cosine:control", "k_max", "64"), ("SET", "cosine:lock:controller", "me"),
         ("HSET", "cosine:worker:w", "role", "verifier"), ("ZADD", "cosine:workers", "1", "w"),
         ("SCAN", "0"), ("KEYS", "*"), ("FLUSHALL",), ("HSET", "cosine:drain", "w", "why"),
+        ("GET", "cosine:inflight:v"),  # other clients' request ids: never the producer's to read
     ],
     "dashboard": [
         ("XADD", "cosine:requests", "*", "f", "v"), ("HSET", "cosine:control", "k", "1"), ("DEL", "cosine:dlq"),

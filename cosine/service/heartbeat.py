@@ -25,11 +25,14 @@ class Heartbeat(threading.Thread):
         worker_id: str,
         info: Callable[[], dict],
         interval: float = defaults.HEARTBEAT_INTERVAL_S,
+        inflight: Callable[[], str] | None = None,
     ) -> None:
+        """``inflight``: a verifier's requests held (JSON), published beside ``info`` under a key of its own."""
         super().__init__(name=f"heartbeat-{worker_id}", daemon=True)
         self.streams = streams
         self.worker_id = worker_id
         self.info = info
+        self.inflight = inflight
         self.interval = interval
         self._stop_event = threading.Event()
         self.failures = 0
@@ -38,7 +41,7 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         try:
-            self.streams.heartbeat(self.worker_id, self.info())
+            self.streams.heartbeat(self.worker_id, self.info(), self.inflight() if self.inflight else None)
             if self.on_drain is not None and self.drain_reason is None:
                 reason = self.streams.r.hget(self.streams.keys.drain, self.worker_id)
                 if reason is not None:

@@ -126,7 +126,8 @@ class VerifierService:
         # they are pending for this verifier, so a restart re-admits them and a death hands them to another.
         self.arrivals: list[Entry] = []
         self.hold_until = 0.0  # the scheduler holds the next pass until then for drafts on their way
-        self.heartbeat = Heartbeat(Streams(connector(redis_settings), self.keys), self.me, self.info)
+        self.heartbeat = Heartbeat(Streams(connector(redis_settings), self.keys), self.me, self.info,
+                                   inflight=lambda: json.dumps(self.inflight(), separators=(",", ":")))
 
     @property
     def active(self) -> dict[str, RequestState]:
@@ -144,7 +145,6 @@ class VerifierService:
             "control_version": control.version if control is not None else 0,
             **self.engine.stats(),
             "waiting": len(self.book.waiting),  # read, not admitted: their KV reservation does not fit yet
-            "inflight": json.dumps(self.inflight(), separators=(",", ":")),
             **memory_peaks(),
         }
 
