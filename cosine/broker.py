@@ -24,6 +24,7 @@ from redis.exceptions import ResponseError
 
 from cosine import defaults
 from cosine.keys import VERIFIERS_GROUP, Keys
+from cosine.ownership import may_act, output_name
 from cosine.protocol import Chunk, Message, entry
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,10 @@ def is_nogroup(exc: Exception) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
+def _text(raw: bytes | str) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+
+
 def xadd_args(keys: Keys, stream: str, msg: Message | dict) -> dict:
     """The XADD arguments for ``msg`` on ``stream``, under the stream's cap (also for asyncio clients)."""
     fields = entry(msg) if isinstance(msg, Message) else msg
@@ -161,10 +166,11 @@ class Streams:
         """XADD ``msg`` (a message, or a raw field map) to ``stream`` under its cap, on ``pipe`` if given."""
         return (pipe if pipe is not None else self.r).xadd(**xadd_args(self.keys, stream, msg))
 
-    def add_output(self, pipe, chunk: Chunk) -> None:
-        """Queue a request's output chunk and the stream's expiry: ``OUTPUT_OPEN_TTL_S`` after each chunk
-        while the request runs, ``OUTPUT_TTL_S`` for late readers after the last."""
-        key = self.keys.out(chunk.request_id)
+    def add_output(self, pipe, chunk: Chunk, owner: str | None = None) -> None:
+        """Queue a request's output chunk (on the stream its ``owner`` reads) and the stream's expiry:
+        ``OUTPUT_OPEN_TTL_S`` after each chunk while the request runs, ``OUTPUT_TTL_S`` for late readers after
+        the last."""
+        key = self.keys.out(output_name(chunk.request_id, owner))
         self.add(key, chunk, pipe)
         ttl = defaults.OUTPUT_TTL_S if chunk.finished else defaults.OUTPUT_OPEN_TTL_S
         pipe.pexpire(key, int(ttl * 1000))
@@ -272,15 +278,16 @@ class Streams:
         """The entries of a (short) stream from ``first`` to ``last``, oldest first."""
         return self.r.xrange(stream, first, last)
 
-    def earlier_outputs(self, request_ids: list[str]) -> list[tuple[list[Entry], bool]]:
-        """Per request (one round trip for all): its output stream so far and whether it was cancelled (what
-        a verifier taking it over resumes from)."""
+    def earlier_outputs(self, requests: list[tuple[str, str | None]]) -> list[tuple[list[Entry], bool]]:
+        """Per (request id, owner secret), in one round trip for all: its output stream so far and whether it
+        was cancelled by its owner (what a verifier taking it over resumes from)."""
         pipe = self.pipeline()
-        for rid in request_ids:
-            pipe.xrange(self.keys.out(rid))
-            pipe.exists(self.keys.cancelled(rid))
-        got = pipe.execute() if request_ids else []
-        return [(got[i], bool(got[i + 1])) for i in range(0, len(got), 2)]
+        for rid, owner in requests:
+            pipe.xrange(self.keys.out(output_name(rid, owner)))
+            pipe.get(self.keys.cancelled(rid))
+        got = pipe.execute() if requests else []
+        return [(got[2 * i], got[2 * i + 1] is not None and may_act(rid, _text(got[2 * i + 1])))
+                for i, (rid, _owner) in enumerate(requests)]
 
     # -- ownership of pending entries -----------------------------------------------------------------
     def owners(self, stream: str, group: str, ids: list[bytes]) -> list[str | None]:

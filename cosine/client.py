@@ -33,6 +33,7 @@ from cosine.errors import (
     StreamGapError,
 )
 from cosine.keys import Keys, check_name
+from cosine.ownership import new_secret, output_name, owned_id
 from cosine.protocol import Cancel, Chunk, GenerationRequest, ProtocolError, check, decode_entry
 from cosine.sampling_params import SamplingParams
 
@@ -74,6 +75,7 @@ def build_request(
     params: SamplingParams | None = None,
     timeout: float | None = defaults.CLIENT_TIMEOUT_S,
     client: str | None = None,
+    owner: str | None = None,
     priority: int = 0,
     drafter: str | None = None,
     drafters: Sequence[str] | None = (),
@@ -114,11 +116,13 @@ def build_request(
     fixed = isinstance(speculation, int) and not isinstance(speculation, bool)
     created = wall_ms()
     msg = GenerationRequest(
-        request_id=request_id or uuid.uuid4().hex, prompt=text, prompt_ids=ids, messages=messages, params=params,
+        request_id=owned_id(request_id or uuid.uuid4().hex, owner) if owner else request_id or uuid.uuid4().hex,
+        prompt=text, prompt_ids=ids, messages=messages, params=params,
         priority=priority,
         deadline_ms=created + int(timeout * 1000) if timeout is not None else None, drafter=drafter,
         drafters=list(drafters), speculation=("fixed" if speculation else "off") if fixed else str(speculation),
         spec_k=int(speculation) if fixed and speculation else None, created_ms=created, client=client,
+        owner=owner,
     )
     try:
         check(msg)
@@ -178,9 +182,9 @@ class _Reading:
     """One request's output as it is read: the stream cursor, the deadline and the chunk assembly (the same
     for the blocking and the asyncio client; only their XREAD calls differ)."""
 
-    def __init__(self, keys: Keys, request_id: str, timeout: float | None) -> None:
+    def __init__(self, keys: Keys, request_id: str, owner: str | None, timeout: float | None) -> None:
         self.asm = _Assembler(request_id)
-        self.key = keys.out(request_id)
+        self.key = keys.out(output_name(request_id, owner))
         self.cursor: bytes | str = "0-0"
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -246,12 +250,15 @@ class Client:
 
     def __init__(self, url: str = defaults.REDIS_URL, prefix: str = defaults.KEY_PREFIX, *,
                  settings: RedisSettings | None = None, require_workers: bool = True,
-                 max_outstanding: int = defaults.MAX_OUTSTANDING_REQUESTS, name: str | None = None) -> None:
+                 max_outstanding: int = defaults.MAX_OUTSTANDING_REQUESTS, name: str | None = None,
+                 owner: str | None = None) -> None:
         """``max_outstanding``: requests the deployment may hold (queued or in flight) before a submit raises
         :class:`~cosine.errors.OverloadedError`; ``name``: sent with each request (default host-pid), shown by
-        the dashboard."""
+        the dashboard; ``owner``: the secret binding this client's requests to it (default: a new random one;
+        give the same to clients in other processes that must read or cancel them: cosine/ownership.py)."""
         self.settings = settings or RedisSettings(url=url, prefix=prefix)
         self.name = check_name("name", name or default_client_name())
+        self.owner = owner or new_secret()
         self.keys = Keys(self.settings.prefix)
         self.r = connect(self.settings)
         self.streams = Streams(self.r, self.keys)
@@ -284,16 +291,21 @@ class Client:
 
     def submit(self, prompt: str | Sequence[int] | Sequence[dict], **params) -> str:
         """Queue a request; returns its id. Parameters as for :meth:`generate`."""
-        msg = build_request(prompt, **{"client": self.name, **params})
+        msg = build_request(prompt, **{"client": self.name, **params, "owner": self.owner})
         self._check_admission(msg.priority)
         self.streams.add(self.keys.requests, on_broker_clock(msg))
         return msg.request_id
 
+    def output_key(self, request_id: str) -> str:
+        """The Redis key of one of this client's requests' output stream."""
+        return self.keys.out(output_name(request_id, self.owner))
+
     def cancel(self, request_id: str) -> None:
-        """Ask the owning verifier to stop the request (it ends with finish reason ``cancelled``)."""
+        """Ask the owning verifier to stop the request (it ends with finish reason ``cancelled``); only this
+        client's own requests (those of its owner secret) can be cancelled."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.keys.cancelled(request_id), b"1", px=int(defaults.OUTPUT_TTL_S * 1000))
-        self.streams.add(self.keys.cancel, Cancel(request_id), pipe)
+        pipe.set(self.keys.cancelled(request_id), self.owner, px=int(defaults.OUTPUT_TTL_S * 1000))
+        self.streams.add(self.keys.cancel, Cancel(request_id, self.owner), pipe)
         pipe.execute()
 
     # -- reading --------------------------------------------------------------------------------------
@@ -315,7 +327,7 @@ class Client:
 
     def result(self, request_id: str, timeout: float | None = defaults.CLIENT_TIMEOUT_S) -> GenerationResult:
         """Wait for a submitted request and return its result (raises the typed error it ended with)."""
-        reading = _Reading(self.keys, request_id, timeout)
+        reading = _Reading(self.keys, request_id, self.owner, timeout)
         for _ in self._chunks(reading):
             pass
         return reading.asm.result()
@@ -332,7 +344,7 @@ class Client:
     def stream(self, prompt: str | Sequence[int], *, timeout: float | None = defaults.CLIENT_TIMEOUT_S,
                **params) -> Iterator[StreamChunk]:
         """Yield text and token ids as they commit; the last chunk has ``finished`` and ``stats``."""
-        reading = _Reading(self.keys, self.submit(prompt, timeout=timeout, **params), timeout)
+        reading = _Reading(self.keys, self.submit(prompt, timeout=timeout, **params), self.owner, timeout)
         for chunk in self._chunks(reading):
             if chunk.finished:
                 raise_for_chunk(reading.asm.final)  # type: ignore[arg-type]
@@ -350,9 +362,11 @@ class AsyncClient:
 
     def __init__(self, url: str = defaults.REDIS_URL, prefix: str = defaults.KEY_PREFIX, *,
                  settings: RedisSettings | None = None, require_workers: bool = True,
-                 max_outstanding: int = defaults.MAX_OUTSTANDING_REQUESTS, name: str | None = None) -> None:
+                 max_outstanding: int = defaults.MAX_OUTSTANDING_REQUESTS, name: str | None = None,
+                 owner: str | None = None) -> None:
         self.settings = settings or RedisSettings(url=url, prefix=prefix)
         self.name = check_name("name", name or default_client_name())
+        self.owner = owner or new_secret()
         self.keys = Keys(self.settings.prefix)
         self.r = connect_async(self.settings)
         self.require_workers = require_workers
@@ -376,15 +390,15 @@ class AsyncClient:
         _has_room(await self.r.xlen(self.keys.requests), self.max_outstanding, priority)
 
     async def submit(self, prompt: str | Sequence[int] | Sequence[dict], **params) -> str:
-        msg = build_request(prompt, **{"client": self.name, **params})
+        msg = build_request(prompt, **{"client": self.name, **params, "owner": self.owner})
         await self._check_admission(msg.priority)
         await self.r.xadd(**xadd_args(self.keys, self.keys.requests, on_broker_clock(msg)))
         return msg.request_id
 
     async def cancel(self, request_id: str) -> None:
         pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.keys.cancelled(request_id), b"1", px=int(defaults.OUTPUT_TTL_S * 1000))
-        pipe.xadd(**xadd_args(self.keys, self.keys.cancel, Cancel(request_id)))
+        pipe.set(self.keys.cancelled(request_id), self.owner, px=int(defaults.OUTPUT_TTL_S * 1000))
+        pipe.xadd(**xadd_args(self.keys, self.keys.cancel, Cancel(request_id, self.owner)))
         await pipe.execute()
 
     async def _chunks(self, reading: _Reading) -> AsyncIterator[StreamChunk]:
@@ -405,7 +419,7 @@ class AsyncClient:
                 yield chunk
 
     async def result(self, request_id: str, timeout: float | None = defaults.CLIENT_TIMEOUT_S) -> GenerationResult:
-        reading = _Reading(self.keys, request_id, timeout)
+        reading = _Reading(self.keys, request_id, self.owner, timeout)
         async for _ in self._chunks(reading):
             pass
         return reading.asm.result()
@@ -423,7 +437,7 @@ class AsyncClient:
     async def follow(self, request_id: str, timeout: float | None = defaults.CLIENT_TIMEOUT_S
                      ) -> AsyncIterator[StreamChunk]:
         """A submitted request's chunks as they commit; its error, if it ends in one, raised at the end."""
-        reading = _Reading(self.keys, request_id, timeout)
+        reading = _Reading(self.keys, request_id, self.owner, timeout)
         async for chunk in self._chunks(reading):
             if chunk.finished:
                 raise_for_chunk(reading.asm.final)  # type: ignore[arg-type]

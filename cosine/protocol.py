@@ -52,6 +52,7 @@ class GenerationRequest(Message):
     spec_k: int | None = None  # draft positions per round when speculation is "fixed"
     created_ms: int = 0
     client: str | None = None  # the submitting client's name (shown by the dashboard beside its requests)
+    owner: str | None = None  # the owner secret (cosine/ownership.py): only it may run or cancel an owned id
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> GenerationRequest:
@@ -76,6 +77,7 @@ class GenerationRequest(Message):
             spec_k=f.optional(d.get("spec_k"), f.integer, "spec_k", 1, f.MAX_SPEC_K),
             created_ms=f.integer(d.get("created_ms", 0), "created_ms", 0, 2**53),
             client=f.optional(d.get("client"), f.ident, "client"),
+            owner=f.optional(d.get("owner"), f.string, "owner", f.MAX_NAME_CHARS, allow_empty=False),
         )
         if msg.speculation not in f.SPECULATION_MODES:
             raise ProtocolError(f"speculation: {msg.speculation!r} is not one of {', '.join(f.SPECULATION_MODES)}")
@@ -346,10 +348,12 @@ class Cancel(Message):
 
     TYPE: ClassVar[str] = "cancel"
     request_id: str
+    owner: str | None = None  # the request's owner secret (an owned request ignores a cancel without it)
 
     @classmethod
     def validate(cls, d: dict, vocab: int | None) -> Cancel:
-        return cls(request_id=f.ident(d.get("request_id"), "request_id"))
+        return cls(request_id=f.ident(d.get("request_id"), "request_id"),
+                   owner=f.optional(d.get("owner"), f.string, "owner", f.MAX_NAME_CHARS, allow_empty=False))
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -405,11 +409,13 @@ def check(msg: Message) -> Message:
     return decode(raw, (type(msg),))
 
 
-def peek_request_id(fields_map: dict) -> str | None:
-    """Best effort: the request id inside an entry that failed validation (to tell its client why)."""
+def peek_request_id(fields_map: dict) -> tuple[str, str | None] | None:
+    """Best effort: the request id and owner secret inside an entry that failed validation (to tell its client
+    why, on its own output stream)."""
     try:
         body = msgpack.unpackb(fields_map[FIELD], raw=False)
-        return check_name("request_id", body["request_id"])
+        owner = body.get("owner")
+        return check_name("request_id", body["request_id"]), owner if isinstance(owner, str) and owner else None
     except Exception:
         return None
 

@@ -44,13 +44,14 @@ def heartbeat_until(url: str, role: str, worker: str, predicate, timeout: float 
     return wait_for(current, timeout, what=f"{worker}'s heartbeat")
 
 
-def committed_tokens(url: str, request_ids: list[str], prefix: str = "cosine") -> int:
-    """Tokens already written to the output streams of these requests."""
+def committed_tokens(url: str, request_ids: list[str], prefix: str = "cosine", owner: str | None = None) -> int:
+    """Tokens already written to the output streams of these requests (``owner``: their client's secret)."""
     s = streams(url, prefix)
     total = 0
+    from cosine.ownership import output_name
     from cosine.protocol import Chunk, decode_entry
 
     for rid in request_ids:
-        for _eid, fields in s.r.xrange(s.keys.out(rid)):
+        for _eid, fields in s.r.xrange(s.keys.out(output_name(rid, owner))):
             total += len(decode_entry(fields, (Chunk,)).token_ids)
     return total

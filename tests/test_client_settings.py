@@ -93,7 +93,7 @@ def test_a_deadline_holds_when_the_clients_clock_is_behind(monkeypatch):
         chunks: list[Chunk] = []
         for _ in range(200):
             svc.step()
-            chunks = [decode_entry(f, (Chunk,)) for _, f in svc.streams.entries(svc.keys.out(rid))]
+            chunks = [decode_entry(f, (Chunk,)) for _, f in svc.streams.entries(c.output_key(rid))]
             if chunks and chunks[-1].finished:
                 break
         assert chunks and chunks[-1].finished and chunks[-1].finish_reason != "timeout", chunks[-1:]

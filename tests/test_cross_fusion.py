@@ -177,7 +177,7 @@ def test_pipeline_fuses_experts_of_three_workers_and_survives_a_killed_peer(
         wait_for(voted, 5, what="drafters' heartbeats to count votes asked and served")
         # Kill a drafter mid-run: drafts go on without its expert, the output stays the target's.
         ids = [c.submit(t, max_new_tokens=n, timeout=240) for t in texts[6:]]
-        wait_for(lambda: committed_tokens(redis_server.url, ids, prefix) >= 30, 120, what="progress")
+        wait_for(lambda: committed_tokens(redis_server.url, ids, prefix, owner=c.owner) >= 30, 120, what="progress")
         dep.kill("drafter-prose", signal.SIGKILL)
         second = [c.result(rid, timeout=240) for rid in ids]
     results = first + second

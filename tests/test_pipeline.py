@@ -222,7 +222,7 @@ def test_malformed_messages_are_dead_lettered_and_workers_keep_serving(cluster, 
 def test_cancel_ends_promptly_and_frees_state(cluster, client, zoo_prompts):
     s = streams(cluster.url)
     rid = client.submit(zoo_prompts["records"][7], max_new_tokens=400, ignore_eos=True)
-    wait_for(lambda: s.r.xlen(s.keys.out(rid)) >= 2, 60, what="first chunks")
+    wait_for(lambda: s.r.xlen(client.output_key(rid)) >= 2, 60, what="first chunks")
     t0 = time.monotonic()
     client.cancel(rid)
     with pytest.raises(RequestCancelledError):

@@ -10,6 +10,7 @@ import pytest
 from cosine.client import Client
 from cosine.errors import RequestError
 from cosine.local_redis import LocalRedis
+from cosine.ownership import output_name
 from cosine.protocol import Chunk, decode_entry
 from cosine.sampling_params import SamplingParams
 
@@ -39,8 +40,8 @@ def _check_identical(zoo_engine, items, results, capsys):
 class _Collector:
     """Streams every request on its own thread, checking chunk continuity as a client sees it."""
 
-    def __init__(self, url: str, ids: list[str]) -> None:
-        self.url = url
+    def __init__(self, url: str, ids: list[str], owner: str) -> None:
+        self.url, self.owner = url, owner  # the submitting client's secret: its requests are readable with it
         self.results: dict[str, object] = {}
         self.errors: dict[str, Exception] = {}
         self.threads = [threading.Thread(target=self._read, args=(rid,), daemon=True) for rid in ids]
@@ -49,7 +50,7 @@ class _Collector:
 
     def _read(self, rid: str) -> None:
         try:
-            with Client(self.url, require_workers=False) as c:
+            with Client(self.url, require_workers=False, owner=self.owner) as c:
                 self.results[rid] = c.result(rid, timeout=240)
         except Exception as exc:  # noqa: BLE001 - recorded and asserted on
             self.errors[rid] = exc
@@ -59,11 +60,11 @@ class _Collector:
             t.join(300)
 
 
-def _in_progress_on(s, ids: list[str], verifier: str) -> int:
+def _in_progress_on(s, ids: list[str], verifier: str, owner: str) -> int:
     """Unfinished requests a given verifier has already written tokens for (a takeover must resume them)."""
     count = 0
     for rid in ids:
-        chunks = [decode_entry(fields, (Chunk,)) for _eid, fields in s.r.xrange(s.keys.out(rid))]
+        chunks = [decode_entry(fields, (Chunk,)) for _eid, fields in s.r.xrange(s.keys.out(output_name(rid, owner)))]
         if any(c.finished for c in chunks):
             continue
         count += any(c.verifier == verifier and c.token_ids for c in chunks)
@@ -75,8 +76,8 @@ def test_drafter_killed_mid_run(zoo_engine, zoo_prompts, tmp_path, capsys):
     with LocalRedis() as srv, deployment(srv.url, verifiers=1, drafters=2, log_dir=str(tmp_path)) as dep:
         with Client(srv.url) as c:
             ids = [c.submit(t, max_new_tokens=n) for t, n in items]
-        col = _Collector(srv.url, ids)
-        wait_for(lambda: committed_tokens(srv.url, ids) >= 60, 120, what="progress before the kill")
+        col = _Collector(srv.url, ids, c.owner)
+        wait_for(lambda: committed_tokens(srv.url, ids, owner=c.owner) >= 60, 120, what="progress before the kill")
         dep.kill("drafter-0", signal.SIGKILL)
         col.join()
         assert not col.errors, col.errors
@@ -97,12 +98,13 @@ def test_verifier_killed_mid_run(zoo_engine, zoo_prompts, tmp_path, capsys):
         s = streams(srv.url)
         with Client(srv.url) as c:
             ids = [c.submit(t, max_new_tokens=n) for t, n in items]
-        col = _Collector(srv.url, ids)
+        col = _Collector(srv.url, ids, c.owner)
 
         def victim_progress():
             owned = [p for p in s.r.xpending_range(s.keys.requests, "verifiers", "-", "+", 1000)
                      if p["consumer"] == b"verifier-0"]
-            return owned and committed_tokens(srv.url, ids) >= 60 and _in_progress_on(s, ids, "verifier-0") >= 1
+            return (owned and committed_tokens(srv.url, ids, owner=c.owner) >= 60
+                    and _in_progress_on(s, ids, "verifier-0", c.owner) >= 1)
 
         wait_for(victim_progress, 120, what="verifier-0 to own requests and make progress")
         dep.kill("verifier-0", signal.SIGKILL)
@@ -124,8 +126,8 @@ def test_redis_killed_and_restarted_mid_run(zoo_engine, zoo_prompts, tmp_path, c
             deployment(srv.url, verifiers=1, drafters=1, log_dir=str(tmp_path)):
         with Client(srv.url) as c:
             ids = [c.submit(t, max_new_tokens=n, timeout=120) for t, n in items]
-        col = _Collector(srv.url, ids)
-        wait_for(lambda: committed_tokens(srv.url, ids) >= 40, 120, what="progress before the kill")
+        col = _Collector(srv.url, ids, c.owner)
+        wait_for(lambda: committed_tokens(srv.url, ids, owner=c.owner) >= 40, 120, what="progress before the kill")
         srv.restart(kill=True)
         col.join()
         assert len(col.results) + len(col.errors) == len(ids), "a request hung"
@@ -147,8 +149,8 @@ def test_redis_data_loss_recreates_groups(zoo_engine, zoo_prompts, tmp_path, cap
     with LocalRedis() as srv, deployment(srv.url, verifiers=1, drafters=1, log_dir=str(tmp_path)):
         with Client(srv.url) as c:
             ids = [c.submit(t, max_new_tokens=n, timeout=60) for t, n in items]
-        col = _Collector(srv.url, ids)
-        wait_for(lambda: committed_tokens(srv.url, ids) >= 30, 120, what="progress before the flush")
+        col = _Collector(srv.url, ids, c.owner)
+        wait_for(lambda: committed_tokens(srv.url, ids, owner=c.owner) >= 30, 120, what="progress before the flush")
         streams(srv.url).r.flushall()
         col.join()
         assert len(col.results) + len(col.errors) == len(ids), "a request hung"

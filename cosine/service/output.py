@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from cosine.broker import Entry, Streams, wall_ms
 from cosine.engine.sequence import FinishReason
+from cosine.ownership import may_act, output_name
 from cosine.protocol import Chunk, ProtocolError, decode_entry
 from cosine.service.request_state import RequestState
 from cosine.service.verifier_metrics import VerifierMetrics
@@ -47,7 +48,7 @@ class OutputWriter:
                       st.seq.finish_reason.value if finished else None, error, error_type, verifier=self.me)
         if finished:
             chunk.stats = self.stats(st)
-        self.streams.add_output(pipe, chunk)
+        self.streams.add_output(pipe, chunk, st.msg.owner)
         self.metrics.counters["output_tokens"] += len(out) - cur.sent
         self._observe(st, finished and error is None)
         cur.chunk_seq += 1
@@ -65,10 +66,14 @@ class OutputWriter:
             if cur.first_token_ms is not None and n > 1:
                 self.metrics.latency.observe("tpot", (now - cur.first_token_ms) / 1000 / (n - 1))
 
-    def reject(self, pipe, request_id: str, error: str, error_type: str, seq: int = 0, offset: int = 0) -> None:
-        """Queue a final error chunk for a request this verifier does not serve (invalid, or poison)."""
+    def reject(self, pipe, request_id: str, owner: str | None, error: str, error_type: str, seq: int = 0,
+               offset: int = 0) -> None:
+        """Queue a final error chunk for a request this verifier does not serve (invalid, or poison), on the
+        output stream of whoever sent it: nothing for an owned id sent without its owner's secret."""
+        if not may_act(request_id, owner):
+            return
         self.streams.add_output(pipe, Chunk(request_id, seq, offset, [], "", True, FinishReason.ERROR.value, error,
-                                            error_type, verifier=self.me))
+                                            error_type, verifier=self.me), owner)
 
     def chunks(self, rows: list[Entry]) -> list[Chunk]:
         """Decoded output chunks of a stream, by sequence number, one per number."""
@@ -94,9 +99,9 @@ class OutputWriter:
             last_seq = ch.seq
         return Recovered(tokens, emitted, last_seq + 1, False)
 
-    def next_seq(self, request_id: str) -> int:
+    def next_seq(self, request_id: str, owner: str | None) -> int:
         """The next chunk number of a request's output stream (read from Redis)."""
-        return self.recover(self.streams.entries(self.streams.keys.out(request_id))).next_seq
+        return self.recover(self.streams.entries(self.streams.keys.out(output_name(request_id, owner)))).next_seq
 
     def stats(self, st: RequestState) -> dict:
         s = st.seq.stats.as_dict()

@@ -21,6 +21,7 @@ from cosine.engine.prompting import encode_chat, encode_text
 from cosine.engine.sequence import FinishReason, Sequence
 from cosine.errors import InvalidParameterError
 from cosine.keys import VERIFIERS_GROUP
+from cosine.ownership import may_act
 from cosine.policy.steering import Steering
 from cosine.protocol import DraftClose, GenerationRequest, ProtocolError, decode_entry, peek_request_id
 from cosine.service.output import OutputWriter
@@ -74,9 +75,15 @@ class RequestBook:
             except ProtocolError as exc:
                 self.streams.dead_letter(self.keys.requests, VERIFIERS_GROUP, eid, fields, exc.reason, self.me)
                 self.metrics.counters["dead_lettered"] += 1
-                rid = peek_request_id(fields)
-                if rid is not None and rid not in self.active:  # tell its client instead of leaving it waiting
-                    self.output.reject(pipe, rid, exc.reason, "invalid_request")
+                peeked = peek_request_id(fields)
+                if peeked is not None and peeked[0] not in self.active:  # tell its client, not leave it waiting
+                    self.output.reject(pipe, *peeked, exc.reason, "invalid_request")
+                continue
+            if not may_act(msg.request_id, msg.owner):  # another client's id: touch nothing of that request
+                reason = "request_id: bound to another client (its owner secret does not match)"
+                self.streams.dead_letter(self.keys.requests, VERIFIERS_GROUP, eid, fields, reason, self.me)
+                self.metrics.counters["dead_lettered"] += 1
+                self.metrics.counters["ownership_refused"] += 1
                 continue
             held = self.active.get(msg.request_id)
             if held is None and all(m.request_id != msg.request_id for _, m in decoded):
@@ -84,7 +91,7 @@ class RequestBook:
             elif held is None or held.entry_id != eid:  # a second entry for a request already taken
                 self._duplicate(pipe, msg.request_id, eid)
             # (else a re-delivery of the entry of a request this verifier serves: it is acknowledged at its end)
-        earlier = self.streams.earlier_outputs([msg.request_id for _, msg in decoded])
+        earlier = self.streams.earlier_outputs([(msg.request_id, msg.owner) for _, msg in decoded])
         fresh = [st for (eid, msg), (rows, cancelled) in zip(decoded, earlier)
                  if (st := self._resume(pipe, msg, eid, rows, cancelled)) is not None]
         pipe.execute()
@@ -196,7 +203,7 @@ class RequestBook:
             self._check_budget(seq)
             self._check_drafters(msg)
         except InvalidParameterError as exc:
-            self.refuse(pipe, msg.request_id, eid, str(exc), "invalid_request", earlier.next_seq, len(earlier.tokens))
+            self.refuse(pipe, msg, eid, str(exc), "invalid_request", earlier.next_seq, len(earlier.tokens))
             return None
         seq.output_ids = earlier.tokens
         st = RequestState(msg, eid, seq, wall_ms(), Drafting(self.steering.new()),
@@ -230,10 +237,11 @@ class RequestBook:
         return encode_text(self.tokenizer, msg.prompt)
 
     # -- ending ---------------------------------------------------------------------------------------
-    def refuse(self, pipe, request_id: str, eid: bytes, error: str, error_type: str, seq: int = 0,
+    def refuse(self, pipe, msg: GenerationRequest, eid: bytes, error: str, error_type: str, seq: int = 0,
                offset: int = 0) -> None:
         """Queue the end of a request this verifier will not serve: an error chunk, its entry acknowledged."""
-        self.output.reject(pipe, request_id, error, error_type, seq, offset)
+        request_id = msg.request_id
+        self.output.reject(pipe, request_id, msg.owner, error, error_type, seq, offset)
         Streams.ack_delete(pipe, self.keys.requests, VERIFIERS_GROUP, [eid])
         self.metrics.counters["rejected"] += 1
         log.warning("request %s rejected: %s", request_id, error)

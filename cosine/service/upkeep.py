@@ -14,6 +14,7 @@ from cosine import defaults
 from cosine.broker import Entry, Streams, wall_ms
 from cosine.engine.sequence import FinishReason
 from cosine.keys import VERIFIERS_GROUP
+from cosine.ownership import may_act
 from cosine.protocol import Cancel, GenerationRequest, ProtocolError, decode_entry
 from cosine.service.requests import RequestBook
 from cosine.service.verifier_metrics import VerifierMetrics
@@ -82,6 +83,10 @@ class Upkeep:
             except ProtocolError as exc:
                 log.warning("ignoring a malformed cancellation %s: %s", eid, exc.reason)
                 continue
+            if not may_act(msg.request_id, msg.owner):
+                log.warning("ignoring a cancellation of %s without its owner's secret", msg.request_id)
+                self.metrics.counters["cancels_refused"] += 1
+                continue
             if msg.request_id in self.book.active:
                 cancelled.append(self.book.active[msg.request_id])
             for waiting in self.book.waiting:  # ended when next tried (soon: a cancelled one is due at once)
@@ -141,8 +146,8 @@ class Upkeep:
             msg = None
         if msg is not None:
             pipe = self.streams.transaction()
-            self.book.refuse(pipe, msg.request_id, eid, reason, "server_error",
-                             self.book.output.next_seq(msg.request_id))
+            self.book.refuse(pipe, msg, eid, reason, "server_error",
+                             self.book.output.next_seq(msg.request_id, msg.owner))
             pipe.execute()
         self.streams.dead_letter(self.keys.requests, VERIFIERS_GROUP, eid, fields, reason, self.me)
         self.metrics.counters["dead_lettered"] += 1
