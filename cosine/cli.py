@@ -13,6 +13,7 @@ from cosine.cli_bench import bench
 from cosine.cli_models import plan
 from cosine.cli_observe import dashboard, metrics, serve, status
 from cosine.cli_options import default_name, redis_options, redis_settings
+from cosine.cli_probe import worker_ready
 from cosine.cli_reliability import chaos, load
 from cosine.cli_worker import worker
 from cosine.errors import CosineError
@@ -115,6 +116,7 @@ cli.add_command(plan)
 for command in (status, serve, metrics, dashboard):  # cosine/cli_observe.py
     cli.add_command(command)
 cli.add_command(worker)
+cli.add_command(worker_ready)  # cosine/cli_probe.py: a readiness probe
 
 
 @cli.command()
