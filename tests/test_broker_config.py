@@ -179,6 +179,9 @@ ALLOWED = {
     "celery": [
         ("LPUSH", "cosine-celery:q", "x"), ("BRPOP", "cosine-celery:q", "1"), ("SET", "cosine-celery:r", "x"),
         ("PUBLISH", "cosine-celery:ch", "x"), ("MULTI",), ("EXEC",),
+        ("TIME",),  # kombu 5.6+ reads the server clock in its binding scripts (inside EVALSHA)
+        ("ZADD", "cosine-celery:_kombu.binding.deadlines", "GT", "1", "celery"),
+        ("PSUBSCRIBE", "cosine-celery:celery.pidbox"),  # remote control: a pattern is granted only literally
     ],
 }
 REFUSED = {
@@ -233,6 +236,7 @@ REFUSED = {
     "celery": [
         ("GET", "cosine:control"), ("XADD", "cosine:requests", "*", "f", "v"), ("PUBLISH", "cosine:x", "m"),
         ("KEYS", "*"), ("FLUSHALL",), ("FUNCTION", "FLUSH"), ("CONFIG", "SET", "save", ""),
+        ("PSUBSCRIBE", "cosine:*"), ("PSUBSCRIBE", "*"),  # no listening in on CoSine's or every channel
     ],
 }
 # One real command per role that Redis must refuse with NOPERM (not just DRYRUN's word for it).
