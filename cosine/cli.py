@@ -9,6 +9,7 @@ import sys
 import click
 
 from cosine import defaults
+from cosine.cli_batch import batch
 from cosine.cli_bench import bench
 from cosine.cli_models import plan
 from cosine.cli_observe import dashboard, metrics, serve, status
@@ -115,6 +116,7 @@ cli.add_command(plan)
 for command in (status, serve, metrics, dashboard):  # cosine/cli_observe.py
     cli.add_command(command)
 cli.add_command(worker)
+cli.add_command(batch)  # cosine/cli_batch.py
 
 
 @cli.command()
