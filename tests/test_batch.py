@@ -231,3 +231,22 @@ def test_every_user_kept_to_its_rights(worker, admin):
     assert admin.r.acl_log() == [], admin.r.acl_log()
     celery_keys = [k.decode() for k in admin.r.scan_iter(count=1000) if not k.startswith(b"cosine:")]
     assert celery_keys and all(k.startswith("cosine-celery:") for k in celery_keys), celery_keys
+
+
+def test_the_configuration_as_documented():
+    """json only, late acks, one prefetched, a visibility timeout past a long batch, every key under
+    cosine-celery:, and each beat entry a registered task routed to the maintenance queue."""
+    from cosine.batch import tasks  # noqa: F401  (registers the tasks)
+    from cosine.batch.celery_app import app
+
+    c = app.conf
+    assert (c.task_serializer, c.result_serializer, c.accept_content, c.result_accept_content) == (
+        "json", "json", ["json"], ["json"])
+    assert c.task_acks_late is True and c.worker_prefetch_multiplier == 1
+    assert c.broker_transport_options["visibility_timeout"] >= 6 * 3600
+    assert c.broker_transport_options["global_keyprefix"] == "cosine-celery:"
+    assert c.result_backend_transport_options["global_keyprefix"] == "cosine-celery:"
+    for entry in c.beat_schedule.values():
+        assert entry["task"] in app.tasks
+        assert app.amqp.router.route({}, entry["task"])["queue"].name == "cosine-maintenance"
+    assert app.amqp.router.route({}, "cosine.batch")["queue"].name == "cosine-batch"
