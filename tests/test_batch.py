@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -223,6 +224,14 @@ def test_orphaned_per_worker_streams_are_removed(worker, admin):
     assert report["removed"] == sorted(orphans)
     assert not admin.r.exists(*orphans)
     assert admin.r.exists(KEYS.draft("drafter-0"), KEYS.verify("verifier-0")) == 2  # live workers keep theirs
+
+
+@pytest.mark.slow
+def test_remote_control_reaches_the_worker(worker):
+    """`celery inspect` / revoke / Flower: broadcast over the pidbox channel the celery user may PSUBSCRIBE to."""
+    app, _ = worker
+    name = f"batch-test@{socket.gethostname()}"
+    assert app.control.ping(destination=[name], timeout=10) == [{name: {"ok": "pong"}}]
 
 
 @pytest.mark.slow
