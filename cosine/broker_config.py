@@ -21,7 +21,7 @@ from cosine.local_redis import LocalRedis, find_redis_server
 
 log = logging.getLogger(__name__)
 
-ROLES = ("verifier", "drafter", "controller", "producer", "dashboard", "celery", "admin")
+ROLES = ("verifier", "drafter", "controller", "producer", "dashboard", "celery", "maintenance", "admin")
 SHIPPED_PREFIX = "cosine"
 
 

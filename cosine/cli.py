@@ -9,6 +9,7 @@ import sys
 import click
 
 from cosine import defaults
+from cosine.cli_batch import batch
 from cosine.cli_bench import bench
 from cosine.cli_models import plan
 from cosine.cli_observe import dashboard, metrics, serve, status
@@ -117,6 +118,7 @@ for command in (status, serve, metrics, dashboard):  # cosine/cli_observe.py
     cli.add_command(command)
 cli.add_command(worker)
 cli.add_command(worker_ready)  # cosine/cli_probe.py: a readiness probe
+cli.add_command(batch)  # cosine/cli_batch.py
 
 
 @cli.command()

@@ -159,9 +159,29 @@ ALLOWED = {
         ("TYPE", "cosine:requests"), ("EXISTS", "cosine:dlq"), ("SCAN", "0", "MATCH", "cosine:*"),
         ("HGETALL", "cosine:drain"), ("GET", "cosine:inflight:v"),
     ],
+    "maintenance": [  # cosine/batch/maintenance.py, forget_dead_workers included
+        ("PING",), ("TIME",), ("MULTI",), ("EXEC",), ("XREVRANGE", "cosine:dlq", "+", "-", "COUNT", "10000"),
+        ("SET", "cosine:lock:maintenance-stale-consumers", "me", "NX", "PX", "10000"),
+        ("ZRANGEBYSCORE", "cosine:workers", "0", "+inf"), ("ZRANGE", "cosine:workers", "0", "-1"),
+        ("ZSCORE", "cosine:workers", "w"), ("ZREM", "cosine:workers", "w"), ("HGETALL", "cosine:worker:w"),
+        ("SCAN", "0", "MATCH", "cosine:draft:*", "COUNT", "1000"),
+        ("XINFO", "CONSUMERS", "cosine:requests", "verifiers"), ("XINFO", "CONSUMERS", "cosine:draft:d", "drafters"),
+        ("XINFO", "CONSUMERS", "cosine:verify:v", "verifiers"),
+        ("XPENDING", "cosine:requests", "verifiers", "IDLE", "1000", "-", "+", "10", "dead"),
+        ("XCLAIM", "cosine:requests", "verifiers", "v", "1000", "1-1"),
+        ("XACK", "cosine:draft:d", "drafters", "1-1"), ("XDEL", "cosine:draft:d", "1-1"),
+        ("XACK", "cosine:verify:v", "verifiers", "1-1"), ("XDEL", "cosine:verify:v", "1-1"),
+        ("XGROUP", "DELCONSUMER", "cosine:requests", "verifiers", "dead"),
+        ("XGROUP", "DELCONSUMER", "cosine:draft:d", "drafters", "dead"),
+        ("DEL", "cosine:draft:dead", "cosine:verify:dead", "cosine:ask:dead", "cosine:votes:dead",
+         "cosine:worker:dead"),
+    ],
     "celery": [
         ("LPUSH", "cosine-celery:q", "x"), ("BRPOP", "cosine-celery:q", "1"), ("SET", "cosine-celery:r", "x"),
         ("PUBLISH", "cosine-celery:ch", "x"), ("MULTI",), ("EXEC",),
+        ("TIME",),  # kombu 5.6+ reads the server clock in its binding scripts (inside EVALSHA)
+        ("ZADD", "cosine-celery:_kombu.binding.deadlines", "GT", "1", "celery"),
+        ("PSUBSCRIBE", "cosine-celery:celery.pidbox"),  # remote control: a pattern is granted only literally
     ],
 }
 REFUSED = {
@@ -204,9 +224,19 @@ REFUSED = {
         ("XGROUP", "DESTROY", "cosine:requests", "verifiers"), ("SET", "cosine:lock:reclaim", "me"),
         ("EVAL", "return 1", "0"), ("FLUSHALL",),
     ],
+    "maintenance": [  # it tidies streams: it never writes a message, trims, reads a request's output or deletes
+        ("XADD", "cosine:requests", "*", "f", "v"), ("XADD", "cosine:dlq", "*", "f", "v"), ("DEL", "cosine:requests"),
+        ("DEL", "cosine:dlq"), ("DEL", "cosine:control"), ("XDEL", "cosine:dlq", "1-1"),
+        ("XREAD", "STREAMS", f"cosine:out:{RID}", "0"), ("HSET", "cosine:control", "k", "1"),
+        ("HSET", "cosine:worker:w", "role", "verifier"), ("ZADD", "cosine:workers", "1", "w"),
+        ("XREADGROUP", "GROUP", "verifiers", "m", "STREAMS", "cosine:requests", ">"),
+        ("XGROUP", "DESTROY", "cosine:requests", "verifiers"), ("XTRIM", "cosine:requests", "MAXLEN", "0"),
+        ("SET", "cosine:lock:reclaim", "me"), ("EVAL", "return 1", "0"), ("KEYS", "*"), ("FLUSHALL",),
+    ],
     "celery": [
         ("GET", "cosine:control"), ("XADD", "cosine:requests", "*", "f", "v"), ("PUBLISH", "cosine:x", "m"),
         ("KEYS", "*"), ("FLUSHALL",), ("FUNCTION", "FLUSH"), ("CONFIG", "SET", "save", ""),
+        ("PSUBSCRIBE", "cosine:*"), ("PSUBSCRIBE", "*"),  # no listening in on CoSine's or every channel
     ],
 }
 # One real command per role that Redis must refuse with NOPERM (not just DRYRUN's word for it).
@@ -220,6 +250,7 @@ REAL_REFUSALS = {
     "verifier": [("HSET", "cosine:control", "k", "1")],
     "controller": [("XADD", "cosine:requests", "*", "f", "v")],
     "celery": [("GET", "cosine:control")],
+    "maintenance": [("DEL", "cosine:requests")],
 }
 
 
