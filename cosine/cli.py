@@ -202,6 +202,10 @@ def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path,
     if redis_ca or redis_cert or redis_key:
         from cosine.broker import RedisSettings
 
+        if not redis_url:
+            raise click.UsageError("--redis-ca, --redis-cert and --redis-key are for a broker given with --redis-url "
+                                   "(rediss://...); the private Redis speaks plain TCP on loopback")
+
         broker = RedisSettings(url=redis_url or "", tls_ca=redis_ca, tls_cert=redis_cert, tls_key=redis_key)
     dep = _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir,
                             controller=controller, controller_args=controller_args, dashboard_port=port,
