@@ -7,13 +7,14 @@ import logging
 import sys
 
 import click
+import redis
 
 from cosine import defaults
 from cosine.cli_batch import batch
 from cosine.cli_bench import bench
 from cosine.cli_models import plan
 from cosine.cli_observe import dashboard, metrics, serve, status
-from cosine.cli_options import default_name, redis_options, redis_settings
+from cosine.cli_options import default_name, redis_options
 from cosine.cli_probe import worker_ready
 from cosine.cli_reliability import chaos, load
 from cosine.cli_worker import worker
@@ -150,7 +151,8 @@ def profile(zoo_path, model, drafter_models, device, dtype, threads, time_budget
 
 # -- local deployment ---------------------------------------------------------------------------------
 def _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir=None,
-                      verifier_args=(), drafter_args=(), controller=False, controller_args=(), dashboard_port=None):
+                      verifier_args=(), drafter_args=(), controller=False, controller_args=(), dashboard_port=None,
+                      broker=None):
     from cosine.deployment import Deployment, WorkerSpec
 
     specs = [WorkerSpec("verifier", f"verifier-{i}", list(verifier_args), threads) for i in range(verifiers)]
@@ -160,7 +162,7 @@ def _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, d
     if dashboard_port is not None:
         specs.append(WorkerSpec("dashboard", "dashboard", ["--port", str(dashboard_port)]))
     return Deployment(specs, redis_url=redis_url, prefix=prefix, log_dir=log_dir, device=device, dtype=dtype,
-                      zoo=zoo_path)
+                      zoo=zoo_path, broker=broker)
 
 
 @cli.command()
@@ -183,8 +185,15 @@ def _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, d
 @click.option("--broker-config", type=click.Path(exists=True, file_okay=False), default=None,
               help="Start Redis with this folder's redis.conf and users.acl (e.g. broker_config/); each role "
               "connects as its own ACL user.")
+@click.option("--redis-ca", envvar="COSINE_REDIS_CA", type=click.Path(exists=True, dir_okay=False, resolve_path=True),
+              default=None, help="With a rediss:// --redis-url: the CA certificate (PEM) that signed the server's.")
+@click.option("--redis-cert", envvar="COSINE_REDIS_CERT",
+              type=click.Path(exists=True, dir_okay=False, resolve_path=True), default=None,
+              help="With a rediss:// --redis-url: the workers' client certificate (PEM).")
+@click.option("--redis-key", envvar="COSINE_REDIS_KEY", type=click.Path(exists=True, dir_okay=False, resolve_path=True),
+              default=None, help="With a rediss:// --redis-url: the client certificate's key (PEM).")
 def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir, controller,
-       control_interval_ms, dashboard_port, broker_config) -> None:
+       control_interval_ms, dashboard_port, broker_config, redis_ca, redis_cert, redis_key) -> None:
     """Start a whole local deployment (Redis, verifiers, drafters, a controller, the dashboard) until Ctrl-C /
     SIGTERM."""
     from cosine.local_redis import port_or_free
@@ -193,8 +202,18 @@ def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path,
     stop = stop_on_signals()
     controller_args = ["--interval-ms", str(control_interval_ms)] if control_interval_ms else []
     port = port_or_free(dashboard_port) if dashboard_port else None
+    broker = None
+    if redis_ca or redis_cert or redis_key:
+        from cosine.broker import RedisSettings
+
+        if not redis_url:
+            raise click.UsageError("--redis-ca, --redis-cert and --redis-key are for a broker given with --redis-url "
+                                   "(rediss://...); the private Redis speaks plain TCP on loopback")
+
+        broker = RedisSettings(url=redis_url or "", tls_ca=redis_ca, tls_cert=redis_cert, tls_key=redis_key)
     dep = _local_deployment(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path, log_dir,
-                            controller=controller, controller_args=controller_args, dashboard_port=port)
+                            controller=controller, controller_args=controller_args, dashboard_port=port,
+                            broker=broker)
     if broker_config:
         from cosine.broker_config import use_broker_config
 
@@ -206,7 +225,8 @@ def up(redis_url, prefix, verifiers, drafters, threads, device, dtype, zoo_path,
         click.echo(f"CoSine is up: {shown} (prefix {prefix}); workers: {', '.join(dep.procs)}; logs in {log_dir}")
         if port:
             click.echo(f"dashboard: http://127.0.0.1:{port}/")
-        click.echo(f"try: cosine generate --redis-url {shown} --stream 'def main('")
+        tls = "".join(f" {arg}" for arg in dep.broker.command_line())
+        click.echo(f"try: cosine generate --redis-url {shown}{tls} --stream 'def main('")
         drained: set[str] = set()
         while not stop.is_set():
             exited = {n: p.returncode for n, p in dep.procs.items() if p.poll() is not None}
@@ -244,8 +264,7 @@ def controller_options(f):
 @cli.command()
 @redis_options
 @controller_options
-def controller(redis_url, prefix, sentinels, sentinel_master, username, password, name, interval_ms,
-               lease_ms) -> None:
+def controller(broker, name, interval_ms, lease_ms) -> None:
     """Run the controller: adaptive speculation control for a deployment.
 
     Every interval it samples each stream's depth (lag + pending from XINFO GROUPS, age of the oldest
@@ -264,8 +283,7 @@ def controller(redis_url, prefix, sentinels, sentinel_master, username, password
 
     settings = ControllerSettings(worker_id=name or default_name("controller"), interval_ms=interval_ms,
                                   lease_ms=lease_ms)
-    controller_worker.main(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
-                           settings)
+    controller_worker.main(broker, settings)
 
 
 @cli.command()
@@ -284,15 +302,14 @@ def controller(redis_url, prefix, sentinels, sentinel_master, username, password
               help="adaptive, off, or a number of draft positions per round.")
 @click.option("--stream", "as_stream", is_flag=True, help="Print text as it commits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (text, token ids, stats) as JSON.")
-def generate(prompt, redis_url, prefix, sentinels, sentinel_master, username, password, as_stream, as_json,
-             **params) -> None:
+def generate(prompt, broker, as_stream, as_json, **params) -> None:
     """Submit PROMPT to a running deployment (see `cosine up`) and print the output."""
     from cosine.client import Client
 
     params["stop"] = list(params["stop"])
     spec = params["speculation"]
     params["speculation"] = int(spec) if spec.isdigit() else spec
-    with Client(settings=redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)) as c:
+    with Client(settings=broker) as c:
         if as_stream:
             stats = None
             for chunk in c.stream(prompt, **params):
@@ -341,6 +358,11 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except CosineError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        from cosine.broker import explain_connection_error
+
+        click.secho(f"error: cannot reach Redis: {explain_connection_error(exc)}", fg="red", err=True)
         sys.exit(2)
 
 

@@ -8,12 +8,11 @@ import logging
 import socket
 import sys
 import time
-from pathlib import Path
 
 import click
 
 from cosine import defaults
-from cosine.cli_options import redis_options, redis_settings
+from cosine.cli_options import read_secret, redis_options
 
 log = logging.getLogger("cosine")
 
@@ -29,17 +28,14 @@ SHUTDOWN_GRACE_S = 2  # seconds a server waits for open streams to end once told
               help="Refresh every SECONDS in the terminal until Ctrl-C (for nodes without a browser).")
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="With --watch: stop after this many refreshes  [default: until Ctrl-C].")
-def status(redis_url, prefix, sentinels, sentinel_master, username, password, as_json, timeline, watch_s,
-           count) -> None:
+def status(broker, as_json, timeline, watch_s, count) -> None:
     """Workers with heartbeat ages, every stream's depth (lag + pending) and the controller's decision."""
     import redis
 
     from cosine.status import collect_status, format_status, format_timeline
 
-    settings = redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)
-
     def show() -> str:
-        snap = collect_status(settings, timeline)
+        snap = collect_status(broker, timeline)
         return json.dumps(snap, indent=1) if as_json else format_status(snap) + format_timeline(snap)
 
     if watch_s is None:
@@ -67,7 +63,7 @@ def status(redis_url, prefix, sentinels, sentinel_master, username, password, as
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--model-name", default="cosine", show_default=True, help="The model id /v1/models reports.")
-def serve(redis_url, prefix, sentinels, sentinel_master, username, password, host, port, model_name) -> None:
+def serve(broker, host, port, model_name) -> None:
     """An OpenAI-compatible API over the deployment: /v1/completions, /v1/chat/completions (streaming over
     server-sent events), /v1/models, /health. Unsupported parameters are refused in OpenAI's error shape;
     responses carry the request's speculation stats under "cosine"; a client that disconnects cancels."""
@@ -75,7 +71,7 @@ def serve(redis_url, prefix, sentinels, sentinel_master, username, password, hos
 
     from cosine.openai_server import create_app
 
-    app = create_app(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password), model_name)
+    app = create_app(broker, model_name)
     # Streams still open at shutdown (an SSE client) get SHUTDOWN_GRACE_S to finish, then are cancelled
     # (cancelling their requests), so SIGTERM never waits on a client.
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
@@ -85,7 +81,7 @@ def serve(redis_url, prefix, sentinels, sentinel_master, username, password, hos
 @redis_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", type=click.IntRange(1, 65535), default=9400, show_default=True)
-def metrics(redis_url, prefix, sentinels, sentinel_master, username, password, host, port) -> None:
+def metrics(broker, host, port) -> None:
     """Serve the deployment's Prometheus metrics on http://HOST:PORT/metrics until Ctrl-C / SIGTERM: speculation
     counters with vLLM's names, queue depths per stream and group, worker gauges (docs/metrics.md). Each
     scrape reads Redis; nothing is kept in this process."""
@@ -95,22 +91,11 @@ def metrics(redis_url, prefix, sentinels, sentinel_master, username, password, h
     from cosine.service.run_loop import stop_on_signals
 
     stop = stop_on_signals()
-    server, thread = start_http_server(port, host,
-                                       build_registry(redis_settings(redis_url, prefix, sentinels,
-                                                                     sentinel_master, username, password)))
+    server, thread = start_http_server(port, host, build_registry(broker))
     log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     stop.wait()
     server.shutdown()
     thread.join(timeout=5)
-
-
-def read_secret(path: str | None, env: str) -> str | None:
-    """A secret from a file (first line, stripped) or else from the environment variable ``env``."""
-    import os
-
-    if path:
-        return Path(path).read_text().splitlines()[0].strip() if Path(path).stat().st_size else None
-    return os.environ.get(env) or None
 
 
 @click.command()
@@ -125,8 +110,7 @@ def read_secret(path: str | None, env: str) -> str | None:
                    "[default: $COSINE_DASHBOARD_TOKEN; without one the dashboard is read-only].")
 @click.option("--admin-redis-url", default=None,
               help="Redis URL (a user that may write) for the actions [default: --redis-url].")
-def dashboard(redis_url, prefix, sentinels, sentinel_master, username, password, host, port, interval,
-              admin_token_file, admin_redis_url) -> None:
+def dashboard(broker, host, port, interval, admin_token_file, admin_redis_url) -> None:
     """The queue dashboard in a browser: streams and groups (waiting, pending, oldest ages, rates, dead letters),
     workers, speculation (per position, drafter, domain), request throughput and latency, the controller's
     decisions under the queue-depth chart; live over server-sent events; /metrics for Prometheus. Read-only
@@ -138,11 +122,10 @@ def dashboard(redis_url, prefix, sentinels, sentinel_master, username, password,
     from cosine.dashboard.app import create_app
     from cosine.service.run_loop import stop_on_signals
 
-    settings = redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)
     token = read_secret(admin_token_file, "COSINE_DASHBOARD_TOKEN")
-    admin = dataclasses.replace(settings, url=admin_redis_url) if admin_redis_url else None
+    admin = dataclasses.replace(broker, url=admin_redis_url) if admin_redis_url else None
     server = uvicorn.Server(uvicorn.Config(None, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
-    server.config.app = create_app(settings, interval=interval, admin_token=token, admin_settings=admin,
+    server.config.app = create_app(broker, interval=interval, admin_token=token, admin_settings=admin,
                                    stopping=lambda: server.should_exit)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

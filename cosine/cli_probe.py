@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from cosine import defaults
-from cosine.cli_options import redis_options, redis_settings
+from cosine.cli_options import redis_options
 
 ROLES = ("verifier", "drafter", "controller")
 
@@ -41,8 +41,7 @@ def worker_readiness(streams, name: str, role: str | None, max_age_s: float) -> 
               show_default=True, help="A heartbeat older than this is not fresh (the age at which workers count "
               "as dead).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing; the exit status says it.")
-def worker_ready(redis_url, prefix, sentinels, sentinel_master, username, password, name, role, max_age_s,
-                 quiet) -> None:
+def worker_ready(broker, name, role, max_age_s, quiet) -> None:
     """Exit 0 if worker NAME is registered with a fresh heartbeat, else 1 (also when Redis cannot be read): a
     readiness probe. Workers register once their models are loaded and deregister when they stop."""
     import redis
@@ -50,7 +49,7 @@ def worker_ready(redis_url, prefix, sentinels, sentinel_master, username, passwo
     from cosine.broker import Streams, connect
     from cosine.keys import Keys
 
-    settings = redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password)
+    settings = broker
     try:
         r = connect(settings)
         try:

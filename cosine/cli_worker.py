@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cosine import defaults
-from cosine.cli_options import bytes_option, default_name, model_options, redis_options, redis_settings
+from cosine.cli_options import bytes_option, default_name, model_options, redis_options
 from cosine.errors import CosineError
 
 
@@ -35,9 +35,8 @@ def worker() -> None:
                    f"[default: {defaults.DRAFTER_AHEAD_DEPTH}]")
 @click.option("--vote-timeout-ms", type=float, default=None,
               help="Fusion across workers: wait this long per draft position for other workers' candidates.")
-def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                   threads, name, model, batch_max, window_ms, block_ms, lookahead, ahead_rows, ahead_depth,
-                   vote_timeout_ms) -> None:
+def worker_drafter(broker, zoo_path, device, dtype, threads, name, model, batch_max, window_ms, block_ms, lookahead,
+                   ahead_rows, ahead_depth, vote_timeout_ms) -> None:
     """Host drafter models: consume this worker's draft jobs, reply with draft trees."""
     from cosine.cli_models import parse_model_entry
     from cosine.service.drafter_service import DrafterSettings
@@ -62,8 +61,7 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
                         ("vote_timeout_ms", vote_timeout_ms)):
         if value is not None:
             setattr(settings, attr, value)
-    drafter_worker.main(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
-                        settings, table, device, dtype, threads, devices=devices)
+    drafter_worker.main(broker, settings, table, device, dtype, threads, devices=devices)
 
 
 @worker.command("verifier")
@@ -109,9 +107,8 @@ def worker_drafter(redis_url, prefix, sentinels, sentinel_master, username, pass
 @click.option("--trace-passes", type=click.Path(dir_okay=False), default=None,
               help="Append a JSON line per verification pass to this file: its requests, depths and forward "
                    "time, and where the time since the previous pass went (prefill, Redis, waiting).")
-def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, password, zoo_path, device, dtype,
-                    threads, name, model, device_map, max_memory, quantization, routing, fusion, scheduling,
-                    adaptive, **overrides) -> None:
+def worker_verifier(broker, zoo_path, device, dtype, threads, name, model, device_map, max_memory, quantization,
+                    routing, fusion, scheduling, adaptive, **overrides) -> None:
     """Own requests: verify drafts with the target model and stream the committed tokens."""
     from cosine.engine.placement_plan import parse_device_map, parse_max_memory
     from cosine.policy.steering import Switches
@@ -127,6 +124,5 @@ def worker_verifier(redis_url, prefix, sentinels, sentinel_master, username, pas
         device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
     except CosineError as exc:
         raise click.BadParameter(str(exc)) from exc
-    verifier_worker.main(redis_settings(redis_url, prefix, sentinels, sentinel_master, username, password),
-                         settings, target, device, dtype, threads, device_map=device_map, max_memory=max_memory,
+    verifier_worker.main(broker, settings, target, device, dtype, threads, device_map=device_map, max_memory=max_memory,
                          quantization=quantization)

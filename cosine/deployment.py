@@ -10,6 +10,7 @@ the private Redis.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -48,8 +49,14 @@ class WorkerSpec:
 class Deployment:
     def __init__(self, workers: list[WorkerSpec], redis_url: str | None = None, prefix: str = defaults.KEY_PREFIX,
                  appendonly: bool = False, log_dir: str | None = None, device: str | None = None,
-                 dtype: str | None = None, zoo: str | None = None, redis_cpus: frozenset[int] | None = None) -> None:
+                 dtype: str | None = None, zoo: str | None = None, redis_cpus: frozenset[int] | None = None,
+                 broker: RedisSettings | None = None) -> None:
+        """``broker``: an existing broker's settings (its URL, unless ``redis_url`` is given, and its Sentinel and
+        TLS options, which every worker's command line carries; not its credentials: give a worker's password in
+        ``WorkerSpec.env``)."""
         self.specs = workers
+        self.broker = broker or RedisSettings()
+        redis_url = redis_url or (broker.url if broker else None)
         self.redis_cpus = redis_cpus
         self.prefix = prefix
         self.local = None if redis_url else LocalRedis(appendonly=appendonly)
@@ -70,8 +77,10 @@ class Deployment:
         (give that in ``WorkerSpec.env`` as ``COSINE_REDIS_PASSWORD``)."""
         return self.role_urls.get(role, self.url)
 
-    def redis_settings(self) -> RedisSettings:
-        return RedisSettings(url=self.url, prefix=self.prefix)
+    def redis_settings(self, role: str | None = None) -> RedisSettings:
+        """Settings to reach the broker (as ``role``'s user, if given), with the deployment's Sentinel and TLS
+        options."""
+        return dataclasses.replace(self.broker, url=self.url_for(role) if role else self.url, prefix=self.prefix)
 
     def start(self, ready_timeout: float = 120.0) -> Deployment:
         if self.local is not None:
@@ -95,9 +104,10 @@ class Deployment:
         if spec.role in ("controller", "dashboard"):  # no models: only the broker options and their own
             name = ["--name", spec.name] if spec.role == "controller" else []
             return [sys.executable, "-m", "cosine.cli", spec.role, "--redis-url", url, "--prefix",
-                    self.prefix, *name] + spec.args
+                    self.prefix, *self.broker.command_line(), *name] + spec.args
         cmd = [sys.executable, "-m", "cosine.cli", "worker", spec.role, "--redis-url", url,
-               "--prefix", self.prefix, "--name", spec.name, "--threads", str(spec.threads)]
+               "--prefix", self.prefix, *self.broker.command_line(), "--name", spec.name,
+               "--threads", str(spec.threads)]
         if self.device:
             cmd += ["--device", self.device]
         if self.dtype:
@@ -120,7 +130,7 @@ class Deployment:
 
     def wait_ready(self, names: list[str], timeout: float = 120.0) -> None:
         """Wait until every named worker has a heartbeat (its models are loaded and its loop runs)."""
-        streams = Streams(connect(RedisSettings(self.url_for("monitor"), self.prefix)), Keys(self.prefix))
+        streams = Streams(connect(self.redis_settings("monitor")), Keys(self.prefix))
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -96,6 +96,8 @@ VERIFIER_COUNTERS = (
           "Admission entries for a request already held or already ended (not run twice)."),
     Field("resumed", "cosine_verifier_resumed_requests",
           "Requests taken over from another verifier, resumed from their output stream."),
+    Field("output_resyncs", "cosine_verifier_output_resyncs",
+          "Output chunks written again after the broker came back without them (a failover, a failed write)."),
     Field("prefill_failed", "cosine_verifier_prefill_failed_requests", "Requests whose prefill raised."),
     Field("kv_waits", "cosine_verifier_kv_waits", "Times a request read was left waiting for KV room."),
     Field("reclaimed", "cosine_verifier_reclaimed_requests",

@@ -7,7 +7,7 @@ import time
 
 import redis
 
-from cosine.broker import RedisSettings, Streams, connect, redact_url
+from cosine.broker import RedisSettings, Streams, connect
 from cosine.keys import Keys
 from cosine.markdown import table
 from cosine.units import human_bytes
@@ -110,7 +110,7 @@ def collect_status(settings: RedisSettings, timeline: int = 0, r=None) -> dict:
         except ValueError:
             pass
     return {
-        "redis": redact_url(settings.url) if not settings.sentinels else f"sentinel {settings.sentinels}",
+        "redis": settings.describe(),
         "prefix": settings.prefix,
         "now_ms": now,
         "workers": [{**w, "alive": w["id"] in live} for w in workers],

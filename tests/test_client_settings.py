@@ -97,3 +97,29 @@ def test_a_deadline_holds_when_the_clients_clock_is_behind(monkeypatch):
             if chunks and chunks[-1].finished:
                 break
         assert chunks and chunks[-1].finished and chunks[-1].finish_reason != "timeout", chunks[-1:]
+
+
+def test_tls_settings_reach_redis_py_for_urls_and_sentinels(tmp_path):
+    from redis.sentinel import SentinelManagedSSLConnection
+
+    from cosine.broker import BrokerSettingsError
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not read before connecting")
+    direct = connect(RedisSettings(url="rediss://127.0.0.1:1/0", tls_ca=str(ca)))
+    assert direct.connection_pool.connection_kwargs["ssl_ca_certs"] == str(ca)
+    assert connect_async(RedisSettings(url="rediss://127.0.0.1:1/0", tls_ca=str(ca))).connection_pool \
+        .connection_kwargs["ssl_ca_certs"] == str(ca)
+    # Through Sentinel a TLS file turns TLS on for the master and the sentinels alike.
+    via = connect(RedisSettings(url="redis://x/2", sentinels="127.0.0.1:2", tls_ca=str(ca)))
+    pool = via.connection_pool
+    assert pool.connection_class is SentinelManagedSSLConnection and pool.connection_kwargs["db"] == 2
+    sentinel = pool.sentinel_manager
+    assert sentinel.sentinel_kwargs["ssl"] is True and sentinel.sentinel_kwargs["ssl_ca_certs"] == str(ca)
+    assert "password" not in sentinel.sentinel_kwargs
+    with pytest.raises(BrokerSettingsError, match="rediss://"):
+        connect(RedisSettings(url="redis://127.0.0.1:1/0", tls_ca=str(ca)))
+    with pytest.raises(BrokerSettingsError, match="not found"):
+        connect(RedisSettings(url="rediss://127.0.0.1:1/0", tls_ca=str(tmp_path / "missing.crt")))
+    shown = RedisSettings(url="rediss://u:pw@127.0.0.1:1/0", tls_ca=str(ca)).describe()
+    assert "pw" not in shown and "over TLS" in shown and str(ca) in shown

@@ -62,3 +62,20 @@ def test_pace_spaces_steps_that_succeed():
 
     run_forever("test", stop, step, pace_s=0.05)
     assert times[2] - times[0] >= 0.09
+
+
+def test_on_reconnect_runs_before_each_step_that_follows_a_lost_connection():
+    stop = threading.Event()
+    seen: list[str] = []
+    faults = iter([None, redis.ConnectionError("gone"), redis.TimeoutError("still gone"), None, None])
+
+    def step():
+        fault = next(faults, None)
+        seen.append(type(fault).__name__ if fault else "step")
+        if fault is not None:
+            raise fault
+        if seen.count("step") == 3:
+            stop.set()
+
+    run_forever("test", stop, step, on_reconnect=lambda: seen.append("reconnect"))
+    assert seen == ["step", "ConnectionError", "reconnect", "TimeoutError", "reconnect", "step", "step"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from cosine.broker import Entry, Streams, wall_ms
 from cosine.engine.sequence import FinishReason
+from cosine.engine.stopping import visible_text
 from cosine.ownership import may_act, output_name
 from cosine.protocol import Chunk, ProtocolError, decode_entry
 from cosine.service.request_state import RequestState
@@ -53,6 +54,30 @@ class OutputWriter:
         self._observe(st, finished and error is None)
         cur.chunk_seq += 1
         cur.sent = len(out)
+
+    def resync(self, pipe, states: list[RequestState]) -> int:
+        """After the broker was out of reach: queue again on ``pipe`` what the output streams of ``states`` lack
+        of what this verifier wrote (a transaction cut off by the lost connection, or chunks a failed-over master
+        had not passed on to its replica yet). The missing tokens go as one chunk numbered as the first one
+        lost, so a reader that saw the lost chunks drops it and one that did not gets exactly their tokens and
+        text; a finished request whose final chunk is missing gets it again. Returns the chunks queued."""
+        states = [st for st in states if st.output.sent or st.seq.finished]
+        queued = 0
+        earlier = self.streams.earlier_outputs([(st.rid, st.msg.owner) for st in states])
+        for st, (rows, _cancelled) in zip(states, earlier):
+            have, cur = self.recover(rows), st.output
+            if have.finished:
+                continue
+            if len(have.tokens) < cur.sent and have.next_seq < cur.chunk_seq:
+                text = visible_text(st.seq, self.tokenizer)[have.emitted : cur.text.emitted]
+                self.streams.add_output(pipe, Chunk(st.rid, have.next_seq, len(have.tokens),
+                                                    st.seq.output_ids[len(have.tokens) : cur.sent], text, False,
+                                                    None, None, None, verifier=self.me), st.msg.owner)
+                queued += 1
+            if st.seq.finished:
+                self.write(pipe, st)  # everything is sent: the final chunk alone, with the stats
+                queued += 1
+        return queued
 
     def _observe(self, st: RequestState, completed: bool) -> None:
         """Latencies from the request's admission entry (the broker's clock at XADD): time to its first token

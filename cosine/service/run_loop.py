@@ -18,7 +18,7 @@ from collections.abc import Callable
 import redis
 
 from cosine import defaults
-from cosine.broker import is_nogroup
+from cosine.broker import explain_connection_error, is_nogroup
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +47,24 @@ class Backoff:
 
 def run_forever(name: str, stop: threading.Event, step: Callable[[], object], *,
                 on_start: Callable[[], object] | None = None, drain: Callable[[], object] | None = None,
-                on_stop: Callable[[], object] | None = None, heartbeat=None, pace_s: float = 0.0) -> None:
+                on_stop: Callable[[], object] | None = None, heartbeat=None, pace_s: float = 0.0,
+                on_reconnect: Callable[[], object] | None = None) -> None:
     """Run ``step`` until ``stop`` is set.
 
     ``on_start`` runs before the first step and again after a ``NOGROUP``; ``pace_s`` spaces steps that
     succeed (a controller's interval); ``drain`` runs once the loop ends on ``stop`` (finish what is held);
-    ``on_stop`` always runs last. ``heartbeat`` (a :class:`~cosine.service.heartbeat.Heartbeat`) beats once
-    before the loop, then from its thread until the end; a drain request it sees sets ``stop``."""
+    ``on_stop`` always runs last; ``on_reconnect`` runs before the first step after a lost connection (the
+    broker may have restarted, or failed over to a replica that lacks the last writes). ``heartbeat`` (a
+    :class:`~cosine.service.heartbeat.Heartbeat`) beats once before the loop, then from its thread until the
+    end; a drain request it sees sets ``stop``."""
     if heartbeat is not None:
         heartbeat.on_drain = stop.set
         heartbeat.beat()
         heartbeat.start()
     backoff = Backoff()
     started = False
+    reconnected = False
+    reached = False  # whether a step ever succeeded (before that, a TLS mismatch is the likelier cause)
     try:
         while not stop.is_set():
             t0 = time.monotonic()
@@ -68,10 +73,16 @@ def run_forever(name: str, stop: threading.Event, step: Callable[[], object], *,
                     if on_start is not None:
                         on_start()
                     started = True
+                if reconnected:
+                    if on_reconnect is not None:
+                        on_reconnect()
+                    reconnected = False
                 step()
+                reached = True
                 backoff.reset()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                backoff.wait(stop, f"{name}: Redis unavailable ({exc})")
+                reconnected = True
+                backoff.wait(stop, f"{name}: Redis unavailable ({explain_connection_error(exc, first=not reached)})")
                 continue
             except redis.ResponseError as exc:
                 if is_nogroup(exc):

@@ -166,7 +166,24 @@ class VerifierService:
         log.info("verifier %s ready (k=%d, width=%d, max_active=%d)", self.me, self.settings.k,
                  self.settings.tree_width, self.settings.max_active)
         run_forever(f"verifier {self.me}", stop, self.step, on_start=self.recover_own, drain=self.drain,
-                    on_stop=self._stopped, heartbeat=self.heartbeat)
+                    on_stop=self._stopped, heartbeat=self.heartbeat, on_reconnect=self.resync_outputs)
+
+    def resync_outputs(self) -> None:
+        """Back on the broker after losing it: write again the output it lacks of the requests held, and end
+        the requests that finished in a transaction the lost connection cut off."""
+        held = list(self.active.values())
+        pipe = self.streams.transaction()
+        n = self.output.resync(pipe, held)
+        finished = [st for st in held if st.seq.finished]
+        for st in finished:
+            self.book.close(pipe, st)
+        if n or finished:
+            pipe.execute()
+        if finished:
+            self.book.release(finished)
+        if n:
+            self.metrics.counters["output_resyncs"] += n
+            log.warning("verifier %s: wrote again %d output chunks the broker had lost", self.me, n)
 
     def _stopped(self) -> None:
         self.metrics.close()
