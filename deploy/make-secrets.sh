@@ -16,7 +16,7 @@ umask 077
 mkdir -p "$out"
 acl="$(cat "$here/../broker_config/users.acl")"
 : > "$out/passwords.env"
-for role in verifier drafter controller producer dashboard celery admin; do
+for role in verifier drafter controller producer dashboard celery maintenance admin; do
   pw="$(openssl rand -hex 32)"
   acl="${acl//>change-me-$role />$pw }"
   printf 'COSINE_REDIS_PASSWORD=%s\n' "$pw" > "$out/$role.env"

@@ -38,7 +38,7 @@ def test_lost_chunks_are_written_again_once_and_read_right_either_way():
         cursor = OutputCursor(chunk_seq=3, sent=7)
         cursor.text.emitted = 7
         seq = SimpleNamespace(output_ids=list(range(7)), finished=False, params=SimpleNamespace(stop=()))
-        st = SimpleNamespace(rid="r1", output=cursor, seq=seq)
+        st = SimpleNamespace(rid="r1", output=cursor, seq=seq, msg=SimpleNamespace(owner=None))
         for expected in (1, 0):  # the second time nothing is missing any more
             pipe = streams.transaction()
             assert writer.resync(pipe, [st]) == expected
