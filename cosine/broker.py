@@ -62,6 +62,13 @@ class RedisSettings:
     tls_ca: str | None = None  # PEM file: the CA that signed the server's certificate
     tls_cert: str | None = None  # PEM file: this client's certificate (servers with tls-auth-clients yes)
     tls_key: str | None = None  # PEM file: this client's private key
+    cluster: bool = False  # a Redis Cluster: ``url`` is any node; the prefix becomes a hash tag
+
+    def __post_init__(self) -> None:
+        """On a Redis Cluster every key of the deployment carries the prefix as one hash tag (``{cosine}:...``), so
+        each transaction (a verifier's pass, a drafter's reply, a cancel) touches one slot."""
+        if self.cluster and not (self.prefix.startswith("{") and self.prefix.endswith("}")):
+            self.prefix = "{" + self.prefix + "}"
 
     @property
     def tls(self) -> bool:
@@ -72,6 +79,7 @@ class RedisSettings:
     def describe(self) -> str:
         """Where the broker is, safe to log and show (no password; TLS file paths at most)."""
         where = f"sentinel {self.sentinels} ({self.sentinel_master})" if self.sentinels else redact_url(self.url)
+        where += " (cluster)" if self.cluster else ""
         if not self.tls:
             return where
         files = ", ".join(f"{name} {path}" for name, path in (("CA", self.tls_ca), ("cert", self.tls_cert)) if path)
@@ -83,6 +91,8 @@ class RedisSettings:
         args: list[str] = []
         if self.sentinels:
             args += ["--sentinels", self.sentinels, "--sentinel-master", self.sentinel_master]
+        if self.cluster:
+            args.append("--cluster")
         for flag, path in (("--redis-ca", self.tls_ca), ("--redis-cert", self.tls_cert), ("--redis-key", self.tls_key)):
             if path:
                 args += [flag, path]
@@ -177,6 +187,10 @@ def connect(settings: RedisSettings) -> redis.Redis:
         from redis.sentinel import Sentinel
 
         return Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **common).master_for(settings.sentinel_master)
+    if settings.cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.url, **common)
     return redis.Redis.from_url(settings.url, **common)
 
 
@@ -187,6 +201,10 @@ def connect_async(settings: RedisSettings) -> aioredis.Redis:
         from redis.asyncio.sentinel import Sentinel
 
         return Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **common).master_for(settings.sentinel_master)
+    if settings.cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.url, **common)
     return aioredis.Redis.from_url(settings.url, **common)
 
 

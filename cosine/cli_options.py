@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 REDIS_PARAMS = ("redis_url", "prefix", "sentinels", "sentinel_master", "username", "password", "password_file",
-                "redis_ca", "redis_cert", "redis_key")
+                "redis_ca", "redis_cert", "redis_key", "cluster")
 
 
 def redis_options(f):
@@ -32,6 +32,8 @@ def redis_options(f):
                      help="Sentinel addresses host:port,host:port (then the master comes from Sentinel; the URL "
                      "only gives the db, and rediss:// or a TLS file turns TLS on)."),
         click.option("--sentinel-master", envvar="COSINE_SENTINEL_MASTER", default="mymaster", show_default=True),
+        click.option("--cluster", envvar="COSINE_REDIS_CLUSTER", is_flag=True, default=False,
+                     help="The URL is a node of a Redis Cluster (the prefix becomes a hash tag: one slot)."),
         click.option("--username", envvar="COSINE_REDIS_USERNAME", default=None, help="ACL user."),
         click.option("--password", envvar="COSINE_REDIS_PASSWORD", default=None,
                      help="ACL password (better from $COSINE_REDIS_PASSWORD or --password-file: a flag shows in the "
@@ -57,7 +59,7 @@ def read_secret(path: str | None, env: str) -> str | None:
 
 
 def redis_settings(redis_url, prefix, sentinels=None, sentinel_master="mymaster", username=None, password=None,
-                   password_file=None, redis_ca=None, redis_cert=None, redis_key=None):
+                   password_file=None, redis_ca=None, redis_cert=None, redis_key=None, cluster=False):
     """The :class:`~cosine.broker.RedisSettings` for the values of :func:`redis_options`."""
     from cosine.broker import RedisSettings
 
@@ -68,7 +70,7 @@ def redis_settings(redis_url, prefix, sentinels=None, sentinel_master="mymaster"
         password = read_secret(password_file, "COSINE_REDIS_PASSWORD")
     return RedisSettings(url=redis_url, prefix=prefix, sentinels=sentinels, sentinel_master=sentinel_master,
                          username=username, password=password, tls_ca=redis_ca,
-                         tls_cert=redis_cert, tls_key=redis_key)
+                         tls_cert=redis_cert, tls_key=redis_key, cluster=cluster)
 
 
 def model_options(f):

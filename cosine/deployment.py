@@ -130,7 +130,8 @@ class Deployment:
 
     def wait_ready(self, names: list[str], timeout: float = 120.0) -> None:
         """Wait until every named worker has a heartbeat (its models are loaded and its loop runs)."""
-        streams = Streams(connect(self.redis_settings("monitor")), Keys(self.prefix))
+        settings = self.redis_settings("monitor")
+        streams = Streams(connect(settings), Keys(settings.prefix))
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -47,7 +47,9 @@ class Keys:
     prefix: str = "cosine"
 
     def __post_init__(self) -> None:
-        check_name("prefix", self.prefix)
+        """The prefix is a name, or a name in braces: a hash tag, putting every key in one Redis Cluster slot."""
+        tagged = self.prefix.startswith("{") and self.prefix.endswith("}")
+        check_name("prefix", self.prefix[1:-1] if tagged else self.prefix)
 
     def kind(self, key: str) -> str:
         """What a key is, by the name part after the prefix: ``draft`` for ``{p}:draft:{drafter}``, ``control``

@@ -133,8 +133,8 @@ class ControllerService:
         drafters = sorted(w for w, i in live.items() if i.get("role") == "drafter")
         targets = ([(self.keys.requests, VERIFIERS_GROUP)] + [(self.keys.verify(v), VERIFIERS_GROUP) for v in verifiers]
                    + [(self.keys.draft(d), DRAFTERS_GROUP) for d in drafters])
+        now = self.streams.server_ms()  # on its own: a Redis Cluster pipeline cannot carry TIME
         pipe = self.r.pipeline(transaction=False)
-        pipe.time()
         pipe.hget(self.keys.control, "version")
         for stream, group in targets:
             pipe.xinfo_groups(stream)
@@ -143,16 +143,13 @@ class ControllerService:
         for wid in verifiers + drafters:
             pipe.zscore(self.keys.workers, wid)
         replies = pipe.execute(raise_on_error=False)
-        for reply in replies[:2]:
-            if isinstance(reply, Exception):
-                raise reply
-        sec, usec = replies[0]
-        now = int(sec) * 1000 + int(usec) // 1000
-        self.stored_version = _version(replies[1])
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        self.stored_version = _version(replies[0])
 
         depths: list[StreamDepth] = []
         waiting: list[tuple[int, str, str]] = []  # (index in depths, stream, last-delivered-id)
-        pos = 2
+        pos = 1
         for stream, group in targets:
             groups, summary, length = replies[pos:pos + 3]
             pos += 3
