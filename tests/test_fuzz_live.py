@@ -90,9 +90,9 @@ def test_a_raw_fuzzer_on_live_streams_loses_nothing_and_kills_nothing(zoo_engine
                 decode_entry(fields, where[role][1], vocab)
             except ProtocolError:
                 bad += 1
-                rid = peek_request_id(fields) if role == "requests" else None
-                if rid is not None:
-                    rejected.append(rid)
+                peeked = peek_request_id(fields) if role == "requests" else None
+                if peeked is not None and peeked[1] is None:  # an unowned id: any client reads its refusal
+                    rejected.append(peeked[0])
         before = s.r.xlen(k.dlq)
         with Client(srv.url) as c:
             ids = [c.submit(p, max_new_tokens=24) for p in good]
