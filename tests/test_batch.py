@@ -59,7 +59,9 @@ def url_as(srv: LocalRedis, user: str) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(redis_server, tmp_path_factory, zoo_root):
-    with deployment(redis_server.url, verifiers=1, drafters=1,
+    # The verifier's own reclaim sweep waits a minute here, so the maintenance task is what claims a dead
+    # consumer's request (however slow the machine), not a race between the two.
+    with deployment(redis_server.url, verifiers=1, drafters=1, verifier_args=["--reclaim-min-idle-s", "60"],
                     log_dir=str(tmp_path_factory.mktemp("batch-logs"))) as dep:
         yield dep
 
@@ -202,7 +204,6 @@ def test_stale_consumers_are_claimed_then_deleted(worker, admin, producer, zoo_p
     admin.r.xgroup_createconsumer(KEYS.requests, VERIFIERS_GROUP, "ghost-idle")
     admin.r.xgroup_createconsumer(KEYS.draft("drafter-0"), DRAFTERS_GROUP, "ghost-drafter")
     time.sleep(0.3)
-    # Within 2 s (RECLAIM_MIN_IDLE_S), before the verifier's own reclaim sweep would take the entry.
     report = app.send_task("cosine.maintenance.stale_consumers", kwargs={"idle_s": 0.2}).get(30)
     assert sorted(report["deleted"]) == [f"{KEYS.draft('drafter-0')}/ghost-drafter", f"{KEYS.requests}/ghost-idle",
                                          f"{KEYS.requests}/ghost-verifier"], report
