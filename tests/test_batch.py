@@ -260,3 +260,35 @@ def test_the_configuration_as_documented():
         assert entry["task"] in app.tasks
         assert app.amqp.router.route({}, entry["task"])["queue"].name == "cosine-maintenance"
     assert app.amqp.router.route({}, "cosine.batch")["queue"].name == "cosine-batch"
+
+
+@pytest.mark.slow
+def test_beat_sends_the_maintenance_tasks_on_schedule(worker, env, tmp_path):
+    """``celery beat`` as shipped, with the schedule shortened to a second: the worker runs what it sends."""
+    _, log = worker
+    (tmp_path / "fastbeat.py").write_text(
+        "from datetime import timedelta\n"
+        "from cosine.batch.celeryconfig import *  # noqa: F403\n"
+        "from cosine.batch.celeryconfig import beat_schedule as shipped\n"
+        "beat_schedule = {name: {**entry, 'schedule': timedelta(seconds=1)} for name, entry in shipped.items()}\n")
+    beat_env = {**env, "COSINE_CELERY_CONFIG": "fastbeat",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))}
+    before = log.read_text().count("dead letters: ")
+    beat_log = tmp_path / "beat.log"
+    with beat_log.open("w") as sink:
+        beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "cosine.batch.celery_app", "beat",
+                                 "--schedule", str(tmp_path / "beat-schedule"), "--loglevel", "INFO"],
+                                cwd=ROOT, env=beat_env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: log.read_text().count("dead letters: ") >= before + 2, timeout=60, interval=0.2,
+                 what="two scheduled dead-letter reports run by the worker")
+        text = beat_log.read_text()
+        for task in ("dead_letter_report", "stale_consumers", "orphan_streams"):
+            assert "Sending due task" in text and task in text, text[-2000:]
+    finally:
+        beat.send_signal(signal.SIGTERM)
+        try:
+            beat.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(beat.pid, signal.SIGKILL)
+            beat.wait()
