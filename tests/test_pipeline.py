@@ -21,7 +21,7 @@ from cosine.local_redis import LocalRedis
 from cosine.protocol import SCHEMA_VERSION as V
 from cosine.sampling_params import SamplingParams
 
-from .helpers import greedy_divergences
+from .helpers import greedy_divergences, target_outputs
 from .pipeline_helpers import deployment, heartbeat_until, streams, wait_for
 
 pytestmark = pytest.mark.slow
@@ -62,11 +62,7 @@ def workload(zoo_prompts, per_domain=8):
 
 def reference(zoo_engine, texts, max_new):
     ids = [zoo_engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    outs = []
-    for p, n in zip(ids, max_new):
-        [s] = zoo_engine.generate([p], SamplingParams(max_new_tokens=n), speculative=False)
-        outs.append(s.output_ids)
-    return ids, outs
+    return ids, target_outputs(zoo_engine, ids, max_new)
 
 
 def test_concurrent_mixed_requests_match_the_target(client, zoo_engine, zoo_prompts, capsys):
@@ -86,7 +82,8 @@ def test_concurrent_mixed_requests_match_the_target(client, zoo_engine, zoo_prom
     for r in results:
         assert r.text == zoo_engine.tokenizer.decode(r.token_ids)
         assert r.stats["completion_tokens"] == len(r.token_ids)
-        assert {"queue_ms", "drafting_ms", "verifying_ms", "tokens_by_drafter", "mean_acceptance_length"} <= set(r.stats)
+        assert {"queue_ms", "drafting_ms", "verifying_ms", "tokens_by_drafter",
+                "mean_acceptance_length"} <= set(r.stats)
 
 
 def test_per_request_speculation_and_drafter_choice_keep_the_output(client, zoo_engine, zoo_prompts, capsys):
