@@ -28,28 +28,24 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def redis_server():
-    with LocalRedis() as srv:
-        yield srv
+def redis_server(live_redis):
+    return live_redis
 
 
 @pytest.fixture(scope="module")
-def trace_file(tmp_path_factory):
-    return tmp_path_factory.mktemp("trace") / "passes.jsonl"
+def trace_file(live_trace):
+    return live_trace
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_server, tmp_path_factory, zoo_root, trace_file):
-    dep = deployment(redis_server.url, verifiers=1, drafters=1, log_dir=str(tmp_path_factory.mktemp("logs")),
-                     verifier_args=["--trace-passes", str(trace_file)])
-    with dep:
-        yield dep
+def cluster(live_cluster):
+    """The session's shared deployment: one verifier (tracing its passes) and one drafter."""
+    return live_cluster
 
 
 @pytest.fixture(scope="module")
-def client(cluster):
-    with Client(cluster.url) as c:
-        yield c
+def client(live_client):
+    return live_client
 
 
 def workload(zoo_prompts, per_domain=8):
@@ -257,7 +253,7 @@ def test_cli_generate_and_status(cluster):
     assert any(st["stream"].endswith(":requests") for st in snap["streams"])
 
 
-def test_no_workers(redis_server):
+def test_no_workers():
     with LocalRedis() as empty, Client(empty.url) as c:
         with pytest.raises(NoWorkersError):
             c.generate("hello")
