@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from cosine.sampling_params import SamplingParams
 
 TEST_DEVICE = os.environ.get("COSINE_TEST_DEVICE", "cpu")
 TEST_DTYPE = os.environ.get("COSINE_TEST_DTYPE", "float32")
@@ -30,7 +33,8 @@ def tiny_llama(vocab: int = 97, seed: int = 0, layers: int = 2, hidden: int = 32
 # is a few units of their last place (documented, and printed for every case).
 NEAR_TIE_GAP = {"float32": 1e-4, "bfloat16": 0.125, "float16": 0.02}.get(TEST_DTYPE, 1e-4)
 # KV rollback vs recompute: the same arithmetic in another order, so equal up to rounding of the dtype.
-KV_TOLERANCE = {"float32": (2e-5, 1e-4), "bfloat16": (5e-2, 5e-2), "float16": (5e-3, 5e-3)}.get(TEST_DTYPE, (2e-5, 1e-4))
+KV_TOLERANCE = {"float32": (2e-5, 1e-4), "bfloat16": (5e-2, 5e-2),
+                "float16": (5e-3, 5e-3)}.get(TEST_DTYPE, (2e-5, 1e-4))
 # How many near-ties a run may show before they stop looking like chance: rare in float32; in 16-bit types
 # logits are rounded to a few hundredths, so exact ties between the top two are common.
 MAX_NEAR_TIE_SHARE = {"float32": 0.04, "bfloat16": 0.15, "float16": 0.1}.get(TEST_DTYPE, 0.04)
@@ -53,6 +57,25 @@ def top2_gap(model, tokens: list[int]) -> float:
         logits = model(input_ids=torch.tensor([tokens], device=model.device)).logits[0, -1].float()
     top = torch.topk(logits, 2).values
     return float(top[0] - top[1])
+
+
+_TARGET_OUTPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def target_outputs(engine, prompts: list[list[int]], max_new: int | list[int]) -> list[list[int]]:
+    """The target's own greedy tokens (speculation off) for each prompt, ``max_new`` one for all or one per
+    prompt. Those not seen before are decoded in one batch (on the CPU a batch of one costs about ten times
+    as much per token), and every answer is kept for the session: the pipeline tests compare the same
+    prompts again and again."""
+    ns = [max_new] * len(prompts) if isinstance(max_new, int) else list(max_new)
+    known = _TARGET_OUTPUTS.setdefault(engine, {})
+    keys = [(tuple(p), n) for p, n in zip(prompts, ns)]
+    missing = list(dict.fromkeys(k for k in keys if k not in known))
+    if missing:
+        seqs = engine.generate([list(p) for p, _ in missing], [SamplingParams(max_new_tokens=n) for _, n in missing],
+                               speculative=False)
+        known.update((k, list(s.output_ids)) for k, s in zip(missing, seqs))
+    return [list(known[k]) for k in keys]
 
 
 def greedy_divergences(model, prompts, outputs, refs):

@@ -19,11 +19,10 @@ from cosine.engine.runner import ModelRunner
 from cosine.keys import Keys
 from cosine.local_redis import LocalRedis
 from cosine.protocol import Vote, VoteAsk, decode_entry, entry
-from cosine.sampling_params import SamplingParams
 from cosine.service.cross_fusion import RedisRemoteExperts, VoteServer, prefix_check
 from cosine.zoo import paths
 
-from .helpers import greedy_divergences
+from .helpers import greedy_divergences, target_outputs
 from .pipeline_helpers import committed_tokens, streams, wait_for
 
 EXPERTS = ["code", "prose", "records"]
@@ -154,8 +153,7 @@ def _deployment(url: str, prefix: str, log_dir: str, zoo_root) -> Deployment:
 
 def _reference(zoo_engine, texts, n):
     ids = [zoo_engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    return ids, [zoo_engine.generate([p], SamplingParams(max_new_tokens=n), speculative=False)[0].output_ids
-                 for p in ids]
+    return ids, target_outputs(zoo_engine, ids, n)
 
 
 @pytest.mark.slow

@@ -42,7 +42,8 @@ def test_ablation_bench_small(tmp_path, zoo_root):
     result = CliRunner().invoke(
         cli,
         ["bench", "ablation", "--system", "cosine", "--system", "plain-dsd", "--system", "hf-generate",
-         "--concurrency", "1", "--open-requests", "2", "--rates", "2", "4", "--max-new-tokens", "8", "--cost-model",
+         "--concurrency", "1", "--open-requests", "2", "--fluctuating-requests", "4", "--rates", "2", "4",
+         "--max-new-tokens", "8", "--cost-model",
          str(tmp_path / "cost.json"), "--repeats", "1", "--out", str(tmp_path)],
     )
     assert result.exit_code == 0, result.output
@@ -115,7 +116,8 @@ def test_sim_bench_small(tmp_path):
     result = CliRunner().invoke(
         cli,
         ["bench", "sim", "--system", "cosine", "--system", "plain-dsd", "--drafters", "4", "--concurrency", "1",
-         "--concurrency", "8", "--requests", "8", "--time-scale", "0.02", "--out", str(tmp_path)],
+         "--concurrency", "8", "--requests", "8", "--rates", "16", "64", "--repeats", "1", "--time-scale", "0.02",
+         "--out", str(tmp_path)],
     )
     assert result.exit_code == 0, result.output
     [js] = list(tmp_path.glob("sim-*.json"))

@@ -23,9 +23,8 @@ from cosine.protocol import (
     encode,
     peek_request_id,
 )
-from cosine.sampling_params import SamplingParams
 
-from .helpers import greedy_divergences
+from .helpers import greedy_divergences, target_outputs
 from .pipeline_helpers import deployment, streams, wait_for
 
 pytestmark = pytest.mark.slow
@@ -107,8 +106,7 @@ def test_a_raw_fuzzer_on_live_streams_loses_nothing_and_kills_nothing(zoo_engine
         assert all(f[b"reason"] for _, f in letters) and len(letters) == bad
         assert all(proc.poll() is None for proc in dep.procs.values()), "a worker died"
         ids_in = [tok(p, add_special_tokens=False)["input_ids"] for p in good]
-        refs = [seq.output_ids for seq in zoo_engine.generate(ids_in, SamplingParams(max_new_tokens=24),
-                                                               speculative=False)]
+        refs = target_outputs(zoo_engine, ids_in, 24)
         _, failures = greedy_divergences(zoo_engine.verifier.runner.model, ids_in,
                                          [r.token_ids for r in results], refs)
         assert not failures, failures

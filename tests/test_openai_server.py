@@ -15,11 +15,10 @@ import openai
 import pytest
 import redis
 
-from cosine.local_redis import LocalRedis
 from cosine.protocol import Chunk, decode_entry
 from cosine.sampling_params import SamplingParams
 
-from .pipeline_helpers import deployment, wait_for
+from .pipeline_helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -31,27 +30,26 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("serve")
-    with LocalRedis() as srv, deployment(srv.url, drafters=1, log_dir=str(logs)):
-        port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "cosine.cli", "serve", "--redis-url", srv.url, "--port",
-                                 str(port), "--model-name", "zoo"], env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        base = f"http://127.0.0.1:{port}"
+def server(live_cluster):
+    """``cosine serve`` in front of the session's shared deployment."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cosine.cli", "serve", "--redis-url", live_cluster.url,
+                             "--port", str(port), "--model-name", "zoo"], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
 
-        def healthy():
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
+    def healthy():
         try:
-            wait_for(healthy, 60, 0.2, "the OpenAI endpoint")
-            yield base, srv.url
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 60, 0.2, "the OpenAI endpoint")
+        yield base, live_cluster.url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 def _reference(zoo_engine, prompt_ids, n):

@@ -21,35 +21,31 @@ from cosine.local_redis import LocalRedis
 from cosine.protocol import SCHEMA_VERSION as V
 from cosine.sampling_params import SamplingParams
 
-from .helpers import greedy_divergences
+from .helpers import greedy_divergences, target_outputs
 from .pipeline_helpers import deployment, heartbeat_until, streams, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def redis_server():
-    with LocalRedis() as srv:
-        yield srv
+def redis_server(live_redis):
+    return live_redis
 
 
 @pytest.fixture(scope="module")
-def trace_file(tmp_path_factory):
-    return tmp_path_factory.mktemp("trace") / "passes.jsonl"
+def trace_file(live_trace):
+    return live_trace
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_server, tmp_path_factory, zoo_root, trace_file):
-    dep = deployment(redis_server.url, verifiers=1, drafters=1, log_dir=str(tmp_path_factory.mktemp("logs")),
-                     verifier_args=["--trace-passes", str(trace_file)])
-    with dep:
-        yield dep
+def cluster(live_cluster):
+    """The session's shared deployment: one verifier (tracing its passes) and one drafter."""
+    return live_cluster
 
 
 @pytest.fixture(scope="module")
-def client(cluster):
-    with Client(cluster.url) as c:
-        yield c
+def client(live_client):
+    return live_client
 
 
 def workload(zoo_prompts, per_domain=8):
@@ -62,11 +58,7 @@ def workload(zoo_prompts, per_domain=8):
 
 def reference(zoo_engine, texts, max_new):
     ids = [zoo_engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    outs = []
-    for p, n in zip(ids, max_new):
-        [s] = zoo_engine.generate([p], SamplingParams(max_new_tokens=n), speculative=False)
-        outs.append(s.output_ids)
-    return ids, outs
+    return ids, target_outputs(zoo_engine, ids, max_new)
 
 
 def test_concurrent_mixed_requests_match_the_target(client, zoo_engine, zoo_prompts, capsys):
@@ -86,7 +78,8 @@ def test_concurrent_mixed_requests_match_the_target(client, zoo_engine, zoo_prom
     for r in results:
         assert r.text == zoo_engine.tokenizer.decode(r.token_ids)
         assert r.stats["completion_tokens"] == len(r.token_ids)
-        assert {"queue_ms", "drafting_ms", "verifying_ms", "tokens_by_drafter", "mean_acceptance_length"} <= set(r.stats)
+        assert {"queue_ms", "drafting_ms", "verifying_ms", "tokens_by_drafter",
+                "mean_acceptance_length"} <= set(r.stats)
 
 
 def test_per_request_speculation_and_drafter_choice_keep_the_output(client, zoo_engine, zoo_prompts, capsys):
@@ -260,7 +253,7 @@ def test_cli_generate_and_status(cluster):
     assert any(st["stream"].endswith(":requests") for st in snap["streams"])
 
 
-def test_no_workers(redis_server):
+def test_no_workers():
     with LocalRedis() as empty, Client(empty.url) as c:
         with pytest.raises(NoWorkersError):
             c.generate("hello")

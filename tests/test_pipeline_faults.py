@@ -12,9 +12,8 @@ from cosine.errors import RequestError
 from cosine.local_redis import LocalRedis
 from cosine.ownership import output_name
 from cosine.protocol import Chunk, decode_entry
-from cosine.sampling_params import SamplingParams
 
-from .helpers import greedy_divergences
+from .helpers import greedy_divergences, target_outputs
 from .pipeline_helpers import committed_tokens, deployment, heartbeat_until, streams, wait_for
 
 pytestmark = pytest.mark.slow
@@ -26,10 +25,7 @@ def _work(zoo_prompts, n_per_domain=5, max_new=48):
 
 def _check_identical(zoo_engine, items, results, capsys):
     ids = [zoo_engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t, _ in items]
-    refs = []
-    for p, (_, n) in zip(ids, items):
-        [s] = zoo_engine.generate([p], SamplingParams(max_new_tokens=n), speculative=False)
-        refs.append(s.output_ids)
+    refs = target_outputs(zoo_engine, ids, [n for _, n in items])
     ties, failures = greedy_divergences(zoo_engine.verifier.runner.model, ids, [r.token_ids for r in results], refs)
     with capsys.disabled():
         for i, j, gap in ties:

@@ -7,16 +7,14 @@ import pytest
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoTokenizer, GenerationConfig
 
-from cosine.client import Client, build_request
+from cosine.client import build_request
 from cosine.engine.prompting import PLAIN_CHAT_REPLY, encode_chat, encode_text, eos_ids
 from cosine.engine.speculative import SpeculativeEngine
 from cosine.errors import InvalidParameterError
-from cosine.local_redis import LocalRedis
 from cosine.sampling_params import SamplingParams
 from cosine.zoo import paths
 
 from .helpers import tiny_llama
-from .pipeline_helpers import deployment
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}]
 
@@ -68,10 +66,8 @@ def test_malformed_chat_messages_are_typed_errors(messages):
 
 
 @pytest.mark.slow
-def test_chat_through_a_deployment_equals_the_engine_on_the_rendered_prompt(tmp_path, zoo_engine, zoo_tokenizer):
-    with LocalRedis() as srv, deployment(srv.url, drafters=1, log_dir=str(tmp_path)):
-        with Client(srv.url) as c:
-            out = c.generate(CHAT, max_new_tokens=16, timeout=120)
+def test_chat_through_a_deployment_equals_the_engine_on_the_rendered_prompt(live_client, zoo_engine, zoo_tokenizer):
+    out = live_client.generate(CHAT, max_new_tokens=16, timeout=120)
     ref = zoo_engine.generate([encode_chat(zoo_tokenizer, CHAT)], SamplingParams(max_new_tokens=16),
                               speculative=False)[0]
     assert out.token_ids == ref.output_ids
