@@ -208,6 +208,12 @@ def connect_async(settings: RedisSettings) -> aioredis.Redis:
     return aioredis.Redis.from_url(settings.url, **common)
 
 
+def entry_ms(entry_id: bytes | str) -> int:
+    """When the broker added a stream entry: the milliseconds part of its id (``1700000000000-3``)."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(raw.split("-", 1)[0])
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

@@ -7,22 +7,17 @@ import time
 
 import redis
 
-from cosine.broker import RedisSettings, Streams, connect
+from cosine.broker import RedisSettings, Streams, connect, entry_ms
 from cosine.keys import Keys
 from cosine.markdown import table
 from cosine.units import human_bytes
-
-
-def _id_ms(entry_id) -> int:
-    raw = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    return int(raw.split("-", 1)[0])
 
 
 def _oldest_waiting_ms(r, stream: str, last_delivered) -> int | None:
     """The id time of the first entry after the group's last delivered one (None when nothing waits)."""
     start = last_delivered.decode() if isinstance(last_delivered, bytes) else str(last_delivered)
     rows = r.xrange(stream, f"({start}", "+", count=1)
-    return _id_ms(rows[0][0]) if rows else None
+    return entry_ms(rows[0][0]) if rows else None
 
 
 def _group_depths(r, stream: str, now_ms: int) -> list[dict]:
@@ -49,7 +44,7 @@ def _group_depths(r, stream: str, now_ms: int) -> list[dict]:
         if pending:
             summary = r.xpending(stream, name)
             if summary.get("min"):
-                oldest_pending = _id_ms(summary["min"])
+                oldest_pending = entry_ms(summary["min"])
         oldest_waiting = _oldest_waiting_ms(r, stream, g.get("last-delivered-id", "0-0")) if lag != 0 else None
         out.append({
             "stream": stream,
@@ -164,7 +159,7 @@ def format_timeline(snap: dict) -> str:
         return ""
     body = table(
         ["time", "kind", "version", "k", "cooperating", "batch", "pressure", "reason"],
-        [[time.strftime("%H:%M:%S", time.localtime(int(e["id"].split("-")[0]) / 1000)), e.get("kind", ""),
+        [[time.strftime("%H:%M:%S", time.localtime(entry_ms(e["id"]) / 1000)), e.get("kind", ""),
           e.get("version", ""), f"{e.get('k_min', '?')}..{e.get('k_max', '?')}", e.get("max_cooperating", ""),
           e.get("verifier_max_batch", ""), e.get("pressure", ""), e.get("reason", "")] for e in rows],
     )

@@ -13,6 +13,7 @@ import json
 from collections import deque
 from dataclasses import dataclass, field
 
+from cosine.broker import entry_ms
 from cosine.histogram import Histogram, merged
 
 RATE_WINDOW_S = 5.0  # rates (per second) are measured over about this long
@@ -232,7 +233,7 @@ def build_view(snap: dict, dead_letters: list[dict], history: History) -> dict:
     requests = _requests(snap, now, old, recent)
     history.samples.append(now)
     history.series.append(_series_point(snap, streams, requests, spec))
-    decisions = [{"t": int(e["id"].split("-")[0]) / 1000, **{k: e.get(k) for k in (
+    decisions = [{"t": entry_ms(e["id"]) / 1000, **{k: e.get(k) for k in (
         "kind", "version", "k_min", "k_max", "max_cooperating", "verifier_max_batch", "pressure", "reason")}}
         for e in snap.get("timeline", [])]
     return {

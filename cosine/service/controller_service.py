@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 import redis
 
 from cosine import defaults
-from cosine.broker import RedisSettings, Streams, connect
+from cosine.broker import RedisSettings, Streams, connect, entry_ms
 from cosine.keys import DRAFTERS_GROUP, VERIFIERS_GROUP, Keys
 from cosine.policy.control_policy import ControlDecision, ControlInputs, ControlPolicy, StreamDepth, WorkerLoad, signals
 from cosine.service.heartbeat import Heartbeat
@@ -66,11 +66,6 @@ class ControllerSettings:
     log_every_s: float = defaults.CONTROL_LOG_EVERY_S
     busy_window_s: float = defaults.CONTROL_BUSY_WINDOW_S
     heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S
-
-
-def _id_ms(entry_id) -> int:
-    raw = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    return int(raw.split("-", 1)[0])
 
 
 def _s(v) -> str:
@@ -165,7 +160,7 @@ class ControllerService:
                 lag, estimated = max(0, int(length if isinstance(length, int) else 0) - pending), True
             oldest_pending = 0.0
             if not isinstance(summary, Exception) and summary and summary.get("min"):
-                oldest_pending = float(max(0, now - _id_ms(summary["min"])))
+                oldest_pending = float(max(0, now - entry_ms(summary["min"])))
             depths.append(StreamDepth(stream, int(lag), pending, oldest_pending, 0.0, estimated))
             if lag:
                 waiting.append((len(depths) - 1, stream, _s(info.get("last-delivered-id") or "0-0")))
@@ -175,7 +170,7 @@ class ControllerService:
                 pipe.xrange(stream, min=f"({last}", count=1)
             for (i, _, _), reply in zip(waiting, pipe.execute(raise_on_error=False)):
                 if reply and not isinstance(reply, Exception):
-                    depths[i].oldest_waiting_ms = float(max(0, now - _id_ms(reply[0][0])))
+                    depths[i].oldest_waiting_ms = float(max(0, now - entry_ms(reply[0][0])))
 
         beats = {}
         for wid, score in zip(verifiers + drafters, replies[pos:]):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from cosine.broker import entry_ms
 from cosine.engine.sequence import Sequence
 from cosine.policy.steering import RequestSteer
 from cosine.protocol import Draft, GenerationRequest
@@ -74,7 +75,7 @@ class RequestState:
     @property
     def enqueued_ms(self) -> int:
         """When the request was queued: its admission entry's id, stamped by the broker's clock."""
-        return int(self.entry_id.split(b"-", 1)[0])
+        return entry_ms(self.entry_id)
 
 
 def request_seed(msg: GenerationRequest) -> int:
