@@ -19,9 +19,8 @@ from cosine.deployment import Deployment, WorkerSpec
 from cosine.errors import RequestCancelledError
 from cosine.keys import Keys
 from cosine.local_redis import find_redis_server, free_port
-from cosine.sampling_params import SamplingParams
 
-from .helpers import greedy_divergences
+from .helpers import assert_greedy_exact
 from .pipeline_helpers import wait_for
 
 pytestmark = pytest.mark.slow
@@ -103,14 +102,7 @@ def test_the_pipeline_on_a_cluster_is_exact(deployed, zoo_engine, zoo_prompts, c
             client.result(long, timeout=60)
     assert sum(r.stats["drafts"] for r in results) > 0  # the drafter took part
     prompts = [zoo_engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    refs = [zoo_engine.generate([p], SamplingParams(max_new_tokens=32), speculative=False)[0].output_ids
-            for p in prompts]
-    ties, failures = greedy_divergences(zoo_engine.verifier.runner.model, prompts, [r.token_ids for r in results],
-                                        refs)
-    with capsys.disabled():
-        for i, j, gap in ties:
-            print(f"\n[near-tie] request {i}: first difference at {j}, top-2 gap {gap:.2e}")
-    assert not failures, failures
+    assert_greedy_exact(zoo_engine, prompts, [r.token_ids for r in results], capsys, 32)
 
 
 def test_every_key_is_in_one_slot_and_status_reads_the_cluster(deployed, cluster_url):

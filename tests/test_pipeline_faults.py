@@ -13,7 +13,7 @@ from cosine.local_redis import LocalRedis
 from cosine.ownership import output_name
 from cosine.protocol import Chunk, decode_entry
 
-from .helpers import greedy_divergences, target_outputs
+from .helpers import assert_greedy_exact
 from .pipeline_helpers import committed_tokens, deployment, heartbeat_until, streams, wait_for
 
 pytestmark = pytest.mark.slow
@@ -25,12 +25,7 @@ def _work(zoo_prompts, n_per_domain=5, max_new=48):
 
 def _check_identical(zoo_engine, items, results, capsys):
     ids = [zoo_engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t, _ in items]
-    refs = target_outputs(zoo_engine, ids, [n for _, n in items])
-    ties, failures = greedy_divergences(zoo_engine.verifier.runner.model, ids, [r.token_ids for r in results], refs)
-    with capsys.disabled():
-        for i, j, gap in ties:
-            print(f"\n[near-tie] request {i}: first difference at {j}, top-2 gap {gap:.2e}")
-    assert not failures, failures
+    assert_greedy_exact(zoo_engine, ids, [r.token_ids for r in results], capsys, [n for _, n in items])
 
 
 class _Collector:
