@@ -257,9 +257,11 @@ class Streams:
         made live workers look dead, or dead ones alive)."""
         return server_ms(self.r.time())
 
-    def heartbeat(self, worker_id: str, info: dict[str, str | int | float], inflight: str | None = None) -> None:
+    def heartbeat(self, worker_id: str, info: dict[str, str | int | float], inflight: str | None = None
+                  ) -> str | None:
         """Register the worker now with ``info``; ``inflight`` (a verifier's requests, JSON) goes under a key
-        of its own that producers may not read."""
+        of its own that producers may not read. Returns why the worker was asked to drain, if it was (read in
+        the same round trip)."""
         stamp = self.server_ms()
         expiry = int(defaults.WORKER_DEAD_AFTER_S * 1000 * 4)
         pipe = self.pipeline()
@@ -270,7 +272,9 @@ class Streams:
         pipe.pexpire(key, expiry)
         if inflight is not None:
             pipe.set(self.keys.inflight(worker_id), inflight, px=expiry)
-        pipe.execute()
+        pipe.hget(self.keys.drain, worker_id)
+        drain = pipe.execute()[-1]
+        return None if drain is None else _text(drain)
 
     def live_workers(self, role: str | None = None, dead_after_s: float = defaults.WORKER_DEAD_AFTER_S) -> dict:
         """Workers with a recent heartbeat (by the broker's clock): ``{id: info}``, optionally only one role."""

@@ -41,14 +41,11 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         try:
-            self.streams.heartbeat(self.worker_id, self.info(), self.inflight() if self.inflight else None)
-            if self.on_drain is not None and self.drain_reason is None:
-                reason = self.streams.r.hget(self.streams.keys.drain, self.worker_id)
-                if reason is not None:
-                    self.drain_reason = reason.decode(errors="replace")
-                    log.warning("drain requested (%s): finishing what this worker holds, then exiting",
-                                self.drain_reason)
-                    self.on_drain()
+            reason = self.streams.heartbeat(self.worker_id, self.info(), self.inflight() if self.inflight else None)
+            if reason is not None and self.on_drain is not None and self.drain_reason is None:
+                self.drain_reason = reason
+                log.warning("drain requested (%s): finishing what this worker holds, then exiting", reason)
+                self.on_drain()
             if self.failures:
                 log.info("heartbeat restored after %d failures", self.failures)
             self.failures = 0
